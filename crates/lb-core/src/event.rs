@@ -1,0 +1,85 @@
+//! Operator-visible facts the core reports through [`Balancer::poll_event`](crate::Balancer::poll_event).
+
+use std::fmt;
+use std::time::Instant;
+
+use crate::backend::BackendId;
+use crate::outcome::ProbeFailure;
+
+/// A change of a backend's state, with its reason, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Active probes took the backend down.
+    Down {
+        /// Which backend.
+        backend: BackendId,
+        /// Its address.
+        addr: String,
+        /// Consecutive failures that did it (`fall`).
+        failures: u32,
+        /// The last probe's failure.
+        last: ProbeFailure,
+    },
+    /// Active probes brought it back.
+    Up {
+        /// Which backend.
+        backend: BackendId,
+        /// Its address.
+        addr: String,
+        /// Consecutive successes that did it (`rise`).
+        successes: u32,
+    },
+    /// Live traffic failures ejected it until `until`.
+    Ejected {
+        /// Which backend.
+        backend: BackendId,
+        /// Its address.
+        addr: String,
+        /// When it returns.
+        until: Instant,
+        /// Consecutive failures that did it.
+        failures: u32,
+        /// This is its n-th ejection in a row.
+        ejections: u32,
+    },
+    /// Its ejection expired: it takes traffic again (with slow start).
+    Restored {
+        /// Which backend.
+        backend: BackendId,
+        /// Its address.
+        addr: String,
+    },
+    /// Panic mode turned on or off: too few eligible backends, so ejections are ignored.
+    Panic {
+        /// On or off.
+        on: bool,
+        /// Eligible backends (probe-healthy and not ejected).
+        eligible: usize,
+        /// All backends.
+        total: usize,
+    },
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Down { addr, failures, last, .. } => {
+                write!(f, "backend {addr} down: {failures} consecutive probe failures: {last}")
+            }
+            Self::Up { addr, successes, .. } => {
+                write!(f, "backend {addr} up: {successes} consecutive probe successes")
+            }
+            Self::Ejected { addr, failures, ejections, .. } => write!(
+                f,
+                "backend {addr} ejected: {failures} consecutive failures (ejection {ejections} in a row)"
+            ),
+            Self::Restored { addr, .. } => write!(f, "backend {addr} restored: ejection expired"),
+            Self::Panic { on: true, eligible, total } => {
+                write!(f, "panic mode on: {eligible} of {total} backends eligible, ignoring ejections")
+            }
+            Self::Panic { on: false, eligible, total } => {
+                write!(f, "panic mode off: {eligible} of {total} backends eligible")
+            }
+        }
+    }
+}

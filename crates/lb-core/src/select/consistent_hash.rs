@@ -1,0 +1,193 @@
+//! Consistent hashing with Maglev (Eisenbud et al., "Maglev: A Fast and Reliable Software
+//! Network Load Balancer", NSDI 2016, §3.4), weighted as Envoy's Maglev is.
+//!
+//! # Why Maglev and not a ring
+//! A ring with virtual nodes needs a binary search per pick and hundreds of points per
+//! backend to spread evenly. Maglev fills a prime-sized lookup table (here ≥ 100 entries per
+//! backend) in which each backend walks its own permutation; a pick is `table[hash % M]`,
+//! O(1), and each backend owns almost exactly its share of slots. When a backend joins or
+//! leaves, about 1/N of the keys move (plus a small extra churn the paper measures).
+//!
+//! Backends are placed by the stable hash of their address, not their id, so any two
+//! balancers with the same set agree on where a key goes. Slow start does not apply: ramping
+//! a weight would move keys at every step, defeating the point of the strategy.
+
+use super::{scan_from, Candidate, PickCx, Select};
+use crate::rng::{mix64, stable_hash};
+
+/// Maglev consistent hashing on the request's hash key (random when it has none).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConsistentHash;
+
+/// The Maglev lookup table: slot → candidate index.
+#[derive(Debug, Clone)]
+pub struct MaglevTable {
+    slots: Vec<u32>,
+}
+
+const MAX_TABLE: u64 = 1 << 23;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+/// The table size for `n` backends: the smallest prime ≥ 100·n (at least 1009).
+fn table_size(n: usize) -> u64 {
+    let mut m = (n as u64 * 100).clamp(1009, MAX_TABLE);
+    while !is_prime(m) {
+        m += 1;
+    }
+    m
+}
+
+impl MaglevTable {
+    fn build(candidates: &[Candidate]) -> Self {
+        let n = candidates.len();
+        if n == 0 {
+            return Self { slots: Vec::new() };
+        }
+        let m = table_size(n);
+        let perm: Vec<(u64, u64)> = candidates
+            .iter()
+            .map(|c| {
+                let h = stable_hash(c.addr().as_bytes());
+                (
+                    mix64(h ^ 0x6d61_676c_6576_3031) % m,
+                    mix64(h ^ 0x736b_6970_7069_6e67) % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let weights: Vec<u64> = candidates
+            .iter()
+            .map(|c| u64::from(c.configured_weight()))
+            .collect();
+        let max_w = weights.iter().copied().max().unwrap_or(1).max(1);
+        let mut next = vec![0u64; n];
+        let mut credit = vec![0u64; n];
+        let mut slots = vec![u32::MAX; m as usize];
+        let mut filled = 0u64;
+        'fill: loop {
+            for i in 0..n {
+                // A backend of weight w takes a turn in w of every max_w rounds.
+                credit[i] += weights[i];
+                if credit[i] < max_w {
+                    continue;
+                }
+                credit[i] -= max_w;
+                let (offset, skip) = perm[i];
+                loop {
+                    let slot = ((offset + next[i] * skip) % m) as usize;
+                    next[i] += 1;
+                    if slots[slot] == u32::MAX {
+                        slots[slot] = i as u32;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        Self { slots }
+    }
+
+    /// The candidate index a key maps to when nothing is excluded.
+    #[must_use]
+    pub fn lookup(&self, key: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        Some(self.slots[(mix64(key) % self.slots.len() as u64) as usize] as usize)
+    }
+}
+
+impl Select for ConsistentHash {
+    type Table = MaglevTable;
+
+    fn name(&self) -> &'static str {
+        "consistent-hash"
+    }
+
+    fn build(&self, candidates: &[Candidate]) -> MaglevTable {
+        MaglevTable::build(candidates)
+    }
+
+    fn pick(
+        &self,
+        table: &MaglevTable,
+        candidates: &[Candidate],
+        cx: &mut PickCx<'_>,
+    ) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 || table.slots.is_empty() {
+            return None;
+        }
+        let Some(key) = cx.key() else {
+            let i = cx.rng().below(n as u64) as usize;
+            return scan_from(candidates, i, cx);
+        };
+        let m = table.slots.len();
+        let start = (mix64(key) % m as u64) as usize;
+        // A retry walks on from the key's slot, so one key's fallback is stable too.
+        for k in 0..m.min(4096) {
+            let i = table.slots[(start + k) % m] as usize;
+            if i < n && !cx.is_excluded(&candidates[i]) {
+                return Some(i);
+            }
+        }
+        scan_from(candidates, table.slots[start] as usize, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::test_util::{candidates, cx};
+    use crate::Rng;
+
+    #[test]
+    fn table_sizes_are_prime() {
+        for n in [1, 3, 10, 11, 100, 1000] {
+            let m = table_size(n);
+            assert!(is_prime(m) && m >= 100 * n as u64, "{n} -> {m}");
+        }
+    }
+
+    #[test]
+    fn shares_follow_weights_and_keys_stick() {
+        let c = candidates(&[1, 1, 2]);
+        let t = ConsistentHash.build(&c);
+        let mut share = [0usize; 3];
+        for &s in &t.slots {
+            share[s as usize] += 1;
+        }
+        let m = t.slots.len() as f64;
+        assert!((share[2] as f64 / m - 0.5).abs() < 0.02, "{share:?}");
+        let mut rng = Rng::from_seed(0);
+        for key in 0..100u64 {
+            let a = ConsistentHash.pick(&t, &c, &mut cx(&mut rng, &[], Some(key)));
+            let b = ConsistentHash.pick(&t, &c, &mut cx(&mut rng, &[], Some(key)));
+            assert_eq!(a, b);
+            assert_eq!(a, t.lookup(key));
+        }
+    }
+
+    #[test]
+    fn removal_moves_about_one_nth() {
+        let full = candidates(&[1; 10]);
+        let t10 = ConsistentHash.build(&full);
+        let rest: Vec<_> = full.iter().filter(|c| c.id().0 != 4).cloned().collect();
+        let t9 = ConsistentHash.build(&rest);
+        let keys = 20_000u64;
+        let moved = (0..keys)
+            .filter(|&k| {
+                let before = full[t10.lookup(k).unwrap()].id();
+                let after = rest[t9.lookup(k).unwrap()].id();
+                before != after
+            })
+            .count();
+        let frac = moved as f64 / keys as f64;
+        assert!(frac < 0.1 + 0.03, "moved {frac}");
+    }
+}

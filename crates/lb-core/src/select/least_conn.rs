@@ -1,0 +1,249 @@
+//! Weighted least connections with an O(1) pick.
+//!
+//! # Why a lock-free tournament tree
+//! NGINX scans every peer under a lock (O(N)); HAProxy keeps an ordered tree under a lock
+//! (O(log N)). Here the candidates sit at the leaves of a complete binary tree whose inner
+//! nodes each hold the better of their two children; the root is the least-loaded backend,
+//! so a pick is one atomic load. When a backend's load changes, the thread that changed it
+//! recomputes the path from that leaf to the root, each node with a compare-and-swap on a
+//! (version, winner) word. A node whose CAS lost retries from fresh children, so after the
+//! last update settles every node reflects its children again (the version makes an
+//! unchanged winner still count as a change, ruling out ABA). Cost: O(log N) per load change,
+//! O(1) per pick, no lock anywhere.
+//!
+//! Load is `in_flight + recent_errors + 1` over the effective weight, compared by
+//! cross-multiplication (no division); ties go to the backend picked longest ago (a global
+//! pick stamp), which makes equal backends take turns, as HAProxy's leastconn does.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Candidate, PickCx, Select};
+
+/// Fewest in-flight requests per unit of weight; ties take turns.
+#[derive(Debug, Default)]
+pub struct LeastConnections {
+    stamp: AtomicU64,
+}
+
+/// The tournament tree over one eligible set.
+#[derive(Debug)]
+pub struct LcTable {
+    /// Leaves start at `size`; node 1 is the root; node value = version << 32 | (winner + 1).
+    size: usize,
+    nodes: Vec<AtomicU64>,
+    /// When each candidate was last picked (a global counter), for fair ties.
+    stamps: Vec<AtomicU64>,
+}
+
+impl LcTable {
+    fn winner(&self, k: usize, n: usize) -> Option<usize> {
+        if k >= self.size {
+            let i = k - self.size;
+            return (i < n).then_some(i);
+        }
+        let v = self.nodes[k].load(Ordering::Acquire) as u32;
+        v.checked_sub(1).map(|i| i as usize)
+    }
+
+    fn order(&self, c: &[Candidate], a: usize, b: usize) -> CmpOrdering {
+        let (la, lb) = (c[a].load(), c[b].load());
+        let (wa, wb) = (u64::from(c[a].weight()), u64::from(c[b].weight()));
+        (la * wb)
+            .cmp(&(lb * wa))
+            .then_with(|| {
+                let sa = self.stamps[a].load(Ordering::Relaxed);
+                let sb = self.stamps[b].load(Ordering::Relaxed);
+                sa.cmp(&sb)
+            })
+            .then(a.cmp(&b))
+    }
+
+    fn better(&self, c: &[Candidate], a: Option<usize>, b: Option<usize>) -> Option<usize> {
+        match (a, b) {
+            (Some(x), Some(y)) if x < c.len() && y < c.len() => {
+                Some(if self.order(c, x, y) == CmpOrdering::Greater {
+                    y
+                } else {
+                    x
+                })
+            }
+            (Some(x), _) if x < c.len() => Some(x),
+            (_, Some(y)) if y < c.len() => Some(y),
+            _ => None,
+        }
+    }
+
+    fn compute(&self, c: &[Candidate], k: usize) -> u64 {
+        let w = self.better(
+            c,
+            self.winner(2 * k, c.len()),
+            self.winner(2 * k + 1, c.len()),
+        );
+        w.map_or(0, |i| i as u64 + 1)
+    }
+
+    /// Recomputes every node from leaf `i` to the root.
+    fn update(&self, c: &[Candidate], i: usize) {
+        let mut k = (self.size + i) / 2;
+        while k >= 1 {
+            let node = &self.nodes[k];
+            let mut old = node.load(Ordering::Acquire);
+            loop {
+                let new = ((old >> 32).wrapping_add(1) << 32) | self.compute(c, k);
+                match node.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break,
+                    Err(actual) => old = actual,
+                }
+            }
+            k /= 2;
+        }
+    }
+}
+
+impl Select for LeastConnections {
+    type Table = LcTable;
+
+    fn name(&self) -> &'static str {
+        "least-connections"
+    }
+
+    fn build(&self, candidates: &[Candidate]) -> LcTable {
+        let size = candidates.len().next_power_of_two().max(2);
+        let table = LcTable {
+            size,
+            nodes: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            stamps: (0..candidates.len()).map(|_| AtomicU64::new(0)).collect(),
+        };
+        for k in (1..size).rev() {
+            table.nodes[k].store(table.compute(candidates, k), Ordering::Relaxed);
+        }
+        table
+    }
+
+    fn pick(
+        &self,
+        table: &LcTable,
+        candidates: &[Candidate],
+        cx: &mut PickCx<'_>,
+    ) -> Option<usize> {
+        let chosen = match table.winner(1, candidates.len()) {
+            Some(i) if !cx.is_excluded(&candidates[i]) => Some(i),
+            // A retry (or an empty tree): the least loaded of those not yet tried.
+            _ => (0..candidates.len())
+                .filter(|&i| !cx.is_excluded(&candidates[i]))
+                .reduce(|a, b| {
+                    if table.order(candidates, a, b) == CmpOrdering::Greater {
+                        b
+                    } else {
+                        a
+                    }
+                }),
+        }?;
+        let stamp = self.stamp.fetch_add(1, Ordering::Relaxed) + 1;
+        table.stamps[chosen].store(stamp, Ordering::Relaxed);
+        Some(chosen)
+    }
+
+    fn load_changed(&self, table: &LcTable, candidates: &[Candidate], index: usize) {
+        if index < candidates.len() && index < table.stamps.len() {
+            table.update(candidates, index);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendId;
+    use crate::select::test_util::{candidates, cx};
+    use crate::Rng;
+
+    fn start(s: &LeastConnections, t: &LcTable, c: &[Candidate], rng: &mut Rng) -> usize {
+        let i = s.pick(t, c, &mut cx(rng, &[], None)).unwrap();
+        c[i].state.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.load_changed(t, c, i);
+        i
+    }
+
+    #[test]
+    fn equal_backends_take_turns_when_idle() {
+        let s = LeastConnections::default();
+        let c = candidates(&[1, 1, 1]);
+        let t = s.build(&c);
+        let mut rng = Rng::from_seed(0);
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let i = start(&s, &t, &c, &mut rng);
+            c[i].state.release();
+            s.load_changed(&t, &c, i);
+            got.push(i);
+        }
+        assert_eq!(got, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn fills_the_least_loaded_respecting_weights() {
+        let s = LeastConnections::default();
+        let c = candidates(&[3, 1]);
+        let t = s.build(&c);
+        let mut rng = Rng::from_seed(0);
+        let mut n = [0; 2];
+        for _ in 0..8 {
+            n[start(&s, &t, &c, &mut rng)] += 1;
+        }
+        assert_eq!(n, [6, 2], "held connections split 3:1");
+        // One backend's requests finish: it is the least loaded now.
+        for _ in 0..2 {
+            c[1].state.release();
+        }
+        s.load_changed(&t, &c, 1);
+        assert_eq!(start(&s, &t, &c, &mut rng), 1);
+    }
+
+    #[test]
+    fn errors_count_as_load_and_retries_skip_tried() {
+        let s = LeastConnections::default();
+        let c = candidates(&[1, 1]);
+        let t = s.build(&c);
+        c[0].state.recent_errors.store(5, Ordering::Relaxed);
+        s.load_changed(&t, &c, 0);
+        let mut rng = Rng::from_seed(0);
+        assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &[], None)), Some(1));
+        let tried = [BackendId(1)];
+        assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &tried, None)), Some(0));
+        let both = [BackendId(0), BackendId(1)];
+        assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &both, None)), None);
+    }
+
+    #[test]
+    fn root_matches_a_scan_after_concurrent_updates() {
+        let s = LeastConnections::default();
+        let c = candidates(&[1; 37]);
+        let t = s.build(&c);
+        std::thread::scope(|scope| {
+            for th in 0..2u64 {
+                let (s, t, c) = (&s, &t, &c);
+                scope.spawn(move || {
+                    let mut rng = Rng::from_seed(th);
+                    for _ in 0..20_000 {
+                        let i = rng.below(37) as usize;
+                        if rng.below(2) == 0 {
+                            c[i].state.in_flight.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            c[i].state.release();
+                        }
+                        s.load_changed(t, c, i);
+                    }
+                });
+            }
+        });
+        let root = t.winner(1, c.len()).unwrap();
+        let min = c.iter().map(Candidate::load).min().unwrap();
+        assert_eq!(
+            c[root].load(),
+            min,
+            "root is a least-loaded candidate once updates settle"
+        );
+    }
+}
