@@ -31,9 +31,15 @@ fn is_prime(n: u64) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
-/// The table size for `n` backends: the smallest prime ≥ 100·n (at least 1009).
+/// The table size for `n` backends: the first prime after 65,536 × 10ᵏ that leaves at
+/// least 100 slots per backend. The size must not follow `n` closely: a key's slot is
+/// `hash % M`, so a new `M` would move nearly every key. It changes only when the pool grows
+/// past 655, 6,553, ... backends.
 fn table_size(n: usize) -> u64 {
-    let mut m = (n as u64 * 100).clamp(1009, MAX_TABLE);
+    let mut m = 65_536u64;
+    while m < n as u64 * 100 && m * 10 <= MAX_TABLE {
+        m *= 10;
+    }
     while !is_prime(m) {
         m += 1;
     }
@@ -148,10 +154,15 @@ mod tests {
 
     #[test]
     fn table_sizes_are_prime() {
-        for n in [1, 3, 10, 11, 100, 1000] {
+        for n in [1, 3, 10, 11, 100, 1000, 10_000] {
             let m = table_size(n);
             assert!(is_prime(m) && m >= 100 * n as u64, "{n} -> {m}");
         }
+        assert_eq!(
+            table_size(3),
+            table_size(600),
+            "membership changes keep the table size"
+        );
     }
 
     #[test]
