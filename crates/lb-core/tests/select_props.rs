@@ -94,8 +94,7 @@ proptest! {
                 0 | 1 => {
                     let info = RequestInfo::new(true, true).with_hash_key(u64::from(arg));
                     let (mut st, mut a) = lb.start(info, clock.now());
-                    loop {
-                        let Action::Forward { backend, .. } = a else { break };
+                    while let Action::Forward { backend, .. } = a {
                         prop_assert!(model.members.contains(&backend), "removed backend {backend} picked");
                         prop_assert!(model.up(backend), "probe-down backend {backend} picked");
                         let eligible = model.eligible();
