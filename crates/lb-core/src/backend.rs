@@ -156,10 +156,10 @@ impl BackendState {
         self.recent_errors.load(Ordering::Relaxed)
     }
 
-    /// Decrements the in-flight count, never below zero (a stray double release must not wrap).
+    /// Decrements the in-flight count. Each attempt is released once (its `Open` is taken
+    /// out of the request state), so this never goes below zero.
     pub(crate) fn release(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(prev > 0, "in-flight count released below zero");
     }
 }

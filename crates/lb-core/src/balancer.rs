@@ -87,7 +87,6 @@ pub struct Balancer<S: Select = AnySelect> {
     epoch: OnceLock<Instant>,
     next_timeout_ns: AtomicU64,
     seed: u64,
-    requests: AtomicU64,
 }
 
 /// What the request path reads: the candidates, the strategy's table, and how to find a
@@ -96,9 +95,21 @@ pub struct Balancer<S: Select = AnySelect> {
 struct Snapshot<T> {
     generation: u64,
     candidates: Vec<Candidate>,
-    index: HashMap<BackendId, usize>,
+    /// Every member (candidate or not) and its index among the candidates, if it is one.
+    members: HashMap<BackendId, (Arc<BackendState>, Option<usize>)>,
     panic: bool,
     table: T,
+}
+
+impl<T> Snapshot<T> {
+    /// The state of the backend of an attempt that started in some snapshot, and its index
+    /// among this snapshot's candidates. `None` once the backend was removed.
+    fn locate(&self, open: &Open) -> Option<(&BackendState, Option<usize>)> {
+        if self.generation == open.generation {
+            return Some((&self.candidates[open.index].state, Some(open.index)));
+        }
+        self.members.get(&open.id).map(|(s, i)| (&**s, *i))
+    }
 }
 
 /// A pick: the snapshot it was made in, and the candidate's index there.
@@ -169,7 +180,7 @@ impl<S: Select> Balancer<S> {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 generation: 0,
                 candidates: Vec::new(),
-                index: HashMap::new(),
+                members: HashMap::new(),
                 panic: false,
                 table,
             }),
@@ -177,7 +188,6 @@ impl<S: Select> Balancer<S> {
             epoch: OnceLock::new(),
             next_timeout_ns: AtomicU64::new(NO_TIMEOUT),
             seed,
-            requests: AtomicU64::new(0),
             select,
             config,
         })
@@ -268,9 +278,12 @@ impl<S: Select> Balancer<S> {
     /// Returns `Fail(NoBackend)` at once when no backend is eligible.
     pub fn start(&self, info: RequestInfo, now: Instant) -> (RequestState, Action) {
         let now_ns = self.ticks(now);
-        self.budget.deposit(now_ns / 1_000_000_000);
-        let n = self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut st = RequestState::new(info, Rng::from_seed(mix64(self.seed ^ mix64(n))));
+        let sec = now_ns / 1_000_000_000;
+        let nonce = self.budget.deposit(sec);
+        let mut st = RequestState::new(
+            info,
+            Rng::from_seed(mix64(self.seed ^ mix64(nonce ^ (sec << 40)))),
+        );
         if info.deadline.is_some_and(|d| d <= now) {
             st.failure = Some(Failure::GatewayTimeout);
             return (st, Action::Fail(Failure::GatewayTimeout));
@@ -296,37 +309,44 @@ impl<S: Select> Balancer<S> {
             return Action::Fail(st.failure.unwrap_or(Failure::NoBackend));
         };
         let now_ns = self.ticks(now);
-        let s = &open.state;
+        let snap = self.snapshot.load();
+        let located = snap.locate(&open);
         if let Outcome::Response { status } = outcome {
-            if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                s.consecutive_failures.store(0, Ordering::Relaxed);
+            if let Some((s, idx)) = located {
+                if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    s.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+                if status >= 500 {
+                    s.recent_errors.fetch_add(1, Ordering::Relaxed);
+                } else if s.recent_errors.load(Ordering::Relaxed) != 0 {
+                    s.recent_errors.store(0, Ordering::Relaxed);
+                }
+                if self.select.uses_latency() {
+                    self.latency
+                        .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
+                }
+                if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
+                    self.end_ejection_row(s.id);
+                }
+                self.load_changed(&snap, idx);
             }
-            if status >= 500 {
-                s.recent_errors.fetch_add(1, Ordering::Relaxed);
-            } else if s.recent_errors.load(Ordering::Relaxed) != 0 {
-                s.recent_errors.store(0, Ordering::Relaxed);
-            }
-            self.latency
-                .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
-            if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
-                self.end_ejection_row(s.id);
-            }
-            self.load_changed(&open);
             st.record(outcome, Decision::Relay);
             st.open = Some(open);
             return Action::Relay;
         }
 
-        s.release();
-        if outcome.is_backend_failure() {
-            let _ = s
-                .recent_errors
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| e.checked_add(1));
-            self.latency.observe(s, self.latency.penalty_ns, now_ns);
-            self.passive_failure(s, now);
+        if let Some((s, idx)) = located {
+            s.release();
+            if outcome.is_backend_failure() {
+                let _ = s
+                    .recent_errors
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| e.checked_add(1));
+                self.latency.observe(s, self.latency.penalty_ns, now_ns);
+                self.passive_failure(s, now);
+            }
+            self.load_changed(&snap, idx);
         }
-        self.load_changed(&open);
-        drop(open);
+        drop(snap);
 
         let fail = if outcome == Outcome::TimedOut {
             Failure::GatewayTimeout
@@ -373,15 +393,18 @@ impl<S: Select> Balancer<S> {
     pub fn finish(&self, mut st: RequestState, completion: Completion, now: Instant) {
         st.finished = true;
         let Some(open) = st.open.take() else { return };
-        open.state.release();
+        let snap = self.snapshot.load();
+        let Some((s, idx)) = snap.locate(&open) else {
+            return;
+        };
+        s.release();
         if completion == Completion::BackendFailed {
-            let s = &open.state;
             let _ = s
                 .recent_errors
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| e.checked_add(1));
             self.passive_failure(s, now);
         }
-        self.load_changed(&open);
+        self.load_changed(&snap, idx);
     }
 
     /// The client went away (or the caller gave up) mid-request: releases the in-flight
@@ -538,14 +561,12 @@ impl<S: Select> Balancer<S> {
         let c = &snap.candidates[idx];
         c.state.in_flight.fetch_add(1, Ordering::Relaxed);
         c.state.requests_total.fetch_add(1, Ordering::Relaxed);
-        self.select.load_changed(&snap.table, &snap.candidates, idx);
+        self.load_changed(snap, Some(idx));
         let excluded = if st.len == 0 {
             0
         } else {
-            st.tried()
-                .iter()
-                .filter(|id| snap.index.contains_key(id))
-                .count()
+            let candidate = |id: &&BackendId| snap.members.get(id).is_some_and(|m| m.1.is_some());
+            st.tried().iter().filter(candidate).count()
         };
         st.push(
             c.state.id,
@@ -556,7 +577,7 @@ impl<S: Select> Balancer<S> {
             },
         );
         st.open = Some(Open {
-            state: Arc::clone(&c.state),
+            id: c.state.id,
             generation: snap.generation,
             index: idx,
             sent_ns,
@@ -572,22 +593,10 @@ impl<S: Select> Balancer<S> {
         }
     }
 
-    /// Tells the strategy a backend's load changed, wherever it sits in the current snapshot.
-    fn load_changed(&self, open: &Open) {
-        let snap = self.snapshot.load();
-        let idx = if snap.generation == open.generation {
-            Some(open.index)
-        } else {
-            snap.index.get(&open.state.id).copied()
-        };
-        if let Some(i) = idx {
-            if snap
-                .candidates
-                .get(i)
-                .is_some_and(|c| Arc::ptr_eq(&c.state, &open.state))
-            {
-                self.select.load_changed(&snap.table, &snap.candidates, i);
-            }
+    /// Tells the strategy that the load of candidate `idx` changed (if it cares).
+    fn load_changed(&self, snap: &Snapshot<S::Table>, idx: Option<usize>) {
+        if let Some(i) = idx.filter(|_| self.select.tracks_load()) {
+            self.select.load_changed(&snap.table, &snap.candidates, i);
         }
     }
 
@@ -700,22 +709,27 @@ impl<S: Select> Balancer<S> {
             .collect();
         let table = self.select.build(&candidates);
         ctl.generation += 1;
-        let index = candidates
+        let mut members: HashMap<BackendId, (Arc<BackendState>, Option<usize>)> = ctl
+            .members
             .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id(), i))
+            .map(|m| (m.state.id, (Arc::clone(&m.state), None)))
             .collect();
+        for (i, c) in candidates.iter().enumerate() {
+            if let Some(m) = members.get_mut(&c.id()) {
+                m.1 = Some(i);
+            }
+        }
         self.snapshot.store(Arc::new(Snapshot {
             generation: ctl.generation,
             candidates,
-            index,
+            members,
             panic,
             table,
         }));
         // Loads that changed while the table was built are folded in now that it is visible.
         let snap = self.snapshot.load();
         for i in 0..snap.candidates.len() {
-            self.select.load_changed(&snap.table, &snap.candidates, i);
+            self.load_changed(&snap, Some(i));
         }
 
         let slow_start = self.config.passive.slow_start;

@@ -9,19 +9,43 @@
 //! clock: every call carries the second it happens in.
 //!
 //! The window is ten one-second buckets. Counting a request is one atomic add on the hot
-//! path; a withdrawal (a retry: the rare path) sums the window under a short lock so that
-//! concurrent retries cannot both take the last token.
+//! path, into one of several cache-line-padded stripes chosen per thread, so request threads
+//! never write the same line; a withdrawal (a retry: the rare path) sums the window under a
+//! short lock so that concurrent retries cannot both take the last token.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 const WINDOW_SECS: u64 = 10;
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Stripe(AtomicU64);
 
 #[derive(Debug, Default)]
 struct Bucket {
     sec: AtomicU64,
-    requests: AtomicU64,
     retries: AtomicU64,
+    requests: [Stripe; STRIPES],
+}
+
+impl Bucket {
+    fn requests(&self) -> u64 {
+        self.requests
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// This thread's stripe: threads take stripes in turn as they first count a request.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
 }
 
 /// A sliding-window retry budget.
@@ -51,7 +75,9 @@ impl Budget {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if b.sec.load(Ordering::Acquire) != sec {
-                b.requests.store(0, Ordering::Relaxed);
+                for s in &b.requests {
+                    s.0.store(0, Ordering::Relaxed);
+                }
                 b.retries.store(0, Ordering::Relaxed);
                 b.sec.store(sec, Ordering::Release);
             }
@@ -59,9 +85,12 @@ impl Budget {
         b
     }
 
-    /// Counts one client request in second `sec`.
-    pub(crate) fn deposit(&self, sec: u64) {
-        self.bucket(sec).requests.fetch_add(1, Ordering::Relaxed);
+    /// Counts one client request in second `sec`; returns how many this thread's stripe
+    /// counted before it in that second (a cheap per-request nonce).
+    pub(crate) fn deposit(&self, sec: u64) -> u64 {
+        self.bucket(sec).requests[stripe()]
+            .0
+            .fetch_add(1, Ordering::Relaxed)
     }
 
     /// Takes one retry in second `sec` if the window allows it; returns whether it did.
@@ -75,7 +104,7 @@ impl Budget {
         for b in &self.buckets {
             let s = b.sec.load(Ordering::Acquire);
             if s <= sec && sec - s < WINDOW_SECS {
-                requests += b.requests.load(Ordering::Relaxed);
+                requests += b.requests();
                 retries += b.retries.load(Ordering::Relaxed);
             }
         }

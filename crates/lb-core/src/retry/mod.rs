@@ -19,10 +19,9 @@ pub(crate) mod backoff;
 pub(crate) mod budget;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{BackendId, BackendState};
+use crate::backend::BackendId;
 use crate::config::MAX_ATTEMPTS;
 use crate::outcome::{Outcome, RequestInfo};
 use crate::rng::Rng;
@@ -185,14 +184,14 @@ impl Attempt {
 /// The attempt in flight: what `finish`, `abandon` and the next outcome need.
 #[derive(Debug)]
 pub(crate) struct Open {
-    pub(crate) state: Arc<BackendState>,
+    pub(crate) id: BackendId,
     pub(crate) generation: u64,
     pub(crate) index: usize,
     pub(crate) sent_ns: u64,
 }
 
-/// One request's state, owned by the task serving it. Allocation-free apart from the
-/// reference to the backend in flight.
+/// One request's state, owned by the task serving it. Allocation-free: the routing trace
+/// lives inline.
 ///
 /// Obtained from [`Balancer::start`](crate::Balancer::start); pass it back to every
 /// `handle_outcome`, then to exactly one of `finish` (after `Relay`) or `abandon` (the client
@@ -252,7 +251,7 @@ impl RequestState {
     /// The backend of the attempt in flight, if any.
     #[must_use]
     pub fn in_flight(&self) -> Option<BackendId> {
-        self.open.as_ref().map(|o| o.state.id)
+        self.open.as_ref().map(|o| o.id)
     }
 
     pub(crate) fn tried(&self) -> &[BackendId] {

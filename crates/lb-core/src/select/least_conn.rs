@@ -150,6 +150,10 @@ impl Select for LeastConnections {
             table.update(candidates, index);
         }
     }
+
+    fn tracks_load(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -231,7 +235,11 @@ mod tests {
                         if rng.below(2) == 0 {
                             c[i].state.in_flight.fetch_add(1, Ordering::Relaxed);
                         } else {
-                            c[i].state.release();
+                            let _ = c[i].state.in_flight.fetch_update(
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                                |n| n.checked_sub(1),
+                            );
                         }
                         s.load_changed(t, c, i);
                     }

@@ -197,6 +197,18 @@ pub trait Select: Send + Sync + 'static {
     fn load_changed(&self, table: &Self::Table, candidates: &[Candidate], index: usize) {
         let _ = (table, candidates, index);
     }
+
+    /// Returns true if and only if `load_changed` does something (lets the balancer skip the
+    /// call, and the snapshot lookup before it, on every request).
+    fn tracks_load(&self) -> bool {
+        false
+    }
+
+    /// Returns true if and only if picks read [`PickCx::latency_ns`] (lets the balancer skip
+    /// latency bookkeeping on every response).
+    fn uses_latency(&self) -> bool {
+        false
+    }
 }
 
 /// The first non-excluded candidate at or after `start`, wrapping around.
@@ -378,6 +390,14 @@ impl Select for AnySelect {
         if let (Self::LeastConnections(s), AnyTable::LeastConnections(t)) = (self, table) {
             s.load_changed(t, candidates, index);
         }
+    }
+
+    fn tracks_load(&self) -> bool {
+        matches!(self, Self::LeastConnections(_))
+    }
+
+    fn uses_latency(&self) -> bool {
+        matches!(self, Self::P2cEwma(_))
     }
 }
 

@@ -25,6 +25,10 @@ impl Select for P2cEwma {
 
     fn build(&self, _: &[Candidate]) {}
 
+    fn uses_latency(&self) -> bool {
+        true
+    }
+
     fn pick(&self, _: &(), candidates: &[Candidate], cx: &mut PickCx<'_>) -> Option<usize> {
         let n = candidates.len();
         match n {
