@@ -4,14 +4,17 @@
 //! One iteration is what the proxy does per request that succeeds first time:
 //! `start` (pick, in-flight +1) then `handle_outcome(200)` then `finish` (in-flight −1).
 //! `pick` iterations stop after `start` + `abandon`: the selection and its bookkeeping only.
+//! `select` is the strategy's own pick on its prebuilt table, nothing else.
 
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lb_core::select::{AnySelect, StrategyKind};
-use lb_core::{Backend, Balancer, Completion, Config, Outcome, RequestInfo, Weight};
+use lb_core::select::{AnySelect, Candidate, PickCx, Select, StrategyKind};
+use lb_core::{
+    Backend, BackendId, Balancer, Completion, Config, Outcome, RequestInfo, Rng, Weight,
+};
 
 fn balancer(kind: StrategyKind, n: usize) -> Balancer {
     let config = Config {
@@ -47,6 +50,42 @@ fn cycle(lb: &Balancer, now: Instant, key: u64) {
 }
 
 type Op = fn(&Balancer, Instant, u64);
+
+fn bench_select(c: &mut Criterion) {
+    let mut group = c.benchmark_group("select");
+    group
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for kind in StrategyKind::ALL {
+        for n in [3usize, 100, 10_000] {
+            let strategy = AnySelect::new(kind);
+            let candidates: Vec<Candidate> = (0..n)
+                .map(|i| {
+                    Candidate::detached(
+                        BackendId(i as u32),
+                        format!("10.0.{}.{}:80", i / 256, i % 256),
+                        1 + (i % 4) as u32,
+                    )
+                })
+                .collect();
+            let table = strategy.build(&candidates);
+            group.bench_with_input(
+                BenchmarkId::new(format!("{kind}/1-thread"), n),
+                &n,
+                |b, _| {
+                    let mut rng = Rng::from_seed(1);
+                    let mut key = 0u64;
+                    b.iter(|| {
+                        key = key.wrapping_add(0x9e37_79b9);
+                        let mut cx = PickCx::new(Some(key), &mut rng, &[], 0);
+                        black_box(strategy.pick(&table, &candidates, &mut cx))
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
+}
 
 fn bench(c: &mut Criterion) {
     #[allow(clippy::disallowed_methods)]
@@ -111,5 +150,5 @@ fn contended(lb: &Balancer, now: Instant, iters: u64, op: Op) -> Duration {
     })
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench_select, bench);
 criterion_main!(benches);

@@ -47,6 +47,18 @@ pub struct Candidate {
 // === impl Candidate ===
 
 impl Candidate {
+    /// A candidate with counters of its own, outside any [`Balancer`](crate::Balancer): for
+    /// testing or benchmarking a [`Select`] implementation on its own. Its weight is used as
+    /// both the configured and the effective weight.
+    #[must_use]
+    pub fn detached(id: BackendId, addr: impl Into<String>, weight: u32) -> Self {
+        Self {
+            weight: weight.max(1),
+            base_weight: weight.max(1),
+            state: Arc::new(BackendState::new(id, addr.into())),
+        }
+    }
+
     /// The backend's id.
     #[must_use]
     pub fn id(&self) -> BackendId {
