@@ -1,0 +1,117 @@
+//! HTTP `GET` probes.
+
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::ProbeError;
+use crate::prober::{Prober, Target};
+use crate::tcp::{abort, connect};
+
+/// Healthy if and only if `GET path` answers with a status in the healthy range (2xx and
+/// 3xx by default) within the timeout.
+///
+/// Speaks HTTP/1.1 with `Connection: close` and reads only the response head, at most
+/// `max_head_bytes` (8 KiB by default): a backend that streams an endless body, or answers
+/// with garbage, cannot make a probe read more than that.
+///
+/// ```
+/// let prober = lb_health::HttpProber::new("/healthz").with_healthy(200..=204);
+/// assert_eq!(prober.path(), "/healthz");
+/// ```
+#[derive(Debug, Clone)]
+pub struct HttpProber {
+    path: String,
+    healthy: RangeInclusive<u16>,
+    max_head_bytes: usize,
+}
+
+impl HttpProber {
+    /// Probes `path` (a leading `/` is added if missing).
+    #[must_use]
+    pub fn new(path: impl Into<String>) -> Self {
+        let mut path = path.into();
+        if !path.starts_with('/') {
+            path.insert(0, '/');
+        }
+        Self {
+            path,
+            healthy: 200..=399,
+            max_head_bytes: 8192,
+        }
+    }
+
+    /// Only statuses in `range` are healthy.
+    #[must_use]
+    pub fn with_healthy(mut self, range: RangeInclusive<u16>) -> Self {
+        self.healthy = range;
+        self
+    }
+
+    /// The path probed.
+    #[must_use]
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    async fn exchange(&self, target: &Target, timeout: Duration) -> Result<u16, ProbeError> {
+        let mut stream = connect(target, timeout).await?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            self.path, target.authority
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(ProbeError::from_io)?;
+        let mut buf = vec![0u8; self.max_head_bytes];
+        let mut len = 0;
+        let status = loop {
+            if len == buf.len() {
+                break Err(ProbeError::BadResponse("response head too large"));
+            }
+            let n = stream
+                .read(&mut buf[len..])
+                .await
+                .map_err(ProbeError::from_io)?;
+            if n == 0 {
+                break Err(ProbeError::Reset);
+            }
+            len += n;
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&buf[..len]) {
+                Ok(httparse::Status::Complete(_)) => {
+                    break response
+                        .code
+                        .ok_or(ProbeError::BadResponse("no status code"));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    // The status line parsed; that is all a probe needs.
+                    break response
+                        .code
+                        .ok_or(ProbeError::BadResponse("too many headers"));
+                }
+                Err(_) => break Err(ProbeError::BadResponse("not an HTTP/1.x response")),
+            }
+        };
+        abort(&stream);
+        status
+    }
+}
+
+impl Prober for HttpProber {
+    async fn probe(&self, target: &Target, timeout: Duration) -> Result<(), ProbeError> {
+        let status = match tokio::time::timeout(timeout, self.exchange(target, timeout)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(ProbeError::Timeout(timeout)),
+        };
+        if self.healthy.contains(&status) {
+            Ok(())
+        } else {
+            Err(ProbeError::BadStatus(status))
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! lb-health against real sockets on 127.0.0.1: no mock of the network.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_core::select::{AnySelect, StrategyKind};
+use lb_core::{Backend, BackendId, Balancer, Config, Weight};
+use lb_health::{
+    Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// How a test backend behaves.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Status(u16),
+    Garbage,
+    BlackHole,
+    EndlessHead,
+}
+
+/// A backend on 127.0.0.1 that answers every connection per `mode`; records request heads.
+struct TestBackend {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn backend(mode: Mode) -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_on(listener, mode)
+}
+
+fn backend_on(listener: TcpListener, mode: Mode) -> TestBackend {
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&heads);
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            if let Mode::BlackHole = mode {
+                held.push(sock); // accept, never answer, never close
+                continue;
+            }
+            let h = Arc::clone(&h);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                    if len == buf.len() {
+                        return;
+                    }
+                }
+                h.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..len]).into_owned());
+                let _ = match mode {
+                    Mode::Status(s) => {
+                        sock.write_all(
+                            format!("HTTP/1.1 {s} X\r\nContent-Length: 2\r\n\r\nok").as_bytes(),
+                        )
+                        .await
+                    }
+                    Mode::Garbage => sock.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await,
+                    Mode::EndlessHead => {
+                        loop {
+                            if sock.write_all(b"HTTP/1.1 200 OK\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n").await.is_err() {
+                            break Ok(());
+                        }
+                        }
+                    }
+                    Mode::BlackHole => Ok(()),
+                };
+            });
+        }
+    });
+    TestBackend { addr, heads, task }
+}
+
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+const T: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn tcp_probe_accepting_refused() {
+    let up = backend(Mode::BlackHole).await;
+    TcpProber.probe(&Target::new(up.addr), T).await.unwrap();
+    let err = TcpProber
+        .probe(&Target::new(closed_port().await), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Refused), "{err:?}");
+}
+
+#[tokio::test]
+async fn http_probe_statuses_host_header_and_bounds() {
+    let ok = backend(Mode::Status(200)).await;
+    let target = Target::new(ok.addr).with_authority("app.example:8080");
+    HttpProber::new("healthz").probe(&target, T).await.unwrap();
+    let head = ok.heads.lock().unwrap()[0].clone();
+    assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nHost: app.example:8080\r\n"), "{head}");
+
+    let redirect = backend(Mode::Status(302)).await;
+    HttpProber::new("/")
+        .probe(&Target::new(redirect.addr), T)
+        .await
+        .unwrap();
+
+    let down = backend(Mode::Status(503)).await;
+    let err = HttpProber::new("/")
+        .probe(&Target::new(down.addr), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::BadStatus(503)), "{err:?}");
+    let strict = HttpProber::new("/").with_healthy(200..=299);
+    let err = strict
+        .probe(&Target::new(redirect.addr), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::BadStatus(302)), "{err:?}");
+
+    let garbage = backend(Mode::Garbage).await;
+    let err = HttpProber::new("/")
+        .probe(&Target::new(garbage.addr), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::BadResponse(_)), "{err:?}");
+
+    let endless = backend(Mode::EndlessHead).await;
+    let err = HttpProber::new("/")
+        .probe(&Target::new(endless.addr), T)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ProbeError::BadResponse(_)),
+        "an endless head is cut off: {err:?}"
+    );
+
+    let err = HttpProber::new("/")
+        .probe(&Target::new(closed_port().await), T)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Refused), "{err:?}");
+}
+
+#[tokio::test]
+async fn http_probe_of_a_black_hole_times_out_within_its_bound() {
+    let hole = backend(Mode::BlackHole).await;
+    let started = tokio::time::Instant::now();
+    let err = HttpProber::new("/")
+        .probe(&Target::new(hole.addr), T)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, ProbeError::Timeout(_)), "{err:?}");
+    assert!(took >= T, "not before the timeout: {took:?}");
+    assert!(
+        took < T + Duration::from_secs(2),
+        "bounded by the timeout: {took:?}"
+    );
+}
+
+/// Wraps a balancer as the sink and records every report with the health that followed.
+struct Recorder {
+    lb: Arc<Balancer>,
+    log: Mutex<Vec<(BackendId, bool, bool, tokio::time::Instant)>>,
+}
+
+impl ProbeSink for Recorder {
+    fn report(&self, backend: BackendId, result: &Result<(), ProbeError>, at: Instant) {
+        self.lb.report(backend, result, at);
+        let healthy = self
+            .lb
+            .backends(at)
+            .iter()
+            .find(|b| b.id == backend)
+            .is_some_and(|b| b.healthy);
+        self.log.lock().unwrap().push((
+            backend,
+            result.is_ok(),
+            healthy,
+            tokio::time::Instant::now(),
+        ));
+    }
+}
+
+fn recorder(addrs: &[SocketAddr]) -> (Arc<Recorder>, Vec<BackendId>) {
+    let mut config = Config::default();
+    config.health.rise = 2;
+    config.health.fall = 3;
+    let lb = Balancer::new(config, AnySelect::new(StrategyKind::RoundRobin)).unwrap();
+    let ids = lb
+        .set_backends(
+            addrs
+                .iter()
+                .map(|a| Backend::new(format!("http://{a}"), Weight::ONE)),
+            tokio::time::Instant::now().into_std(),
+        )
+        .unwrap();
+    (
+        Arc::new(Recorder {
+            lb: Arc::new(lb),
+            log: Mutex::new(Vec::new()),
+        }),
+        ids,
+    )
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_after_fall_failures_up_after_rise_successes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let (rec, ids) = recorder(&[addr]);
+    let config = CheckerConfig {
+        interval: Duration::from_millis(30),
+        timeout: T,
+        jitter_percent: 10,
+    };
+    let checker = Checker::new(TcpProber, config, rec.clone());
+    checker.set_targets([(ids[0], Target::new(addr))]);
+
+    wait_for("down", || rec.log.lock().unwrap().iter().any(|e| !e.2)).await;
+    {
+        let log = rec.log.lock().unwrap();
+        let first_down = log.iter().position(|e| !e.2).unwrap();
+        assert_eq!(first_down, 2, "down exactly at the third failure in a row");
+        assert!(log[..=first_down].iter().all(|e| !e.1));
+    }
+    // The backend comes back on the same port.
+    let back = backend_on(TcpListener::bind(addr).await.unwrap(), Mode::Status(200));
+    let mark = rec.log.lock().unwrap().len();
+    wait_for("up", || rec.log.lock().unwrap().last().is_some_and(|e| e.2)).await;
+    let log = rec.log.lock().unwrap();
+    let since: Vec<_> = log[mark..].iter().collect();
+    let first_up = since.iter().position(|e| e.2).unwrap();
+    let ok_before = since[..first_up].iter().rev().take_while(|e| e.1).count();
+    assert_eq!(
+        ok_before + 1,
+        2,
+        "up exactly at the second success in a row: {since:?}"
+    );
+    assert_eq!(
+        checker.counts()[0].2.total(),
+        log.len() as u64,
+        "every probe is counted"
+    );
+    drop(back);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_starts_and_stops_only_what_changed_and_shutdown_is_prompt() {
+    let a = backend(Mode::Status(200)).await;
+    let b = backend(Mode::Status(200)).await;
+    let c = backend(Mode::Status(200)).await;
+    let (rec, ids) = recorder(&[a.addr, b.addr, c.addr]);
+    let config = CheckerConfig {
+        interval: Duration::from_millis(20),
+        timeout: T,
+        jitter_percent: 10,
+    };
+    let checker = Checker::new(TcpProber, config, rec.clone());
+    checker.set_targets([(ids[0], Target::new(a.addr)), (ids[1], Target::new(b.addr))]);
+    let b_task = checker.task_id(ids[1]).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    checker.set_targets([(ids[1], Target::new(b.addr)), (ids[2], Target::new(c.addr))]);
+    assert_eq!(
+        checker.task_id(ids[1]),
+        Some(b_task),
+        "B's probes were not restarted"
+    );
+    assert!(checker.task_id(ids[0]).is_none());
+    let count = |id| rec.log.lock().unwrap().iter().filter(|e| e.0 == id).count();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let a_after = count(ids[0]);
+    wait_for("C probed", || count(ids[2]) >= 3).await;
+    assert_eq!(count(ids[0]), a_after, "A is no longer probed");
+
+    checker.shutdown();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let total = rec.log.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        rec.log.lock().unwrap().len(),
+        total,
+        "no probe after shutdown"
+    );
+}
+
+/// 200 backends probed every 50 ms, 20 of them black holes: the 180 healthy ones keep their
+/// period (within 2× the interval) because no probe waits on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holes_do_not_delay_healthy_probes() {
+    let mut backends = Vec::new();
+    for i in 0..200 {
+        backends.push(
+            backend(if i % 10 == 0 {
+                Mode::BlackHole
+            } else {
+                Mode::Status(200)
+            })
+            .await,
+        );
+    }
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (rec, ids) = recorder(&addrs);
+    let interval = Duration::from_millis(50);
+    let config = CheckerConfig {
+        interval,
+        timeout: Duration::from_secs(1),
+        jitter_percent: 10,
+    };
+    let checker = Checker::new(HttpProber::new("/"), config, rec.clone());
+    checker.set_targets(ids.iter().zip(&addrs).map(|(id, a)| (*id, Target::new(*a))));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    checker.shutdown();
+
+    let log = rec.log.lock().unwrap();
+    let mut times: HashMap<BackendId, Vec<tokio::time::Instant>> = HashMap::new();
+    for e in log.iter() {
+        times.entry(e.0).or_default().push(e.3);
+    }
+    let mut worst = Duration::ZERO;
+    for (i, id) in ids.iter().enumerate() {
+        let t = times.get(id).map(Vec::as_slice).unwrap_or_default();
+        if i % 10 == 0 {
+            assert!(
+                t.len() <= 2,
+                "black holes answer only by timeout: {} probes",
+                t.len()
+            );
+            continue;
+        }
+        assert!(
+            t.len() >= 10,
+            "healthy backend {i} probed {} times in 1.5 s",
+            t.len()
+        );
+        let period = (t[t.len() - 1] - t[0]) / (t.len() as u32 - 1);
+        worst = worst.max(period);
+    }
+    assert!(
+        worst <= 2 * interval,
+        "healthy probe period {worst:?} > 2 × {interval:?}"
+    );
+    println!("worst mean probe period of a healthy backend: {worst:?} (interval {interval:?})");
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_probes_leave_no_file_descriptors_behind() {
+    let tcp = backend(Mode::Status(200)).await;
+    let http = backend(Mode::Status(200)).await;
+    let refused = closed_port().await;
+    // Warm up the runtime and the backends' tasks before the baseline.
+    TcpProber.probe(&Target::new(tcp.addr), T).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = open_fds();
+    for round in 0..100 {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let (tcp, http) = (tcp.addr, http.addr);
+            set.spawn(async move {
+                match (round + i) % 3 {
+                    0 => TcpProber
+                        .probe(&Target::new(tcp), T)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    1 => HttpProber::new("/")
+                        .probe(&Target::new(http), T)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    _ => match TcpProber.probe(&Target::new(refused), T).await {
+                        Err(ProbeError::Refused) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    },
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = open_fds();
+    assert!(
+        after <= before + 8,
+        "fds grew from {before} to {after} over 10,000 probes"
+    );
+}
