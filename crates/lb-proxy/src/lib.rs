@@ -1,9 +1,189 @@
-//! The `lb` HTTP forwarder: a hyper 1.x server and pooled client that drive
-//! [`lb_core::Balancer`] for every request.
+//! # lb-proxy: the HTTP forwarder
 //!
-//! Not built yet: this crate is filled by the lb-proxy issue. It holds no code until then,
-//! so nothing here pretends to forward.
+//! A hyper 1.x server (HTTP/1.1 with keep-alive and upgrades, and HTTP/2 cleartext with prior
+//! knowledge, on the same port) and a pooled hyper-util client, driving
+//! [`lb_core::Balancer`] for every request: lb-core decides where each attempt goes and when
+//! to stop; this crate does the sockets, the headers, the bodies and the clock.
+//!
+//! # Layout
+//! * [`Proxy`]: accepts on any number of listeners, serves until shutdown, drains.
+//! * `conn`: one client connection: protocol detection, request-head (408) and keep-alive
+//!   idle timers, graceful shutdown.
+//! * `service`: one request: body read (replayable up to `replay_buffer`), attempts with
+//!   lb-core's deadlines, relay, WebSocket tunnels; `Exchange` ends each request once.
+//! * `headers`: `X-Forwarded-*`, hop-by-hop fields. `classify`: socket results → `Outcome`.
+//!   `respond`: the responses the proxy makes itself. `driver`: lb-core's timer.
+//! * [`Routes`]: the balancer and each backend's address, swapped whole on reload.
+//! * [`Observer`]: hooks for metrics.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub use lb_core::Balancer;
+mod body;
+mod classify;
+mod config;
+mod conn;
+mod driver;
+mod error;
+mod headers;
+mod observe;
+mod respond;
+mod routes;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+pub use body::{BoxError, RequestBody, ResponseBody};
+pub use config::ProxyConfig;
+pub use error::{RouteError, ServeError};
+pub use observe::{NoObserver, Observer};
+pub use routes::{parse_backend, HashKey, Routes, Target};
+pub use service::Exchange;
+
+use service::Shared;
+
+/// The load balancer's data plane.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use lb_core::{Balancer, Config, Weight};
+/// use lb_core::select::{AnySelect, StrategyKind};
+/// use lb_proxy::{HashKey, Proxy, ProxyConfig, Routes};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let balancer = Arc::new(Balancer::new(Config::default(), AnySelect::new(StrategyKind::RoundRobin))?);
+/// let backends = [("http://127.0.0.1:3031".to_owned(), Weight::ONE)];
+/// let routes = Routes::new(balancer, &backends, HashKey::ClientIp, std::time::Instant::now())?;
+/// let proxy = Proxy::new(ProxyConfig::default(), routes);
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3030").await?;
+/// proxy.serve(vec![listener], tokio::signal::ctrl_c(), std::time::Duration::from_secs(30)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("config", &self.shared.config).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy routing by `routes`.
+    #[must_use]
+    pub fn new(config: ProxyConfig, routes: Routes) -> Self {
+        Self::with_observer(config, routes, Arc::new(NoObserver))
+    }
+
+    /// A proxy that reports what happens to `observer`.
+    #[must_use]
+    pub fn with_observer(config: ProxyConfig, routes: Routes, observer: Arc<dyn Observer>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.upstream_idle_timeout)
+            .pool_max_idle_per_host(config.upstream_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let shared = Shared { config, routes: ArcSwap::from_pointee(routes), client, observer };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// Swaps in new routes (a reload): new requests use them at once; requests in flight
+    /// finish with the routes they started with.
+    pub fn set_routes(&self, routes: Routes) {
+        self.shared.routes.store(Arc::new(routes));
+    }
+
+    /// The routes in force.
+    #[must_use]
+    pub fn routes(&self) -> Arc<Routes> {
+        self.shared.routes.load_full()
+    }
+
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> &ProxyConfig {
+        &self.shared.config
+    }
+
+    /// Serves `listeners` until `shutdown` resolves; then stops accepting, lets in-flight
+    /// requests finish for up to `drain`, and returns (cutting off whatever is left).
+    ///
+    /// Beyond `max_connections` open client connections, accepting pauses until one closes
+    /// (the kernel's backlog holds the rest).
+    ///
+    /// # Errors
+    /// Never for a single failed accept (logged, then retried after a pause).
+    pub async fn serve(
+        &self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl Future<Output = impl Sized>,
+        drain: Duration,
+    ) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let max = self.shared.config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(max));
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
+        for listener in listeners {
+            tasks.spawn(accept_loop(Arc::clone(&self.shared), listener, Arc::clone(&permits), stop_rx.clone()));
+        }
+        shutdown.await;
+        tracing::info!(target: "lb::proxy", ?drain, "shutting down: draining in-flight requests");
+        let _ = stop_tx.send(true);
+        // Every connection holds a permit until it closes: all permits back = all closed.
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, permits.acquire_many(all)).await.is_err() {
+            tracing::warn!(target: "lb::proxy", "drain timeout: closing the remaining connections");
+        }
+        tasks.abort_all();
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Semaphore>, stop: watch::Receiver<bool>) {
+    let mut stop_accepting = stop.clone();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop_accepting.wait_for(|s| *s) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop_accepting.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (shared, stop) = (Arc::clone(&shared), stop.clone());
+                conns.spawn(async move {
+                    conn::serve(shared, stream, peer, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(target: "lb::proxy", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    // Keep the connections' tasks alive through the drain; `serve` aborts us when it is over.
+    while conns.join_next().await.is_some() {}
+}

@@ -1,0 +1,44 @@
+//! Turning what happened on the upstream socket into an lb-core [`Outcome`].
+
+use std::error::Error as StdError;
+use std::io;
+
+use hyper::body::Incoming;
+use hyper::Response;
+use lb_core::Outcome;
+
+/// The result of one attempt: the response, the client's error, or the attempt's deadline.
+pub(crate) type AttemptResult = Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>;
+
+/// `Err(Elapsed)` ⇒ `TimedOut`; a connect error ⇒ `ConnectTimeout` or `ConnectRefused`; any
+/// other client error ⇒ `Reset` (assume the request may have been sent: hyper-util already
+/// re-sends, by itself, requests that a stale pooled connection never took); a response ⇒
+/// `Response { status }`.
+pub(crate) fn classify(result: &AttemptResult) -> Outcome {
+    match result {
+        Err(_) => Outcome::TimedOut,
+        Ok(Ok(resp)) => Outcome::Response { status: resp.status().as_u16() },
+        Ok(Err(e)) if e.is_connect() => {
+            if source_chain(e).any(is_timeout) {
+                Outcome::ConnectTimeout
+            } else {
+                Outcome::ConnectRefused
+            }
+        }
+        Ok(Err(_)) => Outcome::Reset,
+    }
+}
+
+fn source_chain<'a>(e: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    let mut next = Some(e);
+    std::iter::from_fn(move || {
+        let current = next?;
+        next = current.source();
+        Some(current)
+    })
+}
+
+fn is_timeout(e: &(dyn StdError + 'static)) -> bool {
+    e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        || e.to_string().contains("timed out")
+}

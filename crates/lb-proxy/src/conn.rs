@@ -1,0 +1,274 @@
+//! One client connection: protocol detection, the request-head and keep-alive timers, and
+//! the hyper connection that serves it.
+//!
+//! # Why our own timers
+//! hyper's `header_read_timeout` closes a slow connection without a word, and hyper has no
+//! keep-alive idle timeout. SPEC.md wants a 408 when a request head does not arrive within
+//! `timeouts.header_read` (as NGINX's `client_header_timeout` and HAProxy's
+//! `timeout http-request` answer), and idle keep-alive connections closed after
+//! `timeouts.idle`. So the socket is wrapped in [`ClientIo`], which knows the connection's
+//! [`Phase`] (told by the service and the response body) and enforces the deadline of the
+//! phase it is in:
+//!
+//! * `Head`: waiting for (the rest of) a request head: `header_read` from accept for the first
+//!   request, from its first byte for later ones; expiry writes a 408 and closes;
+//! * `Busy`: a request is being served: no deadline here (lb-core's per-attempt timeout rules);
+//! * `Idle`: between keep-alive requests: `idle`; expiry closes quietly;
+//! * `Free`: HTTP/2 or an upgraded tunnel: no deadline.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::respond;
+use crate::service::Shared;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a client connection is doing, shared by its socket, its service and its response
+/// bodies. The low byte is the state, the rest a generation counter that changes with
+/// every transition, so the socket notices a new `Idle` even if it missed the `Busy`.
+#[derive(Debug)]
+pub(crate) struct Phase(AtomicU32);
+
+const HEAD: u32 = 0;
+const BUSY: u32 = 1;
+const IDLE: u32 = 2;
+const FREE: u32 = 3;
+
+impl Phase {
+    fn new() -> Self {
+        Self(AtomicU32::new(HEAD))
+    }
+
+    fn set(&self, state: u32) {
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            if v & 0xff == FREE {
+                None // a tunnel or h2 connection stays free
+            } else {
+                Some(((v >> 8).wrapping_add(1) << 8) | state)
+            }
+        });
+    }
+
+    /// A request head arrived: the service is working on it.
+    pub(crate) fn busy(&self) {
+        self.set(BUSY);
+    }
+
+    /// The response is complete: the connection waits for the next request.
+    pub(crate) fn idle(&self) {
+        self.set(IDLE);
+    }
+
+    /// No more deadlines: HTTP/2, or the connection became a tunnel.
+    pub(crate) fn free(&self) {
+        self.0.store(FREE, Ordering::Release);
+    }
+
+    fn load(&self) -> u32 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The client socket, with the deadline of the connection's phase.
+struct ClientIo {
+    stream: TcpStream,
+    /// Bytes read while detecting the protocol, replayed first.
+    prefix: Bytes,
+    phase: Arc<Phase>,
+    /// The phase word the current deadline was armed for.
+    armed: u32,
+    deadline: Option<Pin<Box<Sleep>>>,
+    header_read: Duration,
+    idle: Duration,
+}
+
+impl ClientIo {
+    fn arm(&mut self, at: Option<Instant>) {
+        match (at, &mut self.deadline) {
+            (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
+            (Some(at), None) => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => self.deadline = None,
+        }
+    }
+
+    /// Re-arms the deadline if the phase changed since it was armed.
+    fn follow_phase(&mut self) {
+        let word = self.phase.load();
+        if word == self.armed {
+            return;
+        }
+        self.armed = word;
+        let at = match word & 0xff {
+            IDLE => Some(Instant::now() + self.idle),
+            HEAD => Some(Instant::now() + self.header_read),
+            _ => None,
+        };
+        self.arm(at);
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        this.follow_phase();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && this.armed & 0xff == IDLE {
+                    // The first byte of the next request: its head must now arrive in time.
+                    this.phase.set(HEAD);
+                    this.follow_phase();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                if this.armed & 0xff == HEAD {
+                    // Best effort: the socket is writable unless the client stopped reading too.
+                    let _ = this.stream.try_write(respond::REQUEST_TIMEOUT);
+                    tracing::debug!(target: "lb::conn", "request head not received in time: 408");
+                }
+                // End of stream: hyper closes the connection.
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Reads just enough to tell an HTTP/2 prior-knowledge preface from an HTTP/1 request.
+async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok((false, buf.freeze()));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok((true, buf.freeze()));
+        }
+    }
+}
+
+/// Serves one client connection until it closes, or until `shutdown` turns true, after
+/// which in-flight requests finish and the connection closes (graceful shutdown).
+pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let config = shared.config;
+    let started = Instant::now();
+    let sniffed = tokio::select! {
+        r = tokio::time::timeout(config.header_read_timeout, sniff_h2(&mut stream)) => r,
+        _ = shutdown.wait_for(|s| *s) => return,
+    };
+    let (h2, prefix) = match sniffed {
+        Ok(Ok(found)) => found,
+        Ok(Err(_)) => return, // closed before a request: nothing to answer
+        Err(_) => {
+            let _ = stream.try_write(respond::REQUEST_TIMEOUT);
+            return;
+        }
+    };
+    let phase = Arc::new(Phase::new());
+    let mut io = ClientIo {
+        stream,
+        prefix,
+        phase: Arc::clone(&phase),
+        armed: HEAD,
+        deadline: None,
+        header_read: config.header_read_timeout,
+        idle: config.idle_timeout,
+    };
+    if h2 {
+        phase.free();
+    } else {
+        // The first request's head is due `header_read` after accept, sniffing included.
+        io.arm(Some(started + config.header_read_timeout));
+    }
+    let service = {
+        let phase = Arc::clone(&phase);
+        hyper::service::service_fn(move |req| {
+            let (shared, phase) = (Arc::clone(&shared), Arc::clone(&phase));
+            async move { Ok::<_, std::convert::Infallible>(crate::service::handle(shared, req, peer, phase).await) }
+        })
+    };
+    let io = TokioIo::new(io);
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        }
+        let _ = conn.await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder.timer(TokioTimer::new()).max_header_size(config.max_header_bytes).keep_alive(true);
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(target: "lb::conn", %peer, error = %e, "client connection error");
+                }
+                return;
+            }
+            _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        }
+        let _ = conn.await;
+    }
+}

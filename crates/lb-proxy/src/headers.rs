@@ -1,0 +1,125 @@
+//! Header rewriting between client and backend (RFC 9110 §7.6.1, hop-by-hop fields).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Returns true if and only if the request asks to switch protocols (WebSocket and the like).
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`, `Proxy-*`,
+/// `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`, `Upgrade` stays and
+/// `Connection: upgrade` is set, so the protocol switch reaches the other side.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in [&header::CONNECTION, &KEEP_ALIVE, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Prepares the client's headers for every attempt: hop-by-hop fields removed, the client's
+/// `Host` kept (taken from the URI's authority for HTTP/2 clients), `X-Forwarded-For` with
+/// the client's address appended once, `X-Forwarded-Proto` and `X-Forwarded-Host` set to
+/// this hop's values.
+pub(crate) fn forward(headers: &mut HeaderMap, authority: Option<&str>, client: IpAddr, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    let host = headers.get(header::HOST).cloned().or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    if let Some(host) = &host {
+        headers.insert(header::HOST, host.clone());
+    }
+    let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    let xff = if prior.is_empty() { client.to_string() } else { format!("{}, {client}", prior.join(", ")) };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match host {
+        Some(h) => headers.insert(&X_FORWARDED_HOST, h),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn forward_sets_and_strips() {
+        let mut h = map(&[
+            ("host", "app.example"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("x-keep", "yes"),
+        ]);
+        forward(&mut h, None, "127.0.0.9".parse().unwrap(), false);
+        assert_eq!(h["host"], "app.example");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h["x-keep"], "yes");
+        for gone in ["connection", "x-secret", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_and_http2_authority_becomes_host() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        forward(&mut h, Some("svc:8080"), "::1".parse().unwrap(), true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["host"], "svc:8080");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
+    }
+}

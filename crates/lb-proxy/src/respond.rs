@@ -1,0 +1,38 @@
+//! Every response the proxy makes up itself, built in one place.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use lb_core::Failure;
+
+use crate::body::ResponseBody;
+
+/// The response for a request the core gave up on: 502, 503 or 504.
+pub(crate) fn failure(f: Failure) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(f.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    synthetic(status)
+}
+
+/// A small plain-text response with the status's reason as its body.
+pub(crate) fn synthetic(status: StatusCode) -> Response<ResponseBody> {
+    let text = format!("{} {}\n", status.as_str(), status.canonical_reason().unwrap_or(""));
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+/// The bytes sent to a client whose request head did not arrive within `header_read`.
+pub(crate) const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_map_to_their_status() {
+        assert_eq!(failure(Failure::NoBackend).status(), 503);
+        assert_eq!(failure(Failure::BadGateway).status(), 502);
+        assert_eq!(failure(Failure::GatewayTimeout).status(), 504);
+    }
+}

@@ -1,0 +1,232 @@
+//! Where requests can go: the balancer, and each backend's address for the HTTP client.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Uri};
+use lb_core::{Backend, BackendId, Balancer, RequestState, Weight};
+
+use crate::error::RouteError;
+
+/// One backend as the HTTP client reaches it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `host:port` to connect to (and the `backend` label of metrics).
+    pub authority: Authority,
+    /// The backend's URL as configured (its identity in lb-core and in `/status`).
+    pub url: Arc<str>,
+}
+
+/// What `consistent-hash` hashes (SPEC `--hash-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address (default).
+    ClientIp,
+    /// The request path.
+    Path,
+    /// A request header's value (requests without it are placed at random).
+    Header(HeaderName),
+    /// A cookie's value (requests without it are placed at random).
+    Cookie(String),
+}
+
+impl FromStr for HashKey {
+    type Err = RouteError;
+
+    fn from_str(s: &str) -> Result<Self, RouteError> {
+        match s {
+            "client-ip" => Ok(Self::ClientIp),
+            "path" => Ok(Self::Path),
+            _ => {
+                if let Some(name) = s.strip_prefix("header:") {
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map(Self::Header)
+                        .map_err(|_| RouteError::HashKey(s.to_owned()))
+                } else if let Some(name) = s.strip_prefix("cookie:").filter(|n| !n.is_empty()) {
+                    Ok(Self::Cookie(name.to_owned()))
+                } else {
+                    Err(RouteError::HashKey(s.to_owned()))
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClientIp => f.write_str("client-ip"),
+            Self::Path => f.write_str("path"),
+            Self::Header(h) => write!(f, "header:{h}"),
+            Self::Cookie(c) => write!(f, "cookie:{c}"),
+        }
+    }
+}
+
+impl HashKey {
+    /// The request's hash key, if it has the part this key names.
+    pub(crate) fn of(&self, uri: &Uri, headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
+        match self {
+            Self::ClientIp => Some(match client.ip() {
+                std::net::IpAddr::V4(ip) => lb_core::stable_hash(&ip.octets()),
+                std::net::IpAddr::V6(ip) => lb_core::stable_hash(&ip.octets()),
+            }),
+            Self::Path => Some(lb_core::stable_hash(uri.path().as_bytes())),
+            Self::Header(name) => headers.get(name).map(|v| lb_core::stable_hash(v.as_bytes())),
+            Self::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| lb_core::stable_hash(v.as_bytes())),
+        }
+    }
+}
+
+/// The routing state one request uses from start to end: swapped whole on reload.
+#[derive(Debug)]
+pub struct Routes {
+    pub(crate) balancer: Arc<Balancer>,
+    pub(crate) targets: HashMap<BackendId, Target>,
+    pub(crate) hash_key: HashKey,
+}
+
+impl Routes {
+    /// Puts `backends` (URLs as written, `http://host:port`) into `balancer` and maps each to
+    /// its address. The balancer keeps the state of backends it already had.
+    ///
+    /// # Errors
+    /// A URL that is not `http://host:port` (or `host:port`), or a duplicate.
+    pub fn new(
+        balancer: Arc<Balancer>,
+        backends: &[(String, Weight)],
+        hash_key: HashKey,
+        now: Instant,
+    ) -> Result<Self, RouteError> {
+        let mut parsed = Vec::with_capacity(backends.len());
+        for (url, weight) in backends {
+            parsed.push((parse_backend(url)?, url.clone(), *weight));
+        }
+        let ids = balancer
+            .set_backends(parsed.iter().map(|(_, url, w)| Backend::new(url.clone(), *w)), now)
+            .map_err(RouteError::Core)?;
+        let targets = ids
+            .into_iter()
+            .zip(parsed)
+            .map(|(id, (authority, url, _))| (id, Target { authority, url: url.into() }))
+            .collect();
+        Ok(Self { balancer, targets, hash_key })
+    }
+
+    /// The balancer.
+    #[must_use]
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+
+    /// The backend behind an id.
+    #[must_use]
+    pub fn target(&self, id: BackendId) -> Option<&Target> {
+        self.targets.get(&id)
+    }
+
+    /// A request's routing trace with backend addresses:
+    /// `127.0.0.1:3031 connect_refused retry_not_sent, 127.0.0.1:3032 status 200 relay`.
+    #[must_use]
+    pub fn trace<'a>(&'a self, st: &'a RequestState) -> impl fmt::Display + 'a {
+        TraceView(self, st)
+    }
+}
+
+struct TraceView<'a>(&'a Routes, &'a RequestState);
+
+impl fmt::Display for TraceView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, a) in self.1.attempts().iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match self.0.targets.get(&a.backend) {
+                Some(t) => write!(f, "{}", t.authority)?,
+                None => write!(f, "{}", a.backend)?,
+            }
+            match (a.outcome, a.decision) {
+                (Some(o), Some(d)) => write!(f, " {o} {d}")?,
+                _ => f.write_str(" in_flight")?,
+            }
+        }
+        if let Some(fail) = self.1.failure() {
+            if !self.1.attempts().is_empty() {
+                f.write_str(", ")?;
+            }
+            write!(f, "-> {}", fail.status())?;
+        }
+        Ok(())
+    }
+}
+
+/// `http://host:port[/]` or `host:port` → the authority to connect to.
+pub fn parse_backend(url: &str) -> Result<Authority, RouteError> {
+    let bad = |why: &'static str| RouteError::BadUrl { url: url.to_owned(), why };
+    let uri: Uri = if url.contains("://") { url.parse() } else { format!("http://{url}").parse() }
+        .map_err(|_| bad("not a URL"))?;
+    match uri.scheme() {
+        Some(s) if *s == Scheme::HTTP => {}
+        Some(s) if *s == Scheme::HTTPS => return Err(bad("https backends are not supported yet")),
+        _ => return Err(bad("scheme must be http")),
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+        return Err(bad("a backend URL has no path or query"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?.clone();
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    if authority.port_u16().is_none() {
+        return Err(bad("a port is required (http://host:port)"));
+    }
+    Ok(authority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(parse_backend("http://127.0.0.1:3031").unwrap().as_str(), "127.0.0.1:3031");
+        assert_eq!(parse_backend("http://localhost:80/").unwrap().as_str(), "localhost:80");
+        assert_eq!(parse_backend("10.0.0.1:8080").unwrap().as_str(), "10.0.0.1:8080");
+        assert_eq!(parse_backend("http://[::1]:9000").unwrap().as_str(), "[::1]:9000");
+        for bad in ["ftp://a:1", "http://a", "http://a:1/x", "http://:80", "not a url", "https://a:1", "http://u@a:1"] {
+            assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hash_keys() {
+        for k in ["client-ip", "path", "header:x-user", "cookie:session"] {
+            assert_eq!(k.parse::<HashKey>().unwrap().to_string(), k);
+        }
+        assert!("cookie:".parse::<HashKey>().is_err());
+        assert!("header:bad name".parse::<HashKey>().is_err());
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a=1; session=abc".parse().unwrap());
+        let peer: SocketAddr = "1.2.3.4:5".parse().unwrap();
+        let uri: Uri = "/p".parse().unwrap();
+        let key = HashKey::Cookie("session".into());
+        assert_eq!(key.of(&uri, &h, peer), Some(lb_core::stable_hash(b"abc")));
+        assert_eq!(HashKey::Cookie("none".into()).of(&uri, &h, peer), None);
+    }
+}
