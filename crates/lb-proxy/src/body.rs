@@ -35,14 +35,22 @@ pub(crate) enum BodySource {
 
 impl BodySource {
     /// Reads the body when it is small enough to keep; otherwise keeps it as a stream.
-    pub(crate) async fn read(body: Incoming, content_length: Option<u64>, cap: usize) -> Result<Self, hyper::Error> {
+    pub(crate) async fn read(
+        body: Incoming,
+        content_length: Option<u64>,
+        cap: usize,
+    ) -> Result<Self, hyper::Error> {
         if body.is_end_stream() {
             return Ok(Self::Empty);
         }
         match content_length {
             Some(n) if n <= cap as u64 => {
                 let bytes = body.collect().await?.to_bytes();
-                Ok(if bytes.is_empty() { Self::Empty } else { Self::Full(bytes) })
+                Ok(if bytes.is_empty() {
+                    Self::Empty
+                } else {
+                    Self::Full(bytes)
+                })
             }
             _ => {
                 let hint = body.size_hint();
@@ -61,7 +69,11 @@ impl BodySource {
         match self {
             Self::Empty => RequestBody::Full(None),
             Self::Full(b) => RequestBody::Full(Some(b.clone())),
-            Self::Stream(slot, hint) => RequestBody::Stream { slot: Arc::clone(slot), body: None, hint: hint.clone() },
+            Self::Stream(slot, hint) => RequestBody::Stream {
+                slot: Arc::clone(slot),
+                body: None,
+                hint: *hint,
+            },
         }
     }
 }
@@ -86,16 +98,24 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream { slot, body, .. } => {
                 if body.is_none() {
-                    *body = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    *body = slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
                 }
                 match body {
                     Some(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-                    None => Poll::Ready(Some(Err("request body already sent by an earlier attempt".into()))),
+                    None => Poll::Ready(Some(Err(
+                        "request body already sent by an earlier attempt".into(),
+                    ))),
                 }
             }
         }
@@ -112,7 +132,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Stream { hint, .. } => hint.clone(),
+            Self::Stream { hint, .. } => *hint,
         }
     }
 }
@@ -133,15 +153,24 @@ enum Inner {
 
 impl ResponseBody {
     pub(crate) fn full(bytes: Bytes) -> Self {
-        Self { inner: Inner::Full(Some(bytes)), exchange: None }
+        Self {
+            inner: Inner::Full(Some(bytes)),
+            exchange: None,
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        Self { inner: Inner::Full(None), exchange: None }
+        Self {
+            inner: Inner::Full(None),
+            exchange: None,
+        }
     }
 
     pub(crate) fn upstream(body: Incoming, exchange: Exchange) -> Self {
-        Self { inner: Inner::Upstream(body), exchange: Some(exchange) }
+        Self {
+            inner: Inner::Upstream(body),
+            exchange: Some(exchange),
+        }
     }
 
     pub(crate) fn with_exchange(mut self, exchange: Exchange) -> Self {
@@ -160,7 +189,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -193,7 +225,11 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // hyper drops a body it never needed to poll (HEAD, 204, 304, Content-Length: 0):
         // that is a complete response. Anything else dropped early is the client leaving.
-        let how = if self.is_end_stream() { Completion::Done } else { Completion::ClientGone };
+        let how = if self.is_end_stream() {
+            Completion::Done
+        } else {
+            Completion::ClientGone
+        };
         self.end(how);
     }
 }

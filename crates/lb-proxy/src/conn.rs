@@ -55,13 +55,15 @@ impl Phase {
     }
 
     fn set(&self, state: u32) {
-        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-            if v & 0xff == FREE {
-                None // a tunnel or h2 connection stays free
-            } else {
-                Some(((v >> 8).wrapping_add(1) << 8) | state)
-            }
-        });
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                if v & 0xff == FREE {
+                    None // a tunnel or h2 connection stays free
+                } else {
+                    Some(((v >> 8).wrapping_add(1) << 8) | state)
+                }
+            });
     }
 
     /// A request head arrived: the service is working on it.
@@ -123,7 +125,11 @@ impl ClientIo {
 }
 
 impl AsyncRead for ClientIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -144,7 +150,10 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
                 if !expired {
                     return Poll::Pending;
                 }
@@ -161,7 +170,11 @@ impl AsyncRead for ClientIo {
 }
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -205,7 +218,12 @@ async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
 
 /// Serves one client connection until it closes, or until `shutdown` turns true, after
 /// which in-flight requests finish and the connection closes (graceful shutdown).
-pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let config = shared.config;
     let started = Instant::now();
@@ -241,13 +259,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         let phase = Arc::clone(&phase);
         hyper::service::service_fn(move |req| {
             let (shared, phase) = (Arc::clone(&shared), Arc::clone(&phase));
-            async move { Ok::<_, std::convert::Infallible>(crate::service::handle(shared, req, peer, phase).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    crate::service::handle(shared, req, peer, phase).await,
+                )
+            }
         })
     };
     let io = TokioIo::new(io);
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new()).max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         tokio::select! {
@@ -257,7 +281,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
         let _ = conn.await;
     } else {
         let mut builder = http1::Builder::new();
-        builder.timer(TokioTimer::new()).max_header_size(config.max_header_bytes).keep_alive(true);
+        builder
+            .timer(TokioTimer::new())
+            .max_header_size(config.max_header_bytes)
+            .keep_alive(true);
         let conn = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

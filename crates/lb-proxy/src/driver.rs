@@ -19,7 +19,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         let routes = shared.routes.load_full();
         let balancer = &routes.balancer;
         let tick = tokio::time::Instant::now() + TICK;
-        let wake = balancer.poll_timeout().map_or(tick, |t| tokio::time::Instant::from_std(t).min(tick));
+        let wake = balancer
+            .poll_timeout()
+            .map_or(tick, |t| tokio::time::Instant::from_std(t).min(tick));
         tokio::select! {
             () = tokio::time::sleep_until(wake) => {}
             _ = shutdown.wait_for(|s| *s) => return,

@@ -11,7 +11,8 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Returns true if and only if the request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -28,20 +29,31 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`, `Upgrade` stays and
 /// `Connection: upgrade` is set, so the protocol switch reaches the other side.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> =
-        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
     for name in named {
         if !(upgrade && name == header::UPGRADE) {
             headers.remove(&name);
         }
     }
-    for name in [&header::CONNECTION, &KEEP_ALIVE, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ] {
         headers.remove(name);
     }
     if !upgrade {
         headers.remove(header::UPGRADE);
     }
-    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
     for name in proxy {
         headers.remove(name);
     }
@@ -54,14 +66,30 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// `Host` kept (taken from the URI's authority for HTTP/2 clients), `X-Forwarded-For` with
 /// the client's address appended once, `X-Forwarded-Proto` and `X-Forwarded-Host` set to
 /// this hop's values.
-pub(crate) fn forward(headers: &mut HeaderMap, authority: Option<&str>, client: IpAddr, upgrade: bool) {
+pub(crate) fn forward(
+    headers: &mut HeaderMap,
+    authority: Option<&str>,
+    client: IpAddr,
+    upgrade: bool,
+) {
     strip_hop_by_hop(headers, upgrade);
-    let host = headers.get(header::HOST).cloned().or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    let host = headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
     if let Some(host) = &host {
         headers.insert(header::HOST, host.clone());
     }
-    let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-    let xff = if prior.is_empty() { client.to_string() } else { format!("{}, {client}", prior.join(", ")) };
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
@@ -79,7 +107,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         m
     }
@@ -106,7 +137,14 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["x-keep"], "yes");
-        for gone in ["connection", "x-secret", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+            "upgrade",
+        ] {
             assert!(!h.contains_key(gone), "{gone} kept");
         }
     }
@@ -120,6 +158,9 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["host"], "svc:8080");
         assert_eq!(h["x-forwarded-for"], "::1");
-        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
+        assert!(
+            !is_upgrade(&map(&[("upgrade", "websocket")])),
+            "Upgrade without Connection: upgrade"
+        );
     }
 }

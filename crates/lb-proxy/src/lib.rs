@@ -64,7 +64,8 @@ use service::Shared;
 /// let routes = Routes::new(balancer, &backends, HashKey::ClientIp, std::time::Instant::now())?;
 /// let proxy = Proxy::new(ProxyConfig::default(), routes);
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3030").await?;
-/// proxy.serve(vec![listener], tokio::signal::ctrl_c(), std::time::Duration::from_secs(30)).await?;
+/// let shutdown = std::future::pending::<()>(); // e.g. a signal
+/// proxy.serve(vec![listener], shutdown, std::time::Duration::from_secs(30)).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -74,7 +75,9 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("config", &self.shared.config).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,8 +101,15 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        let shared = Shared { config, routes: ArcSwap::from_pointee(routes), client, observer };
-        Self { shared: Arc::new(shared) }
+        let shared = Shared {
+            config,
+            routes: ArcSwap::from_pointee(routes),
+            client,
+            observer,
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 
     /// Swaps in new routes (a reload): new requests use them at once; requests in flight
@@ -135,19 +145,31 @@ impl Proxy {
         drain: Duration,
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let max = self.shared.config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let max = self
+            .shared
+            .config
+            .max_connections
+            .clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(max));
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
         for listener in listeners {
-            tasks.spawn(accept_loop(Arc::clone(&self.shared), listener, Arc::clone(&permits), stop_rx.clone()));
+            tasks.spawn(accept_loop(
+                Arc::clone(&self.shared),
+                listener,
+                Arc::clone(&permits),
+                stop_rx.clone(),
+            ));
         }
         shutdown.await;
         tracing::info!(target: "lb::proxy", ?drain, "shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
         // Every connection holds a permit until it closes: all permits back = all closed.
         let all = u32::try_from(max).unwrap_or(u32::MAX);
-        if tokio::time::timeout(drain, permits.acquire_many(all)).await.is_err() {
+        if tokio::time::timeout(drain, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
             tracing::warn!(target: "lb::proxy", "drain timeout: closing the remaining connections");
         }
         tasks.abort_all();
@@ -155,7 +177,12 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, permits: Arc<Semaphore>, stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) {
     let mut stop_accepting = stop.clone();
     let mut conns = tokio::task::JoinSet::new();
     loop {

@@ -14,10 +14,17 @@ pub(crate) fn failure(f: Failure) -> Response<ResponseBody> {
 
 /// A small plain-text response with the status's reason as its body.
 pub(crate) fn synthetic(status: StatusCode) -> Response<ResponseBody> {
-    let text = format!("{} {}\n", status.as_str(), status.canonical_reason().unwrap_or(""));
+    let text = format!(
+        "{} {}\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    );
     let mut resp = Response::new(ResponseBody::full(Bytes::from(text)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 

@@ -78,7 +78,9 @@ impl HashKey {
                 std::net::IpAddr::V6(ip) => lb_core::stable_hash(&ip.octets()),
             }),
             Self::Path => Some(lb_core::stable_hash(uri.path().as_bytes())),
-            Self::Header(name) => headers.get(name).map(|v| lb_core::stable_hash(v.as_bytes())),
+            Self::Header(name) => headers
+                .get(name)
+                .map(|v| lb_core::stable_hash(v.as_bytes())),
             Self::Cookie(name) => headers
                 .get_all(http::header::COOKIE)
                 .iter()
@@ -116,14 +118,31 @@ impl Routes {
             parsed.push((parse_backend(url)?, url.clone(), *weight));
         }
         let ids = balancer
-            .set_backends(parsed.iter().map(|(_, url, w)| Backend::new(url.clone(), *w)), now)
+            .set_backends(
+                parsed
+                    .iter()
+                    .map(|(_, url, w)| Backend::new(url.clone(), *w)),
+                now,
+            )
             .map_err(RouteError::Core)?;
         let targets = ids
             .into_iter()
             .zip(parsed)
-            .map(|(id, (authority, url, _))| (id, Target { authority, url: url.into() }))
+            .map(|(id, (authority, url, _))| {
+                (
+                    id,
+                    Target {
+                        authority,
+                        url: url.into(),
+                    },
+                )
+            })
             .collect();
-        Ok(Self { balancer, targets, hash_key })
+        Ok(Self {
+            balancer,
+            targets,
+            hash_key,
+        })
     }
 
     /// The balancer.
@@ -175,9 +194,16 @@ impl fmt::Display for TraceView<'_> {
 
 /// `http://host:port[/]` or `host:port` → the authority to connect to.
 pub fn parse_backend(url: &str) -> Result<Authority, RouteError> {
-    let bad = |why: &'static str| RouteError::BadUrl { url: url.to_owned(), why };
-    let uri: Uri = if url.contains("://") { url.parse() } else { format!("http://{url}").parse() }
-        .map_err(|_| bad("not a URL"))?;
+    let bad = |why: &'static str| RouteError::BadUrl {
+        url: url.to_owned(),
+        why,
+    };
+    let uri: Uri = if url.contains("://") {
+        url.parse()
+    } else {
+        format!("http://{url}").parse()
+    }
+    .map_err(|_| bad("not a URL"))?;
     match uri.scheme() {
         Some(s) if *s == Scheme::HTTP => {}
         Some(s) if *s == Scheme::HTTPS => return Err(bad("https backends are not supported yet")),
@@ -205,11 +231,31 @@ mod tests {
 
     #[test]
     fn backend_urls() {
-        assert_eq!(parse_backend("http://127.0.0.1:3031").unwrap().as_str(), "127.0.0.1:3031");
-        assert_eq!(parse_backend("http://localhost:80/").unwrap().as_str(), "localhost:80");
-        assert_eq!(parse_backend("10.0.0.1:8080").unwrap().as_str(), "10.0.0.1:8080");
-        assert_eq!(parse_backend("http://[::1]:9000").unwrap().as_str(), "[::1]:9000");
-        for bad in ["ftp://a:1", "http://a", "http://a:1/x", "http://:80", "not a url", "https://a:1", "http://u@a:1"] {
+        assert_eq!(
+            parse_backend("http://127.0.0.1:3031").unwrap().as_str(),
+            "127.0.0.1:3031"
+        );
+        assert_eq!(
+            parse_backend("http://localhost:80/").unwrap().as_str(),
+            "localhost:80"
+        );
+        assert_eq!(
+            parse_backend("10.0.0.1:8080").unwrap().as_str(),
+            "10.0.0.1:8080"
+        );
+        assert_eq!(
+            parse_backend("http://[::1]:9000").unwrap().as_str(),
+            "[::1]:9000"
+        );
+        for bad in [
+            "ftp://a:1",
+            "http://a",
+            "http://a:1/x",
+            "http://:80",
+            "not a url",
+            "https://a:1",
+            "http://u@a:1",
+        ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
     }

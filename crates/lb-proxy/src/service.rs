@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use lb_core::{Action, Completion, Failure, Outcome, RequestInfo, RequestState};
 
 use crate::body::{BodySource, RequestBody, ResponseBody};
-use crate::classify::classify;
+use crate::classify::{classify, is_stale_connection};
 use crate::config::ProxyConfig;
 use crate::conn::Phase;
 use crate::headers;
@@ -62,11 +62,18 @@ impl Exchange {
 
     fn end(&mut self, how: Completion) {
         let elapsed = self.started.elapsed();
-        let status = if how == Completion::ClientGone { 499 } else { self.status };
+        let status = if how == Completion::ClientGone {
+            499
+        } else {
+            self.status
+        };
         self.observer.response(self.status, elapsed, how);
         match &self.st {
             Some(st) => {
-                let backend = st.attempts().last().and_then(|a| self.routes.target(a.backend));
+                let backend = st
+                    .attempts()
+                    .last()
+                    .and_then(|a| self.routes.target(a.backend));
                 tracing::info!(
                     target: "lb::access",
                     method = %self.method,
@@ -117,7 +124,10 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn attempt(&self, authority: &http::uri::Authority) -> Result<Request<RequestBody>, http::Error> {
+    fn attempt(
+        &self,
+        authority: &http::uri::Authority,
+    ) -> Result<Request<RequestBody>, http::Error> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
@@ -133,7 +143,12 @@ impl Outgoing {
 }
 
 /// Serves one request; never fails (every failure is a response).
-pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr, phase: Arc<Phase>) -> Response<ResponseBody> {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    phase: Arc<Phase>,
+) -> Response<ResponseBody> {
     phase.busy();
     let routes = shared.routes.load_full();
     let mut ex = Exchange {
@@ -162,30 +177,56 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer
         Ok(s) => s,
         Err(_) => return reply(ex, respond::synthetic(StatusCode::BAD_REQUEST), version),
     };
-    let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let outgoing = Outgoing { method: parts.method, path_and_query, headers: parts.headers, source };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let outgoing = Outgoing {
+        method: parts.method,
+        path_and_query,
+        headers: parts.headers,
+        source,
+    };
 
-    let mut info = RequestInfo::new(outgoing.method.is_idempotent(), outgoing.source.replayable() && !upgrade);
+    let mut info = RequestInfo::new(
+        outgoing.method.is_idempotent(),
+        outgoing.source.replayable() && !upgrade,
+    );
     info.hash_key = hash_key;
     let balancer = Arc::clone(&routes.balancer);
     let (st, mut action) = balancer.start(info, now());
     let st = ex.st.insert(st);
     loop {
         match action {
-            Action::Forward { backend, not_before, try_deadline } => {
+            Action::Forward {
+                backend,
+                not_before,
+                try_deadline,
+            } => {
                 tokio::time::sleep_until(not_before.into()).await;
                 let Some(target) = routes.target(backend) else {
                     // Picked from a backend set newer than this request's routes: not sent.
                     action = balancer.handle_outcome(st, Outcome::StaleConnection, now());
                     continue;
                 };
-                let result = match outgoing.attempt(&target.authority) {
-                    Ok(req) => tokio::time::timeout_at(try_deadline.into(), shared.client.request(req)).await,
-                    Err(_) => {
-                        action = balancer.handle_outcome(st, Outcome::ConnectRefused, now());
-                        continue;
-                    }
+                let Ok(req) = outgoing.attempt(&target.authority) else {
+                    action = balancer.handle_outcome(st, Outcome::ConnectRefused, now());
+                    continue;
                 };
+                let deadline = tokio::time::Instant::from_std(try_deadline);
+                let mut result =
+                    tokio::time::timeout_at(deadline, shared.client.request(req)).await;
+                if let Ok(Err(e)) = &result {
+                    if info.idempotent && info.replayable && is_stale_connection(e) {
+                        // A pooled connection closed under us: once more, on a fresh one.
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, "stale pooled connection, resending");
+                        if let Ok(req) = outgoing.attempt(&target.authority) {
+                            result =
+                                tokio::time::timeout_at(deadline, shared.client.request(req)).await;
+                        }
+                    }
+                }
                 let outcome = classify(&result);
                 shared.observer.attempt(target, outcome);
                 if let Ok(Err(e)) = &result {
@@ -210,7 +251,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer
 }
 
 /// Answers with a response the proxy made.
-fn reply(mut ex: Exchange, resp: Response<ResponseBody>, version: Version) -> Response<ResponseBody> {
+fn reply(
+    mut ex: Exchange,
+    resp: Response<ResponseBody>,
+    version: Version,
+) -> Response<ResponseBody> {
     ex.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     parts.version = version;
@@ -247,7 +292,11 @@ fn relay(
 
 /// Copies bytes both ways between the upgraded client and backend connections until either
 /// side closes; the request stays in flight (and counted) meanwhile.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, ex: Exchange) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    ex: Exchange,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
