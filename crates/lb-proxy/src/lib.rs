@@ -44,7 +44,7 @@ use tokio::sync::{watch, Semaphore};
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use config::ProxyConfig;
 pub use error::{RouteError, ServeError};
-pub use observe::{NoObserver, Observer};
+pub use observe::{Completed, NoObserver, Observer};
 pub use routes::{parse_backend, HashKey, Routes, Target};
 pub use service::Exchange;
 

@@ -2,9 +2,29 @@
 
 use std::time::Duration;
 
-use lb_core::{Completion, Decision, Outcome};
+use http::{Method, Uri};
+use lb_core::{Completion, Decision, Outcome, RequestState};
 
-use crate::routes::Target;
+use crate::routes::{Routes, Target};
+
+/// A finished request, as the access log sees it.
+#[derive(Debug)]
+pub struct Completed<'a> {
+    /// The request method.
+    pub method: &'a Method,
+    /// The request target as the client sent it.
+    pub uri: &'a Uri,
+    /// What the client got (the backend's status, or the proxy's own 4xx/5xx).
+    pub status: u16,
+    /// From the request head to the end of the response.
+    pub elapsed: Duration,
+    /// How it ended.
+    pub how: Completion,
+    /// The routes it was served with (to name backends).
+    pub routes: &'a Routes,
+    /// Its routing trace, if it got as far as lb-core.
+    pub state: Option<&'a RequestState>,
+}
 
 /// Receives the facts metrics are made of. Every method has a no-op default and is called on
 /// the request path: keep them cheap (atomic counters), never block.
@@ -19,10 +39,10 @@ pub trait Observer: Send + Sync + 'static {
         let _ = decision;
     }
 
-    /// A client got `status` after `elapsed` (`lb_responses_total{code}`,
-    /// `lb_request_duration_seconds`).
-    fn response(&self, status: u16, elapsed: Duration, how: Completion) {
-        let _ = (status, elapsed, how);
+    /// A request finished (`lb_responses_total{code}`, `lb_request_duration_seconds`, the
+    /// recent-requests ring).
+    fn completed(&self, request: &Completed<'_>) {
+        let _ = request;
     }
 }
 

@@ -17,7 +17,7 @@ use crate::classify::{classify, is_stale_connection};
 use crate::config::ProxyConfig;
 use crate::conn::Phase;
 use crate::headers;
-use crate::observe::Observer;
+use crate::observe::{Completed, Observer};
 use crate::respond;
 use crate::routes::Routes;
 
@@ -67,7 +67,15 @@ impl Exchange {
         } else {
             self.status
         };
-        self.observer.response(self.status, elapsed, how);
+        self.observer.completed(&Completed {
+            method: &self.method,
+            uri: &self.uri,
+            status,
+            elapsed,
+            how,
+            routes: &self.routes,
+            state: self.st.as_ref(),
+        });
         match &self.st {
             Some(st) => {
                 let backend = st

@@ -1,0 +1,297 @@
+//! Wiring: settings → balancer, routes, proxy, health checker, admin server; signals; reload.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_core::select::AnySelect;
+use lb_core::{BackendId, Balancer};
+use lb_health::{
+    Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
+};
+use lb_proxy::{NoObserver, Observer, Proxy, Routes};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::Cli;
+use crate::config::{self, Settings};
+use crate::metrics::{label_of, Metrics};
+
+/// Why `lb` could not start (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartupError {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A listening address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building the balancer or routes.
+    #[error(transparent)]
+    Route(#[from] lb_proxy::RouteError),
+    /// The runtime or signal handlers.
+    #[error("cannot start: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Either prober, chosen by `health.path`.
+enum AnyProber {
+    Tcp(TcpProber),
+    Http(HttpProber),
+}
+
+impl Prober for AnyProber {
+    async fn probe(&self, target: &Target, timeout: Duration) -> Result<(), ProbeError> {
+        match self {
+            Self::Tcp(p) => p.probe(target, timeout).await,
+            Self::Http(p) => p.probe(target, timeout).await,
+        }
+    }
+}
+
+/// Feeds probe results to whichever balancer is in force, and counts them.
+struct Sink {
+    proxy: Proxy,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl ProbeSink for Sink {
+    fn report(&self, backend: BackendId, result: &Result<(), ProbeError>, at: Instant) {
+        let routes = self.proxy.routes();
+        routes.balancer().report(backend, result, at);
+        if let Some(m) = &self.metrics {
+            let label = result
+                .as_ref()
+                .map_or_else(ProbeError::label, |()| "success");
+            m.health_check(&label_of(&routes, backend, &backend.to_string()), label);
+        }
+    }
+}
+
+/// The running parts that a reload may replace.
+struct Running {
+    settings: Settings,
+    checker: Option<Checker<AnyProber>>,
+}
+
+fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
+    let b = Balancer::new(settings.core.clone(), AnySelect::new(settings.strategy))
+        .map_err(|e| lb_proxy::RouteError::Core(e))?;
+    Ok(Arc::new(b))
+}
+
+async fn probe_targets(routes: &Routes) -> Vec<(BackendId, Target)> {
+    let mut targets = Vec::new();
+    for b in routes.balancer().backends(Instant::now()) {
+        let Some(t) = routes.target(b.id) else {
+            continue;
+        };
+        match tokio::net::lookup_host(t.authority.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
+            Some(addr) => {
+                targets.push((b.id, Target::new(addr).with_authority(t.authority.as_str())))
+            }
+            None => {
+                tracing::warn!(target: "lb::health", backend = %t.url, "cannot resolve backend: not probed")
+            }
+        }
+    }
+    targets
+}
+
+fn checker(settings: &Settings, sink: Arc<dyn ProbeSink>) -> Option<Checker<AnyProber>> {
+    let h = &settings.health;
+    if h.interval.is_zero() {
+        return None;
+    }
+    let prober = h.path.as_ref().map_or(AnyProber::Tcp(TcpProber), |p| {
+        AnyProber::Http(HttpProber::new(p.clone()))
+    });
+    let config = CheckerConfig {
+        interval: h.interval,
+        timeout: h.timeout,
+        ..CheckerConfig::default()
+    };
+    Some(Checker::new(prober, config, sink))
+}
+
+/// Runs `lb` until SIGTERM/SIGINT, then drains and returns.
+pub(crate) async fn run(cli: Cli, settings: Settings) -> Result<(), StartupError> {
+    let mut listeners = Vec::new();
+    for addr in &settings.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Listen {
+                addr: *addr,
+                source,
+            })?;
+        listeners.push(l);
+    }
+    let admin = match settings.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics = admin.as_ref().map(|_| Arc::new(Metrics::new()));
+    let observer: Arc<dyn Observer> = match &metrics {
+        Some(m) => m.clone(),
+        None => Arc::new(NoObserver),
+    };
+    let routes = Routes::new(
+        balancer(&settings)?,
+        &settings.backends,
+        settings.hash_key.clone(),
+        Instant::now(),
+    )?;
+    let proxy = Proxy::with_observer(settings.proxy, routes, observer);
+    let sink: Arc<dyn ProbeSink> = Arc::new(Sink {
+        proxy: proxy.clone(),
+        metrics: metrics.clone(),
+    });
+    let checker = checker(&settings, Arc::clone(&sink));
+    if let Some(c) = &checker {
+        c.set_targets(probe_targets(&proxy.routes()).await);
+    }
+    let admin_task = match (admin, &metrics) {
+        (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
+            l,
+            proxy.clone(),
+            Arc::clone(m),
+        ))),
+        _ => None,
+    };
+    let listen: Vec<String> = settings.listen.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        target: "lb",
+        listen = %listen.join(","),
+        admin = %settings.admin.map_or("off".into(), |a| a.to_string()),
+        strategy = %settings.strategy,
+        backends = settings.backends.len(),
+        "lb started"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = settings.drain;
+    let serving = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve(listeners, stop_rx, drain).await })
+    };
+    let running = Mutex::new(Running { settings, checker });
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!(target: "lb", "SIGTERM: draining"); break; }
+            _ = sigint.recv() => { tracing::info!(target: "lb", "SIGINT: draining"); break; }
+            _ = sighup.recv() => reload(&cli, &proxy, &running, &sink).await,
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = serving.await;
+    if let Some(c) = running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .checker
+        .take()
+    {
+        c.shutdown();
+    }
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    tracing::info!(target: "lb", "stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the config file; apply it if valid, keep the old one otherwise. Requests
+/// in flight finish with the routes they started with; probes of backends that stay go on.
+async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<dyn ProbeSink>) {
+    let new = match config::load(cli) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
+            return;
+        }
+    };
+    let (old_settings, old_checker) = {
+        let mut r = running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (r.settings.clone(), r.checker.take())
+    };
+    for (what, changed) in [
+        ("listen", new.listen != old_settings.listen),
+        ("admin", new.admin != old_settings.admin),
+        ("timeouts and limits", new.proxy != old_settings.proxy),
+        ("log_format", new.log_format != old_settings.log_format),
+    ] {
+        if changed {
+            tracing::warn!(target: "lb", "reload: {what} changes take effect after a restart");
+        }
+    }
+    // Same strategy and core settings: keep the balancer (and every backend's state).
+    let current = proxy.routes();
+    let balancer = if new.strategy == old_settings.strategy && new.core == old_settings.core {
+        Arc::clone(current.balancer())
+    } else {
+        match balancer(&new) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
+                running
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .checker = old_checker;
+                return;
+            }
+        }
+    };
+    let routes = match Routes::new(
+        balancer,
+        &new.backends,
+        new.hash_key.clone(),
+        Instant::now(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
+            running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .checker = old_checker;
+            return;
+        }
+    };
+    let targets = probe_targets(&routes).await;
+    proxy.set_routes(routes);
+    let checker = if new.health == old_settings.health && old_checker.is_some() {
+        old_checker
+    } else {
+        if let Some(c) = old_checker {
+            c.shutdown();
+        }
+        checker(&new, Arc::clone(sink))
+    };
+    if let Some(c) = &checker {
+        c.set_targets(targets);
+    }
+    tracing::info!(target: "lb", strategy = %new.strategy, backends = new.backends.len(), "configuration reloaded");
+    let mut r = running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    r.settings = new;
+    r.checker = checker;
+}

@@ -1,0 +1,800 @@
+//! The TOML config file (SPEC.md, "Config file") and the effective settings: file values,
+//! overridden by flags, validated once, with errors that name the file, the key and the line.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_core::select::StrategyKind;
+use lb_core::Weight;
+use lb_proxy::{HashKey, ProxyConfig};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::cli::{parse_addr, parse_duration, Cli, LogFormat};
+
+/// A configuration `lb` refuses: exits 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigError {
+    /// The config file, if the problem is in one.
+    pub(crate) file: Option<PathBuf>,
+    /// 1-based line of the key, where it exists in the file.
+    pub(crate) line: Option<usize>,
+    /// The key (`health.interval`, `backend[2].url`), or the flag.
+    pub(crate) key: String,
+    /// What is wrong.
+    pub(crate) message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            _ => {}
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// --- the file, as written ---
+
+type S<T> = Spanned<T>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<S<Vec<String>>>,
+    port: Option<S<u16>>,
+    admin: Option<S<String>>,
+    strategy: Option<S<String>>,
+    hash_key: Option<S<String>>,
+    log_format: Option<S<String>>,
+    health: Option<Health>,
+    passive: Option<Passive>,
+    retry: Option<Retry>,
+    timeouts: Option<Timeouts>,
+    limits: Option<Limits>,
+    tls: Option<Tls>,
+    #[serde(default)]
+    backend: Vec<BackendEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Health {
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+    path: Option<S<String>>,
+    rise: Option<S<i64>>,
+    fall: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Passive {
+    consecutive_failures: Option<S<i64>>,
+    ejection: Option<S<String>>,
+    max_ejection: Option<S<String>>,
+    max_ejected_percent: Option<S<i64>>,
+    panic_threshold_percent: Option<S<i64>>,
+    slow_start: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Retry {
+    attempts: Option<S<i64>>,
+    backoff: Option<S<String>>,
+    budget_percent: Option<S<i64>>,
+    min_retries_per_second: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Timeouts {
+    connect: Option<S<String>>,
+    request: Option<S<String>>,
+    idle: Option<S<String>>,
+    header_read: Option<S<String>>,
+    drain: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    max_header_bytes: Option<S<i64>>,
+    max_connections: Option<S<i64>>,
+    replay_buffer: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tls {
+    cert: Option<S<String>>,
+    key: Option<S<String>>,
+    upstream_ca: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendEntry {
+    url: S<String>,
+    weight: Option<S<i64>>,
+}
+
+// --- the effective settings ---
+
+/// Active health-check settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthSettings {
+    /// Probe period; zero: no probes.
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    /// HTTP probe path; none: TCP probes.
+    pub(crate) path: Option<String>,
+}
+
+/// Everything `lb` runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Settings {
+    pub(crate) file: Option<PathBuf>,
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) admin: Option<SocketAddr>,
+    pub(crate) strategy: StrategyKind,
+    pub(crate) hash_key: HashKey,
+    pub(crate) health: HealthSettings,
+    pub(crate) core: lb_core::Config,
+    pub(crate) proxy: ProxyConfig,
+    pub(crate) drain: Duration,
+    pub(crate) backends: Vec<(String, Weight)>,
+    pub(crate) log_format: LogFormat,
+}
+
+/// Reads the config file (if any), applies the flags over it, validates everything.
+pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+    let (file, text) = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                file: Some(path.clone()),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read config file: {e}"),
+            })?;
+            (Some(path.clone()), text)
+        }
+        None => (None, String::new()),
+    };
+    let cx = Cx {
+        file: file.as_deref(),
+        text: &text,
+    };
+    let parsed: File = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| cx.line(&s));
+        let message = e.message().trim().to_owned();
+        ConfigError {
+            file: file.clone(),
+            line,
+            key: key_of(&message),
+            message,
+        }
+    })?;
+    settings(cli, &parsed, &cx)
+}
+
+struct Cx<'a> {
+    file: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.text
+            .get(..span.start)
+            .map_or(1, |t| t.matches('\n').count() + 1)
+    }
+
+    fn err<T>(
+        &self,
+        key: &str,
+        span: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.map(Path::to_path_buf),
+            line: span.map(|s| self.line(&s)),
+            key: key.to_owned(),
+            message: message.into(),
+        })
+    }
+
+    fn flag_err<T>(&self, flag: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: None,
+            line: None,
+            key: flag.to_owned(),
+            message: message.into(),
+        })
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        v: &Option<S<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration(s.get_ref()).or_else(|e| self.err(key, Some(s.span()), e)),
+        }
+    }
+
+    fn int(
+        &self,
+        key: &str,
+        v: &Option<S<i64>>,
+        default: u64,
+        range: Range<u64>,
+    ) -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => {
+                let n = *s.get_ref();
+                match u64::try_from(n) {
+                    Ok(n) if range.contains(&n) => Ok(n),
+                    _ => self.err(
+                        key,
+                        Some(s.span()),
+                        format!("{n} is out of range ({}..={})", range.start, range.end - 1),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// The offending key in serde's "unknown field `x`" messages.
+fn key_of(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("field"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
+    // Listen: flags replace the file's list; --port adds 0.0.0.0:N.
+    let mut listen: Vec<SocketAddr> = cli.listen.clone();
+    if let Some(port) = cli.port {
+        listen.push(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if listen.is_empty() {
+        if let Some(l) = &f.listen {
+            for a in l.get_ref() {
+                listen.push(parse_addr(a).or_else(|e| cx.err("listen", Some(l.span()), e))?);
+            }
+        }
+        if let Some(p) = &f.port {
+            listen.push(SocketAddr::from(([0, 0, 0, 0], *p.get_ref())));
+        }
+    }
+    if listen.is_empty() {
+        listen.push(SocketAddr::from(([127, 0, 0, 1], 3030)));
+    }
+    listen.dedup();
+
+    let admin = match (cli.admin, &f.admin) {
+        (Some(a), _) => Some(a),
+        (None, Some(a)) => {
+            Some(parse_addr(a.get_ref()).or_else(|e| cx.err("admin", Some(a.span()), e))?)
+        }
+        (None, None) => None,
+    };
+    let strategy = match (cli.strategy, &f.strategy) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s
+            .get_ref()
+            .parse()
+            .or_else(|e: lb_core::select::UnknownStrategy| {
+                cx.err("strategy", Some(s.span()), e.to_string())
+            })?,
+        (None, None) => StrategyKind::RoundRobin,
+    };
+    let hash_key = match (&cli.hash_key, &f.hash_key) {
+        (Some(k), _) => k.clone(),
+        (None, Some(k)) => k
+            .get_ref()
+            .parse()
+            .or_else(|e: lb_proxy::RouteError| cx.err("hash_key", Some(k.span()), e.to_string()))?,
+        (None, None) => HashKey::ClientIp,
+    };
+    let log_format = match (cli.log_format, &f.log_format) {
+        (Some(l), _) => l,
+        (None, Some(l)) => match l.get_ref().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return cx.err(
+                    "log_format",
+                    Some(l.span()),
+                    format!("{other:?} is not text or json"),
+                )
+            }
+        },
+        (None, None) => LogFormat::Text,
+    };
+
+    let h = f.health.as_ref();
+    let none = Health::default();
+    let h = h.unwrap_or(&none);
+    let interval = match cli.health_interval {
+        Some(d) => d,
+        None => cx.duration("health.interval", &h.interval, Duration::from_secs(5))?,
+    };
+    let timeout = match cli.health_timeout {
+        Some(d) => d,
+        None => cx.duration("health.timeout", &h.timeout, Duration::from_secs(2))?,
+    };
+    if timeout.is_zero() && !interval.is_zero() {
+        return cx.flag_err("health.timeout", "must be greater than zero");
+    }
+    let path = match (&cli.health_path, &h.path) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(p)) => Some(p.get_ref().clone()),
+        (None, None) => None,
+    };
+    if let Some(p) = &path {
+        if p.is_empty() || p.contains(char::is_whitespace) {
+            return cx.flag_err("health.path", format!("{p:?} is not a path"));
+        }
+    }
+
+    let mut core = lb_core::Config::default();
+    core.health.rise = cx.int("health.rise", &h.rise, 2, 1..1001)? as u32;
+    core.health.fall = cx.int("health.fall", &h.fall, 3, 1..1001)? as u32;
+    let np = Passive::default();
+    let p = f.passive.as_ref().unwrap_or(&np);
+    core.passive.consecutive_failures = cx.int(
+        "passive.consecutive_failures",
+        &p.consecutive_failures,
+        5,
+        0..1_000_001,
+    )? as u32;
+    core.passive.ejection =
+        cx.duration("passive.ejection", &p.ejection, Duration::from_secs(10))?;
+    core.passive.max_ejection = cx.duration(
+        "passive.max_ejection",
+        &p.max_ejection,
+        Duration::from_secs(300),
+    )?;
+    if core.passive.max_ejection < core.passive.ejection {
+        let span = p.max_ejection.as_ref().map(Spanned::span);
+        return cx.err(
+            "passive.max_ejection",
+            span,
+            "must not be shorter than passive.ejection",
+        );
+    }
+    if core.passive.consecutive_failures > 0 && core.passive.ejection.is_zero() {
+        return cx.err(
+            "passive.ejection",
+            p.ejection.as_ref().map(Spanned::span),
+            "must be greater than zero",
+        );
+    }
+    core.passive.max_ejected_percent = cx.int(
+        "passive.max_ejected_percent",
+        &p.max_ejected_percent,
+        50,
+        0..101,
+    )? as u32;
+    core.passive.panic_threshold_percent = cx.int(
+        "passive.panic_threshold_percent",
+        &p.panic_threshold_percent,
+        50,
+        0..101,
+    )? as u32;
+    core.passive.slow_start =
+        cx.duration("passive.slow_start", &p.slow_start, Duration::from_secs(30))?;
+
+    let r = f.retry.as_ref();
+    let nr = Retry::default();
+    let r = r.unwrap_or(&nr);
+    core.retry.attempts = cx.int(
+        "retry.attempts",
+        &r.attempts,
+        3,
+        1..u64::from(lb_core::MAX_ATTEMPTS) + 1,
+    )? as u32;
+    core.retry.backoff = cx.duration("retry.backoff", &r.backoff, Duration::from_millis(10))?;
+    core.retry.budget_percent =
+        cx.int("retry.budget_percent", &r.budget_percent, 20, 0..101)? as u32;
+    core.retry.min_retries_per_second = cx.int(
+        "retry.min_retries_per_second",
+        &r.min_retries_per_second,
+        10,
+        0..1_000_001,
+    )? as u32;
+
+    let t = f.timeouts.as_ref();
+    let nt = Timeouts::default();
+    let t = t.unwrap_or(&nt);
+    let mut proxy = ProxyConfig::default();
+    let positive =
+        |key: &str, v: &Option<S<String>>, d: Duration| -> Result<Duration, ConfigError> {
+            let got = cx.duration(key, v, d)?;
+            if got.is_zero() {
+                return cx.err(
+                    key,
+                    v.as_ref().map(Spanned::span),
+                    "must be greater than zero",
+                );
+            }
+            Ok(got)
+        };
+    proxy.connect_timeout = positive("timeouts.connect", &t.connect, proxy.connect_timeout)?;
+    core.retry.attempt_timeout = positive("timeouts.request", &t.request, Duration::from_secs(30))?;
+    proxy.idle_timeout = positive("timeouts.idle", &t.idle, proxy.idle_timeout)?;
+    proxy.header_read_timeout = positive(
+        "timeouts.header_read",
+        &t.header_read,
+        proxy.header_read_timeout,
+    )?;
+    let drain = match cli.drain_timeout {
+        Some(d) => d,
+        None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
+    };
+
+    let l = f.limits.as_ref();
+    let nl = Limits::default();
+    let l = l.unwrap_or(&nl);
+    proxy.max_header_bytes = cx.int(
+        "limits.max_header_bytes",
+        &l.max_header_bytes,
+        32_768,
+        1024..16_777_217,
+    )? as usize;
+    proxy.max_connections = cx.int(
+        "limits.max_connections",
+        &l.max_connections,
+        10_000,
+        1..10_000_001,
+    )? as usize;
+    proxy.replay_buffer = cx.int(
+        "limits.replay_buffer",
+        &l.replay_buffer,
+        65_536,
+        0..1_073_741_825,
+    )? as usize;
+
+    // TLS is specified for a later issue: refuse it clearly rather than serve plain HTTP.
+    if cli.tls_cert.is_some() || cli.tls_key.is_some() {
+        return cx.flag_err(
+            "--tls-cert",
+            "TLS termination is not supported by this version of lb yet",
+        );
+    }
+    if let Some(tls) = &f.tls {
+        for (key, v) in [
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+            ("tls.upstream_ca", &tls.upstream_ca),
+        ] {
+            if let Some(v) = v {
+                return cx.err(
+                    key,
+                    Some(v.span()),
+                    "TLS is not supported by this version of lb yet",
+                );
+            }
+        }
+    }
+
+    // Backends: flags replace the file's list.
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    let from_flags: Vec<&String> = cli
+        .backend
+        .iter()
+        .chain(&cli.backends)
+        .filter(|b| !b.trim().is_empty())
+        .collect();
+    if from_flags.is_empty() {
+        for (i, b) in f.backend.iter().enumerate() {
+            let key = format!("backend[{i}].url");
+            let url = b.url.get_ref().trim().to_owned();
+            let authority = lb_proxy::parse_backend(&url)
+                .or_else(|e| cx.err(&key, Some(b.url.span()), e.to_string()))?;
+            if !seen.insert(authority.as_str().to_ascii_lowercase()) {
+                return cx.err(&key, Some(b.url.span()), format!("duplicate backend {url}"));
+            }
+            let weight = match &b.weight {
+                None => Weight::ONE,
+                Some(w) => {
+                    let wkey = format!("backend[{i}].weight");
+                    let n = *w.get_ref();
+                    let n32 = u32::try_from(n).unwrap_or(0);
+                    if n <= 0 {
+                        return cx.err(
+                            &wkey,
+                            Some(w.span()),
+                            format!("weight must be at least 1, got {n}"),
+                        );
+                    }
+                    Weight::new(n32).or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?
+                }
+            };
+            backends.push((url, weight));
+        }
+    } else {
+        for url in from_flags {
+            let url = url.trim().to_owned();
+            let authority = lb_proxy::parse_backend(&url)
+                .or_else(|e| cx.flag_err("--backend", e.to_string()))?;
+            if !seen.insert(authority.as_str().to_ascii_lowercase()) {
+                return cx.flag_err("--backend", format!("duplicate backend {url}"));
+            }
+            backends.push((url, Weight::ONE));
+        }
+    }
+    if backends.is_empty() {
+        return match cx.file {
+            Some(_) => cx.err(
+                "backend",
+                None,
+                "no backends: add [[backend]] url = \"http://host:port\" (or --backend)",
+            ),
+            None => cx.flag_err(
+                "--backend",
+                "no backends: give --backend http://host:port (or --backends a,b, or --config)",
+            ),
+        };
+    }
+    core.validate()
+        .or_else(|e| cx.err("", None, e.to_string()))?;
+
+    Ok(Settings {
+        file: cx.file.map(Path::to_path_buf),
+        listen,
+        admin,
+        strategy,
+        hash_key,
+        health: HealthSettings {
+            interval,
+            timeout,
+            path,
+        },
+        core,
+        proxy,
+        drain,
+        backends,
+        log_format,
+    })
+}
+
+impl fmt::Display for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let listen: Vec<String> = self.listen.iter().map(ToString::to_string).collect();
+        writeln!(
+            f,
+            "config: {}",
+            self.file
+                .as_ref()
+                .map_or("(none: flags only)".into(), |p| p.display().to_string())
+        )?;
+        writeln!(f, "listen: {}", listen.join(", "))?;
+        writeln!(
+            f,
+            "admin: {}",
+            self.admin.map_or("off".into(), |a| a.to_string())
+        )?;
+        writeln!(
+            f,
+            "strategy: {} (hash key {})",
+            self.strategy, self.hash_key
+        )?;
+        writeln!(f, "backends: {}", self.backends.len())?;
+        for (url, w) in &self.backends {
+            writeln!(f, "  {url} weight {}", w.get())?;
+        }
+        if self.health.interval.is_zero() {
+            writeln!(f, "health: off")?;
+        } else {
+            let kind = self
+                .health
+                .path
+                .as_ref()
+                .map_or("tcp".into(), |p| format!("http GET {p}"));
+            let c = &self.core.health;
+            writeln!(
+                f,
+                "health: {kind} every {}, timeout {}, rise {}, fall {}",
+                d(self.health.interval),
+                d(self.health.timeout),
+                c.rise,
+                c.fall
+            )?;
+        }
+        let p = &self.core.passive;
+        writeln!(
+            f,
+            "passive: eject after {} failures for {} (max {}), max ejected {}%, panic below {}%, slow start {}",
+            p.consecutive_failures, d(p.ejection), d(p.max_ejection), p.max_ejected_percent, p.panic_threshold_percent, d(p.slow_start)
+        )?;
+        let r = &self.core.retry;
+        writeln!(
+            f,
+            "retry: {} attempts, backoff {}, budget {}% + {}/s",
+            r.attempts,
+            d(r.backoff),
+            r.budget_percent,
+            r.min_retries_per_second
+        )?;
+        let x = &self.proxy;
+        writeln!(
+            f,
+            "timeouts: connect {}, request {}, idle {}, header_read {}, drain {}",
+            d(x.connect_timeout),
+            d(r.attempt_timeout),
+            d(x.idle_timeout),
+            d(x.header_read_timeout),
+            d(self.drain)
+        )?;
+        write!(
+            f,
+            "limits: max_header_bytes {}, max_connections {}, replay_buffer {}",
+            x.max_header_bytes, x.max_connections, x.replay_buffer
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn with_file(text: &str, args: &[&str]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "lb-config-test-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec![
+            "lb".to_owned(),
+            "--config".to_owned(),
+            path.display().to_string(),
+        ];
+        argv.extend(args.iter().map(|s| (*s).to_owned()));
+        load(&Cli::parse_from(argv))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let s = with_file(
+            r#"
+listen = ["127.0.0.1:3030"]
+admin = "127.0.0.1:9901"
+strategy = "weighted-round-robin"
+hash_key = "header:X-User"
+
+[health]
+interval = "2s"
+timeout = "1s"
+path = "/healthz"
+rise = 2
+fall = 3
+
+[passive]
+consecutive_failures = 5
+ejection = "10s"
+max_ejection = "5m"
+max_ejected_percent = 50
+panic_threshold_percent = 50
+slow_start = "30s"
+
+[retry]
+attempts = 3
+backoff = "10ms"
+budget_percent = 20
+min_retries_per_second = 10
+
+[timeouts]
+connect = "1s"
+request = "30s"
+idle = "60s"
+header_read = "10s"
+drain = "30s"
+
+[limits]
+max_header_bytes = 32768
+max_connections = 10000
+replay_buffer = 65536
+
+[[backend]]
+url = "http://127.0.0.1:3031"
+weight = 3
+
+[[backend]]
+url = "http://127.0.0.1:3032"
+weight = 1
+"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.strategy, StrategyKind::WeightedRoundRobin);
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.backends[0].1.get(), 3);
+        assert_eq!(s.health.interval, Duration::from_secs(2));
+        assert_eq!(s.core.passive.max_ejection, Duration::from_secs(300));
+        assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_line() {
+        let e = with_file("strategy = \"round-robin\"\nbogus = 1\n", &[]).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "bogus"), "{e}");
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"ftp://b:2\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(4), "backend[1].url"), "{e}");
+        let e = with_file(
+            "[health]\ninterval = \"soon\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(2), "health.interval"),
+            "{e}"
+        );
+        let e = with_file("[[backend]]\nurl = \"http://a:1\"\nweight = 0\n", &[]).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(3), "backend[0].weight"),
+            "{e}"
+        );
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://a:1/\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate backend"), "{e}");
+        let e = with_file("listen = [\"127.0.0.1:1\"]\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("no backends"), "{e}");
+        assert!(e.to_string().contains("lb.toml"), "names the file: {e}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_port_adds_a_listener() {
+        let s = with_file(
+            "listen = [\"127.0.0.1:4000\"]\nstrategy = \"random\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            &["--strategy", "least-connections", "--backend", "http://b:2", "--port", "5000", "--listen", "127.0.0.1:6000"],
+        )
+        .unwrap();
+        assert_eq!(s.strategy, StrategyKind::LeastConnections);
+        assert_eq!(s.backends, vec![("http://b:2".to_owned(), Weight::ONE)]);
+        assert_eq!(
+            s.listen,
+            vec![
+                "127.0.0.1:6000".parse().unwrap(),
+                "0.0.0.0:5000".parse().unwrap()
+            ]
+        );
+    }
+}
