@@ -82,7 +82,7 @@ struct Running {
 
 fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
     let b = Balancer::new(settings.core.clone(), AnySelect::new(settings.strategy))
-        .map_err(|e| lb_proxy::RouteError::Core(e))?;
+        .map_err(lb_proxy::RouteError::Core)?;
     Ok(Arc::new(b))
 }
 
