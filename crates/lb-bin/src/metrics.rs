@@ -122,6 +122,24 @@ impl Metrics {
             "Active health probes, by backend and result",
             health_checks.clone(),
         );
+        // Series known in advance start at 0, so dashboards see them before the first event.
+        for reason in ["not_sent", "idempotent"] {
+            let _ = retries.get_or_create(&Reason {
+                reason: reason.into(),
+            });
+        }
+        for reason in [
+            "not_idempotent",
+            "not_replayable",
+            "attempts_exhausted",
+            "budget_exhausted",
+            "no_untried_backend",
+            "deadline",
+        ] {
+            let _ = retries_denied.get_or_create(&Reason {
+                reason: reason.into(),
+            });
+        }
         Self {
             registry,
             requests,

@@ -1,0 +1,525 @@
+//! The real `lb` binary, driven as users drive it: flags, config files, signals, the admin
+//! server, real backends and real clients on 127.0.0.1.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A hyper backend on its own thread and runtime, answering `name` after `delay`.
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    fn start(name: &'static str, delay: Duration) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let h = h.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |_req| {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                tokio::time::sleep(delay).await;
+                                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                                    name,
+                                ))))
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        Self { addr, hits }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over a fresh connection; (status, body).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+struct Lb {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lb {
+    fn spawn(args: &[String]) -> Self {
+        let mut child = Command::new(LB)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, stdout }
+    }
+
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("lb exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "lb did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(LB).args(args).output().unwrap()
+}
+
+fn config_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lb-bin-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_errors_exit_1_naming_file_key_and_line() {
+    let cases = [
+        (
+            "unknown",
+            "listen = [\"127.0.0.1:1\"]\nmystery = true\n",
+            "2",
+            "mystery",
+        ),
+        (
+            "badurl",
+            "[[backend]]\nurl = \"ftp://x:1\"\n",
+            "2",
+            "backend[0].url",
+        ),
+        (
+            "baddur",
+            "[health]\ninterval = \"often\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            "2",
+            "health.interval",
+        ),
+        (
+            "zeroweight",
+            "[[backend]]\nurl = \"http://a:1\"\nweight = 0\n",
+            "3",
+            "backend[0].weight",
+        ),
+        (
+            "dup",
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            "4",
+            "duplicate",
+        ),
+        ("empty", "strategy = \"random\"\n", "", "no backends"),
+        (
+            "badstrategy",
+            "strategy = \"fastest\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            "1",
+            "strategy",
+        ),
+    ];
+    for (name, text, line, needle) in cases {
+        let path = config_file(name, text);
+        let out = run(&["--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()),
+            "{name} names the file: {err}"
+        );
+        if !line.is_empty() {
+            assert!(
+                err.contains(&format!("lb.toml:{line}:")),
+                "{name} names line {line}: {err}"
+            );
+        }
+        assert!(err.contains(needle), "{name} names {needle}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    let out = run(&["--config", "/nonexistent/lb.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no backends at all is a config error"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_lists_every_flag() {
+    assert_eq!(run(&["--no-such-flag"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["--strategy", "fastest", "--backend", "http://a:1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["--health-interval", "soon", "--backend", "http://a:1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
+    for flag in [
+        "--listen",
+        "--port",
+        "--backend",
+        "--backends",
+        "--strategy",
+        "--hash-key",
+        "--health-interval",
+        "--health-path",
+        "--health-timeout",
+        "--admin",
+        "--drain-timeout",
+        "--tls-cert",
+        "--tls-key",
+        "--config",
+        "--check",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    assert!(run(&["--version"]).status.success());
+}
+
+#[test]
+fn check_validates_and_summarises() {
+    let path = config_file("check", "strategy = \"weighted-round-robin\"\n[[backend]]\nurl = \"http://127.0.0.1:3031\"\nweight = 3\n");
+    let out = run(&["--config", path.to_str().unwrap(), "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("weighted-round-robin") && text.contains("http://127.0.0.1:3031 weight 3"),
+        "{text}"
+    );
+    let bad = config_file(
+        "checkbad",
+        "[[backend]]\nurl = \"http://127.0.0.1:3031\"\nweight = -2\n",
+    );
+    assert_eq!(
+        run(&["--config", bad.to_str().unwrap(), "--check"])
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn simplelb_flags_and_port_in_use() {
+    let (a, b) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+    );
+    let port = free_port();
+    let mut lb = Lb::spawn(&[
+        format!("--backends={},{}", a.url(), b.url()),
+        format!("--port={port}"),
+        "--health-interval=0".into(),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    lb.wait_listening(addr);
+    let bodies: Vec<String> = (0..4).map(|_| get(addr, "/").1).collect();
+    assert_eq!(bodies, ["a", "b", "a", "b"]);
+
+    // A second lb on the same port: one line, exit 1.
+    let out = run(&["--backend", &a.url(), "--port", &port.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("0.0.0.0:{port}")) && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let slow = Backend::start("slow", Duration::from_millis(800));
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        slow.url(),
+    ]);
+    lb.wait_listening(addr);
+    let request = std::thread::spawn(move || get(addr, "/"));
+    std::thread::sleep(Duration::from_millis(300));
+    lb.signal("TERM");
+    assert_eq!(request.join().unwrap(), (200, "slow".into()));
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn sighup_moves_traffic_keeps_in_flight_and_survives_a_bad_config() {
+    let old = Backend::start("old", Duration::from_millis(1000));
+    let new = Backend::start("new", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = |url: &str| {
+        format!(
+            "listen = [\"{addr}\"]\n[health]\ninterval = \"0s\"\n[[backend]]\nurl = \"{url}\"\n"
+        )
+    };
+    let path = config_file("reload", &text(&old.url()));
+    let mut lb = Lb::spawn(&["--config".into(), path.display().to_string()]);
+    lb.wait_listening(addr);
+
+    let long = std::thread::spawn(move || get(addr, "/long"));
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&path, text(&new.url())).unwrap();
+    lb.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(addr, "/").1 != "new" {
+        assert!(
+            Instant::now() < deadline,
+            "traffic never moved to the new backend"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        long.join().unwrap(),
+        (200, "old".into()),
+        "the in-flight request finished"
+    );
+
+    std::fs::write(&path, "this is = not [valid toml").unwrap();
+    lb.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        get(addr, "/"),
+        (200, "new".into()),
+        "a bad config keeps the old one in force"
+    );
+    assert!(
+        lb.logs().iter().any(|l| l.contains("reload failed")),
+        "the bad config is logged"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn status_metrics_and_json_logs() {
+    let (a, b) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+    );
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--backend".into(),
+        a.url(),
+        "--backend".into(),
+        b.url(),
+        "--log-format".into(),
+        "json".into(),
+        "--health-interval".into(),
+        "200ms".into(),
+    ]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/x").0, 200);
+    }
+    let (code, status) = get(admin, "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["strategy"], "round-robin");
+    let backends = status["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    for (i, backend) in [&a, &b].iter().enumerate() {
+        let s = &backends[i];
+        assert_eq!(s["url"], backend.url());
+        assert_eq!(s["healthy"], true);
+        assert_eq!(s["weight"], 1);
+        assert_eq!(s["active_requests"], 0);
+        assert_eq!(s["requests_total"], backend.hits() as u64);
+        assert_eq!(s["failures_total"], 0);
+        assert!(s["ejected_until"].is_null());
+    }
+
+    std::thread::sleep(Duration::from_millis(600)); // a few probes
+    let (code, metrics) = get(admin, "/metrics");
+    assert_eq!(code, 200);
+    for backend in [&a, &b] {
+        let line = format!(
+            "lb_requests_total{{backend=\"{}\",code=\"200\"}} {}",
+            backend.addr,
+            backend.hits()
+        );
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+        assert!(metrics.contains(&format!(
+            "lb_backend_healthy{{backend=\"{}\"}} 1",
+            backend.addr
+        )));
+        assert!(metrics.contains(&format!(
+            "lb_backend_active_requests{{backend=\"{}\"}} 0",
+            backend.addr
+        )));
+    }
+    assert!(
+        metrics.contains("lb_responses_total{code=\"200\"} 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_request_duration_seconds_count 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_health_checks_total{backend="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_retries_total{reason=\"not_sent\"} 0"),
+        "{metrics}"
+    );
+
+    let (_, recent) = get(admin, "/debug/requests");
+    let recent: serde_json::Value = serde_json::from_str(&recent).unwrap();
+    let recent = recent.as_array().unwrap();
+    assert_eq!(recent.len(), 10);
+    assert_eq!(recent[0]["attempts"][0]["decision"], "relay");
+
+    let logs = lb.logs();
+    let access: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "lb::access")
+        .collect();
+    assert_eq!(
+        access.len(),
+        10,
+        "one JSON access line per request: {logs:?}"
+    );
+    assert_eq!(access[0]["method"], "GET");
+    assert_eq!(access[0]["path"], "/x");
+    assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["attempts"], 1);
+    assert!(access[0]["trace"]
+        .as_str()
+        .unwrap()
+        .contains("status 200 relay"));
+    lb.signal("INT");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
