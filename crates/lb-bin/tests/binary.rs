@@ -523,3 +523,127 @@ fn status_metrics_and_json_logs() {
     lb.signal("INT");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
+
+#[test]
+fn drain_timeout_cuts_off_and_still_exits_0() {
+    let stuck = Backend::start("stuck", Duration::from_secs(30));
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        stuck.url(),
+        "--drain-timeout".into(),
+        "300ms".into(),
+    ]);
+    lb.wait_listening(addr);
+    let request = std::thread::spawn(move || get(addr, "/"));
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the drain timeout bounds the exit"
+    );
+    let (status, _) = request.join().unwrap();
+    assert_ne!(status, 200, "the stuck request was cut off");
+}
+
+#[test]
+fn dead_backends_503_ejection_in_status_and_error_metrics() {
+    // Two backends that refuse; probes every 100 ms take both down.
+    let dead = |_: ()| format!("http://127.0.0.1:{}", free_port());
+    let (d1, d2) = (dead(()), dead(()));
+    let good = Backend::start("good", Duration::ZERO);
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let text = format!(
+        "listen = [\"{addr}\"]\nadmin = \"{admin}\"\n[health]\ninterval = \"0s\"\n[passive]\nconsecutive_failures = 1\nmax_ejected_percent = 50\n\
+         [[backend]]\nurl = \"{d1}\"\n[[backend]]\nurl = \"{}\"\n",
+        good.url()
+    );
+    let path = config_file("eject", &text);
+    let mut lb = Lb::spawn(&["--config".into(), path.display().to_string()]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    // The first request goes to the dead backend, is retried on the good one, and ejects the dead one.
+    assert_eq!(get(addr, "/"), (200, "good".into()));
+    let (_, status) = get(admin, "/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let until = status["backends"][0]["ejected_until"]
+        .as_str()
+        .expect("ejected");
+    assert!(humantime::parse_rfc3339(until).is_ok(), "RFC 3339: {until}");
+    assert_eq!(status["backends"][0]["failures_total"], 1);
+    let (_, metrics) = get(admin, "/metrics");
+    let refused = format!(
+        "lb_requests_total{{backend=\"{}\",code=\"error\"}} 1",
+        d1.trim_start_matches("http://")
+    );
+    assert!(
+        metrics.contains(&refused),
+        "a refused connect is counted: {metrics}"
+    );
+    assert!(
+        metrics.contains("lb_retries_total{reason=\"not_sent\"} 1"),
+        "{metrics}"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+
+    // Every backend down by probes: 503 at once.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        format!("--backends={d1},{d2}"),
+        "--health-interval".into(),
+        "100ms".into(),
+        "--health-timeout".into(),
+        "100ms".into(),
+    ]);
+    lb.wait_listening(addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = Instant::now();
+        let (code, _) = get(addr, "/");
+        if code == 503 {
+            assert!(t.elapsed() < Duration::from_millis(500), "503 at once");
+            break;
+        }
+        assert_eq!(code, 502, "before the probes notice, the attempts fail");
+        assert!(Instant::now() < deadline, "never 503");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("down: 3 consecutive probe failures: connection refused")));
+}
+
+#[test]
+fn weighted_round_robin_through_the_binary() {
+    let (a, b, c) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+        Backend::start("c", Duration::ZERO),
+    );
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "listen = [\"{addr}\"]\nstrategy = \"weighted-round-robin\"\n[health]\ninterval = \"0s\"\n\
+         [[backend]]\nurl = \"{}\"\nweight = 5\n[[backend]]\nurl = \"{}\"\n[[backend]]\nurl = \"{}\"\n",
+        a.url(),
+        b.url(),
+        c.url()
+    );
+    let path = config_file("wrr", &text);
+    let mut lb = Lb::spawn(&["--config".into(), path.display().to_string()]);
+    lb.wait_listening(addr);
+    let order: String = (0..14).map(|_| get(addr, "/").1).collect();
+    assert_eq!(order, "aabacaaaabacaa");
+}

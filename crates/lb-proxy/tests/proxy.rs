@@ -694,3 +694,41 @@ impl http_body::Body for ChannelBody {
             .map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_replay_buffer_are_not_retried_once_sent() {
+    let (reset_url, reset_seen) = resetting_backend().await;
+    let echo = Backend::start(Arc::new(|req: Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            Response::new(full(n.to_string()))
+        })
+    }))
+    .await;
+    let config = ProxyConfig {
+        replay_buffer: 1024,
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[reset_url.clone(), echo.url()], core_config(), config).await;
+    // Over the buffer: streamed to the first backend, which breaks: not replayable, 502.
+    let big = Request::put(p.url("/big"))
+        .body(full(vec![b'x'; 4096]))
+        .unwrap();
+    assert_eq!(client().request(big).await.unwrap().status(), 502);
+    assert_eq!(echo.count(), 0);
+    // Round robin sends the next request to the echo backend; the one after starts on the
+    // resetting backend again, and a small PUT is retried with its whole body.
+    assert_eq!(get(&p.url("/")).await.0, 200);
+    let small = Request::put(p.url("/small"))
+        .body(full(vec![b'y'; 512]))
+        .unwrap();
+    let resp = client().request(small).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "512");
+    assert!(reset_seen.load(Ordering::SeqCst) >= 2);
+}
