@@ -226,16 +226,18 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             return;
         }
     };
-    let (old_settings, old_checker) = {
-        let mut r = running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (r.settings.clone(), r.checker.take())
-    };
+    let old_settings = running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .settings
+        .clone();
     for (what, changed) in [
         ("listen", new.listen != old_settings.listen),
         ("admin", new.admin != old_settings.admin),
-        ("timeouts and limits", new.proxy != old_settings.proxy),
+        (
+            "timeouts and limits",
+            new.proxy != old_settings.proxy || new.drain != old_settings.drain,
+        ),
         ("log_format", new.log_format != old_settings.log_format),
     ] {
         if changed {
@@ -244,39 +246,33 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     }
     // Same strategy and core settings: keep the balancer (and every backend's state).
     let current = proxy.routes();
-    let balancer = if new.strategy == old_settings.strategy && new.core == old_settings.core {
-        Arc::clone(current.balancer())
+    let built = if new.strategy == old_settings.strategy && new.core == old_settings.core {
+        Ok(Arc::clone(current.balancer()))
     } else {
-        match balancer(&new) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
-                running
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .checker = old_checker;
-                return;
-            }
-        }
-    };
-    let routes = match Routes::new(
-        balancer,
-        &new.backends,
-        new.hash_key.clone(),
-        Instant::now(),
-    ) {
+        balancer(&new)
+    }
+    .and_then(|b| {
+        Ok(Routes::new(
+            b,
+            &new.backends,
+            new.hash_key.clone(),
+            Instant::now(),
+        )?)
+    });
+    let routes = match built {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
-            running
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .checker = old_checker;
             return;
         }
     };
     let targets = probe_targets(&routes).await;
     proxy.set_routes(routes);
+    let old_checker = running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .checker
+        .take();
     let checker = if new.health == old_settings.health && old_checker.is_some() {
         old_checker
     } else {
