@@ -246,7 +246,8 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     }
     // Same strategy and core settings: keep the balancer (and every backend's state).
     let current = proxy.routes();
-    let built = if new.strategy == old_settings.strategy && new.core == old_settings.core {
+    let same_balancer = new.strategy == old_settings.strategy && new.core == old_settings.core;
+    let built = if same_balancer {
         Ok(Arc::clone(current.balancer()))
     } else {
         balancer(&new)
@@ -267,12 +268,19 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
         }
     };
     let targets = probe_targets(&routes).await;
-    proxy.set_routes(routes);
-    let old_checker = running
+    let mut old_checker = running
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .checker
         .take();
+    if !same_balancer {
+        // A new balancer numbers its backends afresh: stop the old probes before its ids
+        // could be mistaken for the new ones.
+        if let Some(c) = old_checker.take() {
+            c.shutdown();
+        }
+    }
+    proxy.set_routes(routes);
     let checker = if new.health == old_settings.health && old_checker.is_some() {
         old_checker
     } else {

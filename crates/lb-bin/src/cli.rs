@@ -119,7 +119,12 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if t.is_empty() || !t.as_bytes()[0].is_ascii_digit() {
         return Err(bad());
     }
-    humantime::parse_duration(t).map_err(|_| bad())
+    let d = humantime::parse_duration(t).map_err(|_| bad())?;
+    // Far beyond any sensible timeout, and far from the overflow of `Instant + Duration`.
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{s:?} is longer than a year"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -133,7 +138,15 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "fast", "-1s", "10", "1 parsec"] {
+        for bad in [
+            "",
+            "fast",
+            "-1s",
+            "10",
+            "1 parsec",
+            "1000y",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

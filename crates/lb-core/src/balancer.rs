@@ -373,7 +373,7 @@ impl<S: Select> Balancer<S> {
             return stop(st, StopReason::AttemptsExhausted, fail);
         }
         let delay = backoff(self.config.retry.backoff, st.len as u32, &mut st.rng);
-        let not_before = now + delay;
+        let not_before = later(now, delay);
         if st.info.deadline.is_some_and(|d| not_before >= d) {
             return stop(st, StopReason::Deadline, Failure::GatewayTimeout);
         }
@@ -384,7 +384,7 @@ impl<S: Select> Balancer<S> {
             return stop(st, StopReason::BudgetExhausted, fail);
         }
         st.record(outcome, Decision::Retry(reason));
-        let sent_ns = now_ns + u64::try_from(delay.as_nanos()).unwrap_or(0);
+        let sent_ns = now_ns.saturating_add(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
         self.commit(st, &snap, idx, now, not_before, sent_ns)
     }
 
@@ -495,7 +495,7 @@ impl<S: Select> Balancer<S> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ns = self.next_timeout_ns.load(Ordering::Acquire);
         let epoch = self.epoch.get()?;
-        (ns != NO_TIMEOUT).then(|| *epoch + Duration::from_nanos(ns))
+        (ns != NO_TIMEOUT).then(|| later(*epoch, Duration::from_nanos(ns)))
     }
 
     /// The next state change to log or count, oldest first.
@@ -582,7 +582,7 @@ impl<S: Select> Balancer<S> {
             index: idx,
             sent_ns,
         });
-        let mut try_deadline = not_before.max(now) + self.config.retry.attempt_timeout;
+        let mut try_deadline = later(not_before.max(now), self.config.retry.attempt_timeout);
         if let Some(d) = st.info.deadline {
             try_deadline = try_deadline.min(d);
         }
@@ -637,7 +637,7 @@ impl<S: Select> Balancer<S> {
             .ejection_row
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        let until = now + ejection_duration(p.ejection, p.max_ejection, row);
+        let until = later(now, ejection_duration(p.ejection, p.max_ejection, row));
         m.ejected_until = Some(until);
         m.ramp_start = None;
         m.state.consecutive_failures.store(0, Ordering::Relaxed);
@@ -740,7 +740,7 @@ impl<S: Select> Balancer<S> {
                 let expiry = m.ejected_until;
                 let step = m.ramp_start.and_then(|r| {
                     slow_start_next_step(now.saturating_duration_since(r), slow_start)
-                        .map(|d| r + d)
+                        .map(|d| later(r, d))
                 });
                 [expiry, step]
             })
@@ -749,6 +749,14 @@ impl<S: Select> Balancer<S> {
         let ns = next.map_or(NO_TIMEOUT, |t| self.ticks(t).min(NO_TIMEOUT - 1));
         self.next_timeout_ns.store(ns, Ordering::Release);
     }
+}
+
+/// `t + d`, saturating far in the future instead of overflowing: durations come from
+/// configuration, and no configuration may make the core panic.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(1 << 32)))
+        .unwrap_or(t)
 }
 
 fn push_event(ctl: &mut Control, event: Event) {
@@ -1002,6 +1010,25 @@ mod tests {
             .filter(|b| b.ejected_until.is_some())
             .count();
         assert_eq!(ejected, 1, "1 of 2 at 50% is allowed, 2 of 2 is not");
+    }
+
+    #[test]
+    fn huge_durations_saturate_instead_of_panicking() {
+        let mut config = Config::default();
+        config.retry.attempt_timeout = Duration::MAX;
+        config.retry.backoff = Duration::MAX;
+        config.passive.consecutive_failures = 1;
+        config.passive.ejection = Duration::MAX;
+        config.passive.max_ejection = Duration::MAX;
+        config.passive.slow_start = Duration::MAX;
+        let (lb, _, t0) = two(config);
+        let (mut st, a) = lb.start(RequestInfo::new(true, true), t0);
+        assert!(matches!(a, Action::Forward { .. }));
+        let a = lb.handle_outcome(&mut st, Outcome::ConnectRefused, t0);
+        assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+        lb.handle_timeout(t0);
+        assert!(lb.poll_timeout().is_some());
+        lb.abandon(st, t0);
     }
 
     #[test]

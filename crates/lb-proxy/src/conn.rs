@@ -116,8 +116,8 @@ impl ClientIo {
         }
         self.armed = word;
         let at = match word & 0xff {
-            IDLE => Some(Instant::now() + self.idle),
-            HEAD => Some(Instant::now() + self.header_read),
+            IDLE => Instant::now().checked_add(self.idle),
+            HEAD => Instant::now().checked_add(self.header_read),
             _ => None,
         };
         self.arm(at);
@@ -253,7 +253,7 @@ pub(crate) async fn serve(
         phase.free();
     } else {
         // The first request's head is due `header_read` after accept, sniffing included.
-        io.arm(Some(started + config.header_read_timeout));
+        io.arm(started.checked_add(config.header_read_timeout));
     }
     let service = {
         let phase = Arc::clone(&phase);
