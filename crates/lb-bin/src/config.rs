@@ -798,3 +798,58 @@ weight = 1
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    fn load_text(text: &str) -> Result<Settings, ConfigError> {
+        let cli = Cli::parse_from(["lb"]);
+        let parsed: File = match toml::from_str(text) {
+            Ok(f) => f,
+            Err(_) => {
+                return Err(ConfigError {
+                    file: None,
+                    line: None,
+                    key: String::new(),
+                    message: String::new(),
+                })
+            }
+        };
+        settings(&cli, &parsed, &Cx { file: None, text })
+    }
+
+    proptest! {
+        /// No input makes config loading panic: arbitrary text, and arbitrary values under
+        /// every key.
+        #[test]
+        fn never_panics(text in ".{0,400}") {
+            let _ = load_text(&text);
+        }
+
+        #[test]
+        fn never_panics_on_odd_values(
+            key in prop::sample::select(vec![
+                "strategy", "hash_key", "admin", "log_format", "health.interval", "health.rise",
+                "passive.ejection", "passive.max_ejected_percent", "retry.attempts", "retry.backoff",
+                "timeouts.request", "limits.max_header_bytes", "limits.replay_buffer", "port",
+            ]),
+            value in prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                "[a-z0-9:/.\\[\\] -]{0,30}".prop_map(|s| format!("{s:?}")),
+                Just("1e308".to_owned()),
+                Just("true".to_owned()),
+            ],
+        ) {
+            let (section, name) = key.split_once('.').map_or(("", key), |(s, n)| (s, n));
+            let text = if section.is_empty() {
+                format!("{name} = {value}\n[[backend]]\nurl = \"http://a:1\"\n")
+            } else {
+                format!("[[backend]]\nurl = \"http://a:1\"\n[{section}]\n{name} = {value}\n")
+            };
+            let _ = load_text(&text);
+        }
+    }
+}
