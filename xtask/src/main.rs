@@ -1,42 +1,34 @@
-//! `cargo xtask <task>`: developer tasks that are too long or too specialised for `cargo test`.
+//! `cargo xtask <task>`: developer tasks too long or too specialised for `cargo test`.
 //!
-//! * `cargo xtask bench [--save-baseline NAME | --baseline NAME] [FILTER]`: the criterion
-//!   micro-benchmarks of lb-core (strategy picks at 3, 100 and 10,000 backends, single-threaded
-//!   and with 2 threads contending). `--baseline` compares against a saved run; criterion
-//!   prints the change per benchmark.
+//! * `cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS]`: lb against
+//!   direct, nginx and haproxy in one interleaved run; writes `target/bench/report.{md,json,svg}`.
+//! * `cargo xtask bench --micro [criterion args]`: the criterion micro-benchmarks of lb-core.
+//! * `cargo xtask backend BASE_PORT COUNT BODY_BYTES`: the benchmark's upstream (internal).
 #![forbid(unsafe_code)]
 
-use std::process::{Command, ExitCode};
+mod backend;
+mod bench;
+mod chart;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS] | bench --micro [criterion args]";
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("bench") => bench(args.collect()),
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::run(&args[1..]),
+        Some("backend") => backend::serve(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
-            eprintln!("usage: cargo xtask bench [--save-baseline NAME | --baseline NAME] [FILTER]");
-            ExitCode::SUCCESS
+            eprintln!("{USAGE}");
+            return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("xtask: unknown task {other:?} (try `cargo xtask help`)");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn bench(args: Vec<String>) -> ExitCode {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["bench", "-p", "lb-benches", "--"])
-        .args(&args)
-        .status();
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("xtask: cargo bench failed: {s}");
-            ExitCode::FAILURE
-        }
+        Some(other) => Err(format!("unknown task {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: could not run cargo: {e}");
+            eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
     }
