@@ -124,26 +124,70 @@ fn checker(settings: &Settings, sink: Arc<dyn ProbeSink>) -> Option<Checker<AnyP
     Some(Checker::new(prober, config, sink))
 }
 
-/// Runs `lb` until SIGTERM/SIGINT, then drains and returns.
-pub(crate) async fn run(cli: Cli, settings: Settings) -> Result<(), StartupError> {
-    let mut listeners = Vec::new();
-    for addr in &settings.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Listen {
-                addr: *addr,
-                source,
-            })?;
-        listeners.push(l);
+/// How many worker threads serve traffic: one per core (thread-per-core, see
+/// [`Proxy::for_worker`]), or one when a listen address asks the kernel for a port.
+fn worker_count(settings: &Settings) -> usize {
+    if settings.listen.iter().any(|a| a.port() == 0) {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// A listening socket that other workers can share (`SO_REUSEPORT`: the kernel spreads new
+/// connections over them).
+fn reuseport_listener(addr: SocketAddr, share: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if share {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Runs `lb` until SIGTERM/SIGINT, then drains and returns: one control thread (signals,
+/// reload, health checks, admin server) and one serving thread per core.
+pub(crate) fn start(cli: Cli, mut settings: Settings) -> Result<(), StartupError> {
+    let workers = worker_count(&settings);
+    let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    for &addr in &settings.listen {
+        let err = |source| StartupError::Listen { addr, source };
+        if workers > 1 {
+            // SO_REUSEPORT would let a second lb share the port: ask for it alone first, so
+            // "address in use" is still an error.
+            drop(std::net::TcpListener::bind(addr).map_err(err)?);
+        }
+        for set in &mut listeners {
+            set.push(reuseport_listener(addr, workers > 1).map_err(err)?);
+        }
     }
     let admin = match settings.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartupError::Listen { addr, source })?,
-        ),
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|source| StartupError::Listen { addr, source })?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
         None => None,
     };
+    // The connection limit is the process's: each worker takes its share.
+    let max = settings.proxy.max_connections;
+    settings.proxy.max_connections = max.div_ceil(workers).max(1);
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    control.block_on(run(cli, settings, listeners, admin))
+}
+
+async fn run(
+    cli: Cli,
+    settings: Settings,
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    admin: Option<std::net::TcpListener>,
+) -> Result<(), StartupError> {
     let metrics = admin.as_ref().map(|_| Arc::new(Metrics::new()));
     let observer: Arc<dyn Observer> = match &metrics {
         Some(m) => m.clone(),
@@ -166,7 +210,7 @@ pub(crate) async fn run(cli: Cli, settings: Settings) -> Result<(), StartupError
     }
     let admin_task = match (admin, &metrics) {
         (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
-            l,
+            TcpListener::from_std(l)?,
             proxy.clone(),
             Arc::clone(m),
         ))),
@@ -179,18 +223,46 @@ pub(crate) async fn run(cli: Cli, settings: Settings) -> Result<(), StartupError
         admin = %settings.admin.map_or("off".into(), |a| a.to_string()),
         strategy = %settings.strategy,
         backends = settings.backends.len(),
+        workers = listeners.len(),
         "lb started"
     );
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = settings.drain;
-    let serving = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move { proxy.serve(listeners, stop_rx, drain).await })
-    };
+    let mut threads = Vec::new();
+    for (i, set) in listeners.into_iter().enumerate() {
+        // Worker 0 keeps the original proxy, which also runs lb-core's timer.
+        let worker = if i == 0 {
+            proxy.clone()
+        } else {
+            proxy.for_worker()
+        };
+        let mut stop = stop_rx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("lb-worker-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let mut bound = Vec::with_capacity(set.len());
+                    for l in set {
+                        bound.push(TcpListener::from_std(l)?);
+                    }
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    worker
+                        .serve(bound, stopped, drain)
+                        .await
+                        .map_err(std::io::Error::other)
+                })
+            })?;
+        threads.push(thread);
+    }
     let running = Mutex::new(Running { settings, checker });
     loop {
         tokio::select! {
@@ -199,8 +271,18 @@ pub(crate) async fn run(cli: Cli, settings: Settings) -> Result<(), StartupError
             _ = sighup.recv() => reload(&cli, &proxy, &running, &sink).await,
         }
     }
-    let _ = stop_tx.send(());
-    let _ = serving.await;
+    let _ = stop_tx.send(true);
+    let joined = tokio::task::spawn_blocking(move || {
+        threads.into_iter().map(|t| t.join()).collect::<Vec<_>>()
+    })
+    .await;
+    for r in joined.unwrap_or_default() {
+        match r {
+            Ok(Err(e)) => tracing::warn!(target: "lb", error = %e, "worker stopped with an error"),
+            Err(_) => tracing::warn!(target: "lb", "worker panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     if let Some(c) = running
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

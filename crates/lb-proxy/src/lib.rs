@@ -91,21 +91,36 @@ impl Proxy {
     /// A proxy that reports what happens to `observer`.
     #[must_use]
     pub fn with_observer(config: ProxyConfig, routes: Routes, observer: Arc<dyn Observer>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.upstream_idle_timeout)
-            .pool_max_idle_per_host(config.upstream_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let shared = Shared {
             config,
-            routes: ArcSwap::from_pointee(routes),
-            client,
+            routes: Arc::new(ArcSwap::from_pointee(routes)),
+            client: client(&config),
             observer,
+            drive: true,
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// A proxy for another worker thread: the same routes (a reload reaches both), the same
+    /// observer, its own upstream connection pool, and no second lb-core timer.
+    ///
+    /// # Why thread-per-core
+    /// With one work-stealing runtime, a request's client connection, its upstream
+    /// connection's task and the pool often sit on different threads, and every hand-off is
+    /// a cross-thread wake-up (a futex, an eventfd write). Run one current-thread runtime per
+    /// core, each with its own `for_worker` proxy, its own `SO_REUSEPORT` listeners and its
+    /// own pool, and a request never leaves its thread (NGINX's and HAProxy's model).
+    #[must_use]
+    pub fn for_worker(&self) -> Self {
+        let s = &self.shared;
+        let shared = Shared {
+            config: s.config,
+            routes: Arc::clone(&s.routes),
+            client: client(&s.config),
+            observer: Arc::clone(&s.observer),
+            drive: false,
         };
         Self {
             shared: Arc::new(shared),
@@ -152,7 +167,9 @@ impl Proxy {
             .clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(max));
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
+        if self.shared.drive {
+            tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
+        }
         for listener in listeners {
             tasks.spawn(accept_loop(
                 Arc::clone(&self.shared),
@@ -175,6 +192,20 @@ impl Proxy {
         tasks.abort_all();
         Ok(())
     }
+}
+
+/// The upstream HTTP client: pooled keep-alive connections, connect timeout, `TCP_NODELAY`.
+fn client(config: &ProxyConfig) -> Client<HttpConnector, RequestBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.upstream_idle_timeout)
+        .pool_max_idle_per_host(config.upstream_max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
 }
 
 async fn accept_loop(

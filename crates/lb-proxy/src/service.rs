@@ -24,9 +24,12 @@ use crate::routes::Routes;
 /// What every connection and request shares.
 pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
-    pub(crate) routes: ArcSwap<Routes>,
+    /// Shared by every worker's `Shared`, so one reload reaches them all.
+    pub(crate) routes: Arc<ArcSwap<Routes>>,
     pub(crate) client: Client<HttpConnector, RequestBody>,
     pub(crate) observer: Arc<dyn Observer>,
+    /// Whether this one runs lb-core's timer (one per balancer is enough).
+    pub(crate) drive: bool,
 }
 
 /// The one clock of the shells: tokio's (so paused-time tests control it).
