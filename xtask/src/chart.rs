@@ -18,9 +18,7 @@ pub(crate) fn draw(path: &Path, rows: &[(String, String, f64, Option<f64>)]) -> 
     let max_rps = data.iter().map(|d| d.2).fold(1.0, f64::max) * 1.15;
     let max_p99 = data.iter().filter_map(|d| d.3).fold(0.1, f64::max) * 1.15;
     let label = |i: &SegmentValue<u32>| match i {
-        SegmentValue::CenterOf(i) => data
-            .get(*i as usize)
-            .map_or(String::new(), |d| d.1.replace("lb ", "lb\n")),
+        SegmentValue::CenterOf(i) => data.get(*i as usize).map_or(String::new(), |d| short(&d.1)),
         _ => String::new(),
     };
     for (area, title, max, value) in [
@@ -43,7 +41,7 @@ pub(crate) fn draw(path: &Path, rows: &[(String, String, f64, Option<f64>)]) -> 
             .margin(10)
             .x_label_area_size(60)
             .y_label_area_size(60)
-            .build_cartesian_2d((0u32..n).into_segmented(), 0f64..max)
+            .build_cartesian_2d((0u32..n.saturating_sub(1)).into_segmented(), 0f64..max)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
@@ -76,4 +74,41 @@ pub(crate) fn draw(path: &Path, rows: &[(String, String, f64, Option<f64>)]) -> 
             .map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
+}
+
+/// Bar labels short enough to sit side by side.
+fn short(target: &str) -> String {
+    match target {
+        "lb round-robin" => "lb rr",
+        "lb weighted-round-robin" => "lb wrr",
+        "lb least-connections" => "lb lc",
+        "lb p2c-ewma" => "lb p2c",
+        "lb consistent-hash" => "lb hash",
+        "lb random" => "lb rand",
+        other => other,
+    }
+    .to_owned()
+}
+
+/// `xtask chart REPORT.json OUT.svg`: redraws the chart of a saved report.
+pub(crate) fn redraw(args: &[String]) -> Result<(), String> {
+    let (Some(json), Some(out)) = (args.first(), args.get(1)) else {
+        return Err("usage: xtask chart REPORT.json OUT.svg".into());
+    };
+    let text = std::fs::read_to_string(json).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let rows: Vec<(String, String, f64, Option<f64>)> = v
+        .as_array()
+        .ok_or("not a report")?
+        .iter()
+        .map(|s| {
+            (
+                s["row"].as_str().unwrap_or_default().to_owned(),
+                s["target"].as_str().unwrap_or_default().to_owned(),
+                s["rps"].as_f64().unwrap_or(0.0),
+                s["p99_ms"].as_f64(),
+            )
+        })
+        .collect();
+    draw(Path::new(out), &rows)
 }
