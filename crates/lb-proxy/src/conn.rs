@@ -92,35 +92,49 @@ struct ClientIo {
     /// Bytes read while detecting the protocol, replayed first.
     prefix: Bytes,
     phase: Arc<Phase>,
-    /// The phase word the current deadline was armed for.
+    /// The phase word `deadline` was computed for.
     armed: u32,
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// When the current phase runs out, if it has a limit.
+    deadline: Option<Instant>,
+    /// The timer, allocated once and set only when a read actually has to wait: most keep-alive
+    /// requests then cost one timer update, not one per phase change.
+    sleep: Option<Pin<Box<Sleep>>>,
+    sleep_at: Option<Instant>,
     header_read: Duration,
     idle: Duration,
 }
 
 impl ClientIo {
-    fn arm(&mut self, at: Option<Instant>) {
-        match (at, &mut self.deadline) {
-            (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
-            (Some(at), None) => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, _) => self.deadline = None,
-        }
-    }
-
-    /// Re-arms the deadline if the phase changed since it was armed.
+    /// Recomputes the deadline if the phase changed since it was computed.
     fn follow_phase(&mut self) {
         let word = self.phase.load();
         if word == self.armed {
             return;
         }
         self.armed = word;
-        let at = match word & 0xff {
+        self.deadline = match word & 0xff {
             IDLE => Instant::now().checked_add(self.idle),
             HEAD => Instant::now().checked_add(self.header_read),
             _ => None,
         };
-        self.arm(at);
+    }
+
+    /// Returns true if and only if the deadline has passed; otherwise makes sure the task is
+    /// woken when it does.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(at) = self.deadline else {
+            return false;
+        };
+        if self.sleep_at != Some(at) {
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.sleep_at = Some(at);
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready())
     }
 }
 
@@ -150,11 +164,7 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-                if !expired {
+                if !this.expired(cx) {
                     return Poll::Pending;
                 }
                 if this.armed & 0xff == HEAD {
@@ -246,6 +256,8 @@ pub(crate) async fn serve(
         phase: Arc::clone(&phase),
         armed: HEAD,
         deadline: None,
+        sleep: None,
+        sleep_at: None,
         header_read: config.header_read_timeout,
         idle: config.idle_timeout,
     };
@@ -253,7 +265,7 @@ pub(crate) async fn serve(
         phase.free();
     } else {
         // The first request's head is due `header_read` after accept, sniffing included.
-        io.arm(started.checked_add(config.header_read_timeout));
+        io.deadline = started.checked_add(config.header_read_timeout);
     }
     let service = {
         let phase = Arc::clone(&phase);
