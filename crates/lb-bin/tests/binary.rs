@@ -24,6 +24,11 @@ struct Backend {
 
 impl Backend {
     fn start(name: &'static str, delay: Duration) -> Self {
+        Self::start_with(name, delay, 200)
+    }
+
+    /// A backend whose `/healthz` answers `health` (everything else 200 `name`).
+    fn start_with(name: &'static str, delay: Duration, health: u16) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -42,15 +47,25 @@ impl Backend {
                     };
                     let h = h.clone();
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |_req| {
-                            h.fetch_add(1, Ordering::SeqCst);
-                            async move {
-                                tokio::time::sleep(delay).await;
-                                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                                    name,
-                                ))))
-                            }
-                        });
+                        let svc = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let probe = req.uri().path() == "/healthz";
+                                if !probe {
+                                    h.fetch_add(1, Ordering::SeqCst);
+                                }
+                                async move {
+                                    let mut resp =
+                                        hyper::Response::new(Full::new(Bytes::from(name)));
+                                    if probe {
+                                        *resp.status_mut() =
+                                            hyper::StatusCode::from_u16(health).unwrap_or_default();
+                                    } else {
+                                        tokio::time::sleep(delay).await;
+                                    }
+                                    Ok::<_, Infallible>(resp)
+                                }
+                            },
+                        );
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
@@ -646,4 +661,79 @@ fn weighted_round_robin_through_the_binary() {
     lb.wait_listening(addr);
     let order: String = (0..14).map(|_| get(addr, "/").1).collect();
     assert_eq!(order, "aabacaaaabacaa");
+}
+
+/// GET with an extra header, over a fresh connection.
+fn get_as(addr: SocketAddr, user: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: test\r\nX-User: {user}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn consistent_hash_on_a_header_and_http_health_checks() {
+    let sick = Backend::start_with("sick", Duration::ZERO, 503);
+    let (a, b) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+    );
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        format!("--backends={},{},{}", sick.url(), a.url(), b.url()),
+        "--strategy".into(),
+        "consistent-hash".into(),
+        "--hash-key".into(),
+        "header:X-User".into(),
+        "--health-path".into(),
+        "/healthz".into(),
+        "--health-interval".into(),
+        "100ms".into(),
+    ]);
+    lb.wait_listening(addr);
+    // The backend whose /healthz says 503 is taken out after three probes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("down: 3 consecutive probe failures: status 503"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sick backend was never marked down: {:?}",
+            lb.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sick_before = sick.hits();
+    let mut placement = std::collections::HashMap::new();
+    for round in 0..3 {
+        for user in 0..20 {
+            let got = get_as(addr, &format!("user-{user}"));
+            assert_ne!(got, "sick");
+            let first = placement.entry(user).or_insert_with(|| got.clone());
+            assert_eq!(*first, got, "user-{user} moved in round {round}");
+        }
+    }
+    let used: std::collections::HashSet<&String> = placement.values().collect();
+    assert_eq!(used.len(), 2, "20 users spread over both healthy backends");
+    assert_eq!(
+        sick.hits(),
+        sick_before,
+        "no request reached the backend that failed its checks"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
