@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use lb_core::Completion;
 
 use crate::service::Exchange;
+use crate::upstream::Lease;
 
 /// Errors of the bodies the proxy relays: whatever the other side's body failed with.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -143,6 +144,8 @@ impl Body for RequestBody {
 pub struct ResponseBody {
     inner: Inner,
     exchange: Option<Exchange>,
+    /// The upstream connection, back to the pool once the whole response is through.
+    lease: Option<Lease>,
 }
 
 #[derive(Debug)]
@@ -156,6 +159,7 @@ impl ResponseBody {
         Self {
             inner: Inner::Full(Some(bytes)),
             exchange: None,
+            lease: None,
         }
     }
 
@@ -163,13 +167,15 @@ impl ResponseBody {
         Self {
             inner: Inner::Full(None),
             exchange: None,
+            lease: None,
         }
     }
 
-    pub(crate) fn upstream(body: Incoming, exchange: Exchange) -> Self {
+    pub(crate) fn upstream(body: Incoming, exchange: Exchange, lease: Lease) -> Self {
         Self {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
+            lease: Some(lease),
         }
     }
 
@@ -179,6 +185,11 @@ impl ResponseBody {
     }
 
     fn end(&mut self, how: Completion) {
+        if let Some(lease) = self.lease.take() {
+            if how == Completion::Done {
+                lease.release();
+            }
+        }
         if let Some(ex) = self.exchange.take() {
             ex.finish(how);
         }

@@ -29,15 +29,13 @@ mod observe;
 mod respond;
 mod routes;
 mod service;
+mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -94,7 +92,7 @@ impl Proxy {
         let shared = Shared {
             config,
             routes: Arc::new(ArcSwap::from_pointee(routes)),
-            client: client(&config),
+            upstream: Arc::new(upstream::Upstream::new(&config)),
             observer,
             drive: true,
         };
@@ -118,7 +116,7 @@ impl Proxy {
         let shared = Shared {
             config: s.config,
             routes: Arc::clone(&s.routes),
-            client: client(&s.config),
+            upstream: Arc::new(upstream::Upstream::new(&s.config)),
             observer: Arc::clone(&s.observer),
             drive: false,
         };
@@ -192,20 +190,6 @@ impl Proxy {
         tasks.abort_all();
         Ok(())
     }
-}
-
-/// The upstream HTTP client: pooled keep-alive connections, connect timeout, `TCP_NODELAY`.
-fn client(config: &ProxyConfig) -> Client<HttpConnector, RequestBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.upstream_idle_timeout)
-        .pool_max_idle_per_host(config.upstream_max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
 
 async fn accept_loop(

@@ -7,8 +7,6 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use lb_core::{Action, Completion, Failure, Outcome, RequestInfo, RequestState};
 
@@ -20,13 +18,14 @@ use crate::headers;
 use crate::observe::{Completed, Observer};
 use crate::respond;
 use crate::routes::Routes;
+use crate::upstream::{Lease, Upstream};
 
 /// What every connection and request shares.
 pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     /// Shared by every worker's `Shared`, so one reload reaches them all.
     pub(crate) routes: Arc<ArcSwap<Routes>>,
-    pub(crate) client: Client<HttpConnector, RequestBody>,
+    pub(crate) upstream: Arc<Upstream>,
     pub(crate) observer: Arc<dyn Observer>,
     /// Whether this one runs lb-core's timer (one per balancer is enough).
     pub(crate) drive: bool,
@@ -139,16 +138,18 @@ impl Outgoing {
         &self,
         authority: &http::uri::Authority,
     ) -> Result<Request<RequestBody>, http::Error> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()?;
+        // Origin form on the wire; `Host` is the client's (or, failing that, the backend's).
+        let uri = Uri::from(self.path_and_query.clone());
         let mut req = Request::new(self.source.attempt());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.headers.clone();
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         Ok(req)
     }
 }
@@ -227,14 +228,18 @@ pub(crate) async fn handle(
                 };
                 let deadline = tokio::time::Instant::from_std(try_deadline);
                 let mut result =
-                    tokio::time::timeout_at(deadline, shared.client.request(req)).await;
+                    tokio::time::timeout_at(deadline, shared.upstream.send(&target.authority, req))
+                        .await;
                 if let Ok(Err(e)) = &result {
                     if info.idempotent && info.replayable && is_stale_connection(e) {
                         // A pooled connection closed under us: once more, on a fresh one.
                         tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, "stale pooled connection, resending");
                         if let Ok(req) = outgoing.attempt(&target.authority) {
-                            result =
-                                tokio::time::timeout_at(deadline, shared.client.request(req)).await;
+                            result = tokio::time::timeout_at(
+                                deadline,
+                                shared.upstream.send(&target.authority, req),
+                            )
+                            .await;
                         }
                     }
                 }
@@ -250,11 +255,11 @@ pub(crate) async fn handle(
                     shared.observer.decision(decision);
                 }
                 if action == Action::Relay {
-                    let Ok(Ok(resp)) = result else {
+                    let Ok(Ok((resp, lease))) = result else {
                         // Relay only ever follows a response.
                         return reply(ex, respond::failure(Failure::BadGateway), version);
                     };
-                    return relay(ex, resp, version, client_upgrade);
+                    return relay(ex, resp, lease, version, client_upgrade);
                 }
             }
             Action::Relay => return reply(ex, respond::failure(Failure::BadGateway), version),
@@ -279,6 +284,7 @@ fn reply(
 fn relay(
     mut ex: Exchange,
     mut resp: Response<Incoming>,
+    lease: Lease,
     version: Version,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {
@@ -300,7 +306,7 @@ fn relay(
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = version;
-    Response::from_parts(parts, ResponseBody::upstream(body, ex))
+    Response::from_parts(parts, ResponseBody::upstream(body, ex, lease))
 }
 
 /// Copies bytes both ways between the upgraded client and backend connections until either

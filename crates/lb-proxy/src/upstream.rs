@@ -1,0 +1,179 @@
+//! The upstream client: each worker's own pool of kept-alive HTTP/1.1 connections.
+//!
+//! # Why not hyper-util's client
+//! hyper-util's pooled client is general (any connector, HTTP/2, proxies) and pays for it on
+//! every request: a checkout future and a pool-wide lock keyed by scheme and authority, and a
+//! task spawned per request to return the connection to the pool once it is ready again. A
+//! load balancer needs one thing: reuse an idle connection to this backend, or open one. Here
+//! a connection is taken from the worker's pool, used, and put back by the response body the
+//! moment the client has the whole response (see [`Lease`]). hyper's `try_send_request` hands
+//! back a request the connection never took, so a pooled connection that died idle costs
+//! nothing but a second try on the next one.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::config::ProxyConfig;
+
+/// Why an attempt got no response head.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The connection could not be made (refused, unreachable, name not resolved).
+    ConnectRefused(io::Error),
+    /// The connection did not establish within the connect timeout.
+    ConnectTimeout,
+    /// The exchange failed after (part of) the request may have been written. `reused`: the
+    /// connection came from the pool (so the failure may be a keep-alive race).
+    Failed { error: hyper::Error, reused: bool },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnectRefused(e) => write!(f, "connect failed: {e}"),
+            Self::ConnectTimeout => f.write_str("connect timed out"),
+            Self::Failed { error, reused } => write!(f, "{error} (pooled connection: {reused})"),
+        }
+    }
+}
+
+type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
+
+/// One worker's connections to every backend.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<HashMap<Authority, Idle>>,
+}
+
+/// A connection in use. [`Lease::release`] puts it back in the pool (after the whole response
+/// was read); dropping it closes the connection (a response cut short, an upgrade).
+#[derive(Debug)]
+pub(crate) struct Lease {
+    upstream: Arc<Upstream>,
+    authority: Authority,
+    tx: SendRequest<RequestBody>,
+}
+
+impl Lease {
+    pub(crate) fn release(self) {
+        if !self.tx.is_closed() {
+            self.upstream.checkin(self.authority, self.tx);
+        }
+    }
+}
+
+impl Upstream {
+    pub(crate) fn new(config: &ProxyConfig) -> Self {
+        Self {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.upstream_idle_timeout,
+            max_idle: config.upstream_max_idle,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, HashMap<Authority, Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn checkout(&self, authority: &Authority) -> Option<SendRequest<RequestBody>> {
+        let mut pool = self.pool();
+        let idle = pool.get_mut(authority)?;
+        while let Some((tx, since)) = idle.pop() {
+            if !tx.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, authority: Authority, tx: SendRequest<RequestBody>) {
+        let mut pool = self.pool();
+        let idle = pool.entry(authority).or_default();
+        if idle.len() < self.max_idle {
+            idle.push((tx, Instant::now()));
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<RequestBody>, SendError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(authority.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::ConnectRefused(e)),
+            Err(_) => return Err(SendError::ConnectTimeout),
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Failed {
+                error,
+                reused: false,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::trace!(target: "lb::upstream", error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Sends `req` over a pooled connection to `authority`, or a new one.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let lease = |tx| Lease {
+            upstream: Arc::clone(self),
+            authority: authority.clone(),
+            tx,
+        };
+        while let Some(mut tx) = self.checkout(authority) {
+            if tx.ready().await.is_err() {
+                continue; // closed while idle
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, lease(tx))),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the next connection (or a new one) gets it.
+                    Some(back) => req = back,
+                    None => {
+                        return Err(SendError::Failed {
+                            error: e.into_error(),
+                            reused: true,
+                        })
+                    }
+                },
+            }
+        }
+        let mut tx = self.connect(authority).await?;
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok((resp, lease(tx))),
+            Err(e) => Err(SendError::Failed {
+                error: e.into_error(),
+                reused: false,
+            }),
+        }
+    }
+}
