@@ -1,7 +1,7 @@
 //! # lb-proxy: the HTTP forwarder
 //!
 //! A hyper 1.x server (HTTP/1.1 with keep-alive and upgrades, and HTTP/2 cleartext with prior
-//! knowledge, on the same port) and a pooled hyper-util client, driving
+//! knowledge, on the same port) and a per-worker pool of upstream connections, driving
 //! [`lb_core::Balancer`] for every request: lb-core decides where each attempt goes and when
 //! to stop; this crate does the sockets, the headers, the bodies and the clock.
 //!
