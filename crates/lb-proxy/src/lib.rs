@@ -168,6 +168,10 @@ impl Proxy {
         if self.shared.drive {
             tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
         }
+        tasks.spawn(sweep_idle(
+            Arc::clone(&self.shared.upstream),
+            stop_rx.clone(),
+        ));
         for listener in listeners {
             tasks.spawn(accept_loop(
                 Arc::clone(&self.shared),
@@ -189,6 +193,16 @@ impl Proxy {
         }
         tasks.abort_all();
         Ok(())
+    }
+}
+
+/// Closes this worker's upstream connections that sat idle past their timeout.
+async fn sweep_idle(upstream: Arc<upstream::Upstream>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => upstream.sweep(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 

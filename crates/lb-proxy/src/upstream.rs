@@ -111,6 +111,22 @@ impl Upstream {
         }
     }
 
+    /// Closes connections idle longer than the idle timeout (or already closed by the
+    /// backend), and forgets backends with none left (removed ones among them).
+    pub(crate) fn sweep(&self) {
+        let mut pool = self.pool();
+        pool.retain(|_, idle| {
+            idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < self.idle_timeout);
+            !idle.is_empty()
+        });
+    }
+
+    /// Idle connections kept, over all backends.
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self) -> usize {
+        self.pool().values().map(Vec::len).sum()
+    }
+
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<RequestBody>, SendError> {
         let stream = match tokio::time::timeout(
             self.connect_timeout,
@@ -175,5 +191,81 @@ impl Upstream {
                 reused: false,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend that answers every request on a connection, then keeps it open.
+    async fn backend() -> (Authority, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (authority, task)
+    }
+
+    fn get() -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Full(None));
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("x"));
+        req
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_swept_when_idle_too_long() {
+        use http_body_util::BodyExt;
+        let (authority, task) = backend().await;
+        let config = ProxyConfig {
+            upstream_idle_timeout: Duration::from_millis(200),
+            ..ProxyConfig::default()
+        };
+        let up = Arc::new(Upstream::new(&config));
+        for _ in 0..5 {
+            let (resp, lease) = up.send(&authority, get()).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+            lease.release();
+            assert_eq!(up.idle_count(), 1, "one connection, reused");
+        }
+        up.sweep();
+        assert_eq!(up.idle_count(), 1, "not idle long enough yet");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        up.sweep();
+        assert_eq!(
+            up.idle_count(),
+            0,
+            "idle past the timeout: closed and forgotten"
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn connect_failures_are_told_apart() {
+        let closed: Authority = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string().parse().unwrap()
+        };
+        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        assert!(matches!(
+            up.send(&closed, get()).await,
+            Err(SendError::ConnectRefused(_))
+        ));
     }
 }
