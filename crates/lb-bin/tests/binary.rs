@@ -531,6 +531,12 @@ fn status_metrics_and_json_logs() {
     assert_eq!(access[0]["path"], "/x");
     assert_eq!(access[0]["status"], 200);
     assert_eq!(access[0]["attempts"], 1);
+    assert!(access[0]["backend"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(access[0]["duration"].as_str().unwrap().ends_with("ms"));
+    assert!(access[0]["duration_ms"].as_f64().unwrap() >= 0.0);
     assert!(access[0]["trace"]
         .as_str()
         .unwrap()

@@ -91,7 +91,9 @@ impl Exchange {
                     status,
                     backend = %backend.map_or("-", |t| t.authority.as_str()),
                     attempts = st.attempt_count(),
-                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    duration = %Millis(elapsed),
+                    duration = %Millis(elapsed),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
                     trace = %self.routes.trace(st),
                     "request"
                 );
@@ -103,6 +105,7 @@ impl Exchange {
                 status,
                 backend = "-",
                 attempts = 0,
+                duration = %Millis(elapsed),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 trace = "",
                 "request"
@@ -122,6 +125,15 @@ impl Drop for Exchange {
         } else {
             self.phase.idle();
         }
+    }
+}
+
+/// A duration as the access log shows it: `6.613ms`.
+struct Millis(std::time::Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3}ms", self.0.as_secs_f64() * 1000.0)
     }
 }
 
