@@ -269,11 +269,13 @@ pub(crate) async fn serve(
     }
     let service = {
         let phase = Arc::clone(&phase);
+        // Formatted once per connection, not per request.
+        let xff = crate::headers::client_value(peer.ip());
         hyper::service::service_fn(move |req| {
-            let (shared, phase) = (Arc::clone(&shared), Arc::clone(&phase));
+            let (shared, phase, xff) = (Arc::clone(&shared), Arc::clone(&phase), xff.clone());
             async move {
                 Ok::<_, std::convert::Infallible>(
-                    crate::service::handle(shared, req, peer, phase).await,
+                    crate::service::handle(shared, req, peer, xff, phase).await,
                 )
             }
         })

@@ -9,6 +9,11 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// The client's address as an `X-Forwarded-For` value, made once per connection.
+pub(crate) fn client_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// Returns true if and only if the request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -29,33 +34,27 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`, `Upgrade` stays and
 /// `Connection: upgrade` is set, so the protocol switch reaches the other side.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(&name);
+    // One pass over the names finds whether there is anything to remove at all: most
+    // messages carry no hop-by-hop field, and a removal costs a hash and a probe per name.
+    let is_hop = |k: &HeaderName| {
+        *k == header::CONNECTION
+            || *k == KEEP_ALIVE
+            || *k == header::TE
+            || *k == header::TRAILER
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::UPGRADE
+            || k.as_str().starts_with("proxy-")
+    };
+    if headers.keys().any(is_hop) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        let listed: Vec<HeaderName> = headers.keys().filter(|k| is_hop(k)).cloned().collect();
+        for name in named.into_iter().chain(listed) {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
         }
-    }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if !upgrade {
-        headers.remove(header::UPGRADE);
-    }
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy {
-        headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -69,7 +68,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 pub(crate) fn forward(
     headers: &mut HeaderMap,
     authority: Option<&str>,
-    client: IpAddr,
+    client: &HeaderValue,
     upgrade: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
@@ -85,13 +84,17 @@ pub(crate) fn forward(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let xff = if prior.is_empty() {
-        client.to_string()
+    if prior.is_empty() {
+        headers.insert(&X_FORWARDED_FOR, client.clone());
     } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
+        let xff = format!(
+            "{}, {}",
+            prior.join(", "),
+            client.to_str().unwrap_or_default()
+        );
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match host {
@@ -131,7 +134,12 @@ mod tests {
             ("x-forwarded-host", "evil"),
             ("x-keep", "yes"),
         ]);
-        forward(&mut h, None, "127.0.0.9".parse().unwrap(), false);
+        forward(
+            &mut h,
+            None,
+            &client_value("127.0.0.9".parse().unwrap()),
+            false,
+        );
         assert_eq!(h["host"], "app.example");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -153,7 +161,12 @@ mod tests {
     fn upgrade_keeps_upgrade_and_http2_authority_becomes_host() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert!(is_upgrade(&h));
-        forward(&mut h, Some("svc:8080"), "::1".parse().unwrap(), true);
+        forward(
+            &mut h,
+            Some("svc:8080"),
+            &client_value("::1".parse().unwrap()),
+            true,
+        );
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["host"], "svc:8080");

@@ -171,6 +171,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    xff: http::HeaderValue,
     phase: Arc<Phase>,
 ) -> Response<ResponseBody> {
     phase.busy();
@@ -191,7 +192,7 @@ pub(crate) async fn handle(
     let hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    headers::forward(&mut parts.headers, authority.as_deref(), peer.ip(), upgrade);
+    headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -239,9 +240,11 @@ pub(crate) async fn handle(
                     continue;
                 };
                 let deadline = tokio::time::Instant::from_std(try_deadline);
-                let mut result =
-                    tokio::time::timeout_at(deadline, shared.upstream.send(&target.authority, req))
-                        .await;
+                let mut result = tokio::time::timeout_at(
+                    deadline,
+                    shared.upstream.send(backend, &target.authority, req),
+                )
+                .await;
                 if let Ok(Err(e)) = &result {
                     if info.idempotent && info.replayable && is_stale_connection(e) {
                         // A pooled connection closed under us: once more, on a fresh one.
@@ -249,7 +252,7 @@ pub(crate) async fn handle(
                         if let Ok(req) = outgoing.attempt(&target.authority) {
                             result = tokio::time::timeout_at(
                                 deadline,
-                                shared.upstream.send(&target.authority, req),
+                                shared.upstream.send(backend, &target.authority, req),
                             )
                             .await;
                         }

@@ -23,6 +23,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use lb_core::BackendId;
+
 use crate::body::RequestBody;
 use crate::config::ProxyConfig;
 
@@ -50,13 +52,35 @@ impl std::fmt::Display for SendError {
 
 type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
 
+/// Backend ids are small distinct integers: hashing them is wasted work on every request.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+}
+
+type Pool = HashMap<BackendId, Idle, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// One worker's connections to every backend.
 #[derive(Debug)]
 pub(crate) struct Upstream {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<HashMap<Authority, Idle>>,
+    idle: Mutex<Pool>,
 }
 
 /// A connection in use. [`Lease::release`] puts it back in the pool (after the whole response
@@ -64,14 +88,14 @@ pub(crate) struct Upstream {
 #[derive(Debug)]
 pub(crate) struct Lease {
     upstream: Arc<Upstream>,
-    authority: Authority,
+    backend: BackendId,
     tx: SendRequest<RequestBody>,
 }
 
 impl Lease {
     pub(crate) fn release(self) {
         if !self.tx.is_closed() {
-            self.upstream.checkin(self.authority, self.tx);
+            self.upstream.checkin(self.backend, self.tx);
         }
     }
 }
@@ -82,19 +106,19 @@ impl Upstream {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.upstream_idle_timeout,
             max_idle: config.upstream_max_idle,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Pool::default()),
         }
     }
 
-    fn pool(&self) -> MutexGuard<'_, HashMap<Authority, Idle>> {
+    fn pool(&self) -> MutexGuard<'_, Pool> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self, backend: BackendId) -> Option<SendRequest<RequestBody>> {
         let mut pool = self.pool();
-        let idle = pool.get_mut(authority)?;
+        let idle = pool.get_mut(&backend)?;
         while let Some((tx, since)) = idle.pop() {
             if !tx.is_closed() && since.elapsed() < self.idle_timeout {
                 return Some(tx);
@@ -103,9 +127,9 @@ impl Upstream {
         None
     }
 
-    fn checkin(&self, authority: Authority, tx: SendRequest<RequestBody>) {
+    fn checkin(&self, backend: BackendId, tx: SendRequest<RequestBody>) {
         let mut pool = self.pool();
-        let idle = pool.entry(authority).or_default();
+        let idle = pool.entry(backend).or_default();
         if idle.len() < self.max_idle {
             idle.push((tx, Instant::now()));
         }
@@ -154,18 +178,19 @@ impl Upstream {
         Ok(tx)
     }
 
-    /// Sends `req` over a pooled connection to `authority`, or a new one.
+    /// Sends `req` over a pooled connection to `backend` (at `authority`), or a new one.
     pub(crate) async fn send(
         self: &Arc<Self>,
+        backend: BackendId,
         authority: &Authority,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let lease = |tx| Lease {
             upstream: Arc::clone(self),
-            authority: authority.clone(),
+            backend,
             tx,
         };
-        while let Some(mut tx) = self.checkout(authority) {
+        while let Some(mut tx) = self.checkout(backend) {
             if tx.ready().await.is_err() {
                 continue; // closed while idle
             }
@@ -239,7 +264,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&config));
         for _ in 0..5 {
-            let (resp, lease) = up.send(&authority, get()).await.unwrap();
+            let (resp, lease) = up.send(BackendId(0), &authority, get()).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             lease.release();
             assert_eq!(up.idle_count(), 1, "one connection, reused");
@@ -264,7 +289,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         assert!(matches!(
-            up.send(&closed, get()).await,
+            up.send(BackendId(1), &closed, get()).await,
             Err(SendError::ConnectRefused(_))
         ));
     }
