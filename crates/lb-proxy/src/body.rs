@@ -143,7 +143,9 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: Inner,
-    exchange: Option<Exchange>,
+    /// Boxed: the exchange carries the request's whole routing trace, and this body is moved
+    /// several times on its way into hyper; one allocation is cheaper than those copies.
+    exchange: Option<Box<Exchange>>,
     /// The upstream connection, back to the pool once the whole response is through.
     lease: Option<Lease>,
 }
@@ -174,13 +176,13 @@ impl ResponseBody {
     pub(crate) fn upstream(body: Incoming, exchange: Exchange, lease: Lease) -> Self {
         Self {
             inner: Inner::Upstream(body),
-            exchange: Some(exchange),
+            exchange: Some(Box::new(exchange)),
             lease: Some(lease),
         }
     }
 
     pub(crate) fn with_exchange(mut self, exchange: Exchange) -> Self {
-        self.exchange = Some(exchange);
+        self.exchange = Some(Box::new(exchange));
         self
     }
 
