@@ -385,14 +385,7 @@ fn measure(
                 lb.display(),
                 list.join(",")
             );
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            (PROXY_PORT, Some(child))
+            (PROXY_PORT, Some(spawn_sh(&cmd)?))
         }
         Target::Nginx => {
             let conf = nginx_conf(opts, row, backends)?;
@@ -401,13 +394,7 @@ fn measure(
                 opts.out.display(),
                 conf.display()
             );
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            (PROXY_PORT, Some(child))
+            (PROXY_PORT, Some(spawn_sh(&cmd)?))
         }
         Target::Haproxy => {
             let conf = haproxy_conf(opts, row, backends)?;
@@ -415,14 +402,7 @@ fn measure(
                 "ulimit -n $(ulimit -Hn) 2>/dev/null; exec haproxy -db -f {}",
                 conf.display()
             );
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            (PROXY_PORT, Some(child))
+            (PROXY_PORT, Some(spawn_sh(&cmd)?))
         }
     };
     let result = (|| {
@@ -445,6 +425,18 @@ fn measure(
         stop(child);
     }
     result
+}
+
+/// Starts a proxy through `sh -c` (for `ulimit` and `exec`), quiet, logging at warn.
+fn spawn_sh(cmd: &str) -> Result<Child, String> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())
 }
 
 fn stop(child: &mut Child) {

@@ -308,6 +308,17 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     assert!(run(&["--version"]).status.success());
+    // TLS is a later issue: refused with a config error, never silently served as plain HTTP.
+    let tls = run(&[
+        "--backend",
+        "http://a:1",
+        "--tls-cert",
+        "/tmp/cert.pem",
+        "--tls-key",
+        "/tmp/key.pem",
+    ]);
+    assert_eq!(tls.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"));
 }
 
 #[test]

@@ -79,6 +79,16 @@ impl BodySource {
     }
 }
 
+/// A buffered body's only frame (then the end).
+fn once(b: &mut Option<Bytes>) -> Option<Result<Frame<Bytes>, BoxError>> {
+    b.take().map(|b| Ok(Frame::data(b)))
+}
+
+/// A buffered body's size.
+fn exact(b: &Option<Bytes>) -> SizeHint {
+    SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+}
+
 /// The body of one upstream attempt.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -104,7 +114,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(b) => Poll::Ready(once(b)),
             Self::Stream { slot, body, .. } => {
                 if body.is_none() {
                     *body = slot
@@ -132,7 +142,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Full(b) => exact(b),
             Self::Stream { hint, .. } => *hint,
         }
     }
@@ -208,7 +218,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Full(b) => Poll::Ready(once(b)),
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         };
         match &polled {
@@ -228,7 +238,7 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Full(b) => exact(b),
             Inner::Upstream(b) => b.size_hint(),
         }
     }

@@ -219,7 +219,7 @@ pub(crate) async fn handle(
         outgoing.source.replayable() && !upgrade,
     );
     info.hash_key = hash_key;
-    let balancer = Arc::clone(&routes.balancer);
+    let balancer = &routes.balancer;
     let (st, mut action) = balancer.start(info, now());
     let st = ex.st.insert(st);
     loop {
