@@ -7,6 +7,7 @@ use crate::backend::BackendId;
 use crate::outcome::ProbeFailure;
 
 /// A change of a backend's state, with its reason, for logs and metrics.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Active probes took the backend down.

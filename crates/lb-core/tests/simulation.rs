@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::Clock;
 use lb_core::select::{AnySelect, StrategyKind};
 use lb_core::{
-    Action, Backend, BackendId, Balancer, Completion, Config, Outcome, ProbeFailure, ProbeResult,
-    RequestInfo, RequestState, Rng, Weight,
+    Action, Backend, BackendId, Balancer, Completion, Config, Outcome, PassiveConfig, ProbeFailure,
+    ProbeResult, RequestInfo, RequestState, RetryConfig, Rng, Weight,
 };
 
 const PROBE_EVERY_MS: u64 = 1000;
@@ -130,12 +130,10 @@ impl Sim {
     fn new(kind: StrategyKind, seed: u64, n: usize, horizon: u64) -> Self {
         let clock = Clock::new();
         let mut rng = Rng::from_seed(seed);
-        let mut config = Config {
-            rng_seed: Some(seed),
-            ..Config::default()
-        };
-        config.retry.attempt_timeout = Duration::from_millis(1000);
-        config.passive.slow_start = Duration::from_secs(5);
+        let config = Config::default()
+            .with_rng_seed(Some(seed))
+            .with_retry(RetryConfig::default().with_attempt_timeout(Duration::from_millis(1000)))
+            .with_passive(PassiveConfig::default().with_slow_start(Duration::from_secs(5)));
         let lb = Balancer::new(config, AnySelect::new(kind)).unwrap();
         let backends = (0..n).map(|i| {
             Backend::new(
