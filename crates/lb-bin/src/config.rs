@@ -389,6 +389,60 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         }
     }
 
+    let core = core_config(h, f, cx)?;
+    let proxy = proxy_config(f, cx)?;
+    let nt = Timeouts::default();
+    let t = f.timeouts.as_ref().unwrap_or(&nt);
+    let drain = match cli.drain_timeout {
+        Some(d) => d,
+        None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
+    };
+
+    // TLS is specified for a later issue: refuse it clearly rather than serve plain HTTP.
+    if cli.tls_cert.is_some() || cli.tls_key.is_some() {
+        return cx.flag_err(
+            "--tls-cert",
+            "TLS termination is not supported by this version of lb yet",
+        );
+    }
+    if let Some(tls) = &f.tls {
+        for (key, v) in [
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+            ("tls.upstream_ca", &tls.upstream_ca),
+        ] {
+            if let Some(v) = v {
+                return cx.err(
+                    key,
+                    Some(v.span()),
+                    "TLS is not supported by this version of lb yet",
+                );
+            }
+        }
+    }
+
+    let backends = backends(cli, f, cx)?;
+    Ok(Settings {
+        file: cx.file.map(Path::to_path_buf),
+        listen,
+        admin,
+        strategy,
+        hash_key,
+        health: HealthSettings {
+            interval,
+            timeout,
+            path,
+        },
+        core,
+        proxy,
+        drain,
+        backends,
+        log_format,
+    })
+}
+
+/// `[health]` thresholds, `[passive]`, `[retry]` and `timeouts.request`: lb-core's settings.
+fn core_config(h: &Health, f: &File, cx: &Cx<'_>) -> Result<lb_core::Config, ConfigError> {
     // lb-core owns these settings' defaults and ranges: start from its defaults, map each key
     // the file has, and let `Config::validate` judge (its errors name the key, see below).
     let core = lb_core::Config::default();
@@ -447,7 +501,13 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         let key = e.setting().unwrap_or_default();
         cx.err(key, cx.span_of(key), e.to_string())
     })?;
+    Ok(core)
+}
 
+/// `[timeouts]` and `[limits]` of the data plane: lb-proxy's settings.
+fn proxy_config(f: &File, cx: &Cx<'_>) -> Result<ProxyConfig, ConfigError> {
+    let nt = Timeouts::default();
+    let t = f.timeouts.as_ref().unwrap_or(&nt);
     // lb-proxy owns its defaults; the ranges below are what this binary accepts of them.
     let mut proxy = ProxyConfig::default();
     let positive =
@@ -469,11 +529,6 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         &t.header_read,
         proxy.header_read_timeout,
     )?;
-    let drain = match cli.drain_timeout {
-        Some(d) => d,
-        None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
-    };
-
     let l = f.limits.as_ref();
     let nl = Limits::default();
     let l = l.unwrap_or(&nl);
@@ -495,31 +550,11 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         proxy.replay_buffer as u64,
         0..1_073_741_825,
     )? as usize;
+    Ok(proxy)
+}
 
-    // TLS is specified for a later issue: refuse it clearly rather than serve plain HTTP.
-    if cli.tls_cert.is_some() || cli.tls_key.is_some() {
-        return cx.flag_err(
-            "--tls-cert",
-            "TLS termination is not supported by this version of lb yet",
-        );
-    }
-    if let Some(tls) = &f.tls {
-        for (key, v) in [
-            ("tls.cert", &tls.cert),
-            ("tls.key", &tls.key),
-            ("tls.upstream_ca", &tls.upstream_ca),
-        ] {
-            if let Some(v) = v {
-                return cx.err(
-                    key,
-                    Some(v.span()),
-                    "TLS is not supported by this version of lb yet",
-                );
-            }
-        }
-    }
-
-    // Backends: flags replace the file's list.
+/// `[[backend]]` or the flags (which replace the file's list), each validated and distinct.
+fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, ConfigError> {
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     let from_flags: Vec<&String> = cli
@@ -537,21 +572,12 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
             if !seen.insert(authority.as_str().to_ascii_lowercase()) {
                 return cx.err(&key, Some(b.url.span()), format!("duplicate backend {url}"));
             }
+            // lb-core's `Weight` owns the range.
+            let wkey = format!("backend[{i}].weight");
             let weight = match &b.weight {
                 None => Weight::ONE,
-                Some(w) => {
-                    let wkey = format!("backend[{i}].weight");
-                    let n = *w.get_ref();
-                    let n32 = u32::try_from(n).unwrap_or(0);
-                    if n <= 0 {
-                        return cx.err(
-                            &wkey,
-                            Some(w.span()),
-                            format!("weight must be at least 1, got {n}"),
-                        );
-                    }
-                    Weight::new(n32).or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?
-                }
+                Some(w) => Weight::new(cx.count(&wkey, &b.weight, 0)?)
+                    .or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?,
             };
             backends.push((url, weight));
         }
@@ -579,23 +605,7 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
             ),
         };
     }
-    Ok(Settings {
-        file: cx.file.map(Path::to_path_buf),
-        listen,
-        admin,
-        strategy,
-        hash_key,
-        health: HealthSettings {
-            interval,
-            timeout,
-            path,
-        },
-        core,
-        proxy,
-        drain,
-        backends,
-        log_format,
-    })
+    Ok(backends)
 }
 
 impl fmt::Display for Settings {
@@ -681,11 +691,10 @@ mod tests {
     use clap::Parser;
 
     fn with_file(text: &str, args: &[&str]) -> Result<Settings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "lb-config-test-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
+        // One directory per call: tests run in parallel, and two texts may share a length.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("lb.toml");
         std::fs::write(&path, text).unwrap();
@@ -838,6 +847,20 @@ weight = 1
         let e = with_file("listen = [\"127.0.0.1:1\"]\n", &[]).unwrap_err();
         assert!(e.to_string().contains("no backends"), "{e}");
         assert!(e.to_string().contains("lb.toml"), "names the file: {e}");
+    }
+
+    /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives
+    /// exactly lb-core's, lb-proxy's and lb-health's.
+    #[test]
+    fn defaults_are_the_libraries_own() {
+        let s = with_file("[[backend]]\nurl = \"http://a:1\"\n", &[]).unwrap();
+        assert_eq!(s.core, lb_core::Config::default());
+        assert_eq!(s.proxy, ProxyConfig::default());
+        let c = lb_health::CheckerConfig::default();
+        assert_eq!(
+            (s.health.interval, s.health.timeout),
+            (c.interval, c.timeout)
+        );
     }
 
     #[test]
