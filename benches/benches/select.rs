@@ -12,15 +12,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use lb_core::select::{AnySelect, Candidate, PickCx, Select, StrategyKind};
-use lb_core::{
-    Backend, BackendId, Balancer, Completion, Config, Outcome, RequestInfo, Rng, Weight,
-};
+use lb_core::{Backend, Balancer, Completion, Config, Outcome, RequestInfo, Rng, Weight};
 
 fn balancer(kind: StrategyKind, n: usize) -> Balancer {
-    let config = Config {
-        rng_seed: Some(1),
-        ..Config::default()
-    };
+    let config = Config::default().with_rng_seed(Some(1));
     let lb = Balancer::new(config, AnySelect::new(kind)).expect("valid config");
     let backends = (0..n).map(|i| {
         let w = Weight::new(1 + (i % 4) as u32).expect("weight in range");
@@ -52,6 +47,8 @@ fn cycle(lb: &Balancer, now: Instant, key: u64) {
 type Op = fn(&Balancer, Instant, u64);
 
 fn bench_select(c: &mut Criterion) {
+    #[allow(clippy::disallowed_methods)]
+    let now = Instant::now();
     let mut group = c.benchmark_group("select");
     group
         .warm_up_time(Duration::from_millis(500))
@@ -59,10 +56,13 @@ fn bench_select(c: &mut Criterion) {
     for kind in StrategyKind::ALL {
         for n in [3usize, 100, 10_000] {
             let strategy = AnySelect::new(kind);
-            let candidates: Vec<Candidate> = (0..n)
-                .map(|i| {
+            // Ids are opaque: take real ones from a balancer's backend set.
+            let ids = balancer(kind, n).backends(now).into_iter().map(|b| b.id);
+            let candidates: Vec<Candidate> = ids
+                .enumerate()
+                .map(|(i, id)| {
                     Candidate::detached(
-                        BackendId(i as u32),
+                        id,
                         format!("10.0.{}.{}:80", i / 256, i % 256),
                         1 + (i % 4) as u32,
                     )

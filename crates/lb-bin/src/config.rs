@@ -1,7 +1,8 @@
 //! The TOML config file (SPEC.md, "Config file") and the effective settings: file values,
 //! overridden by flags, validated once, with errors that name the file, the key and the line.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -36,7 +37,8 @@ impl fmt::Display for ConfigError {
             (Some(file), None) => write!(f, "{}: ", file.display())?,
             _ => {}
         }
-        if self.key.is_empty() {
+        // lb-core's messages already start with the setting's name.
+        if self.key.is_empty() || self.message.starts_with(&self.key) {
             write!(f, "{}", self.message)
         } else {
             write!(f, "{}: {}", self.key, self.message)
@@ -174,10 +176,7 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         }
         None => (None, String::new()),
     };
-    let cx = Cx {
-        file: file.as_deref(),
-        text: &text,
-    };
+    let cx = Cx::new(file.as_deref(), &text);
     let parsed: File = toml::from_str(&text).map_err(|e| {
         let line = e.span().map(|s| cx.line(&s));
         let message = e.message().trim().to_owned();
@@ -194,9 +193,36 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
 struct Cx<'a> {
     file: Option<&'a Path>,
     text: &'a str,
+    /// Where each key read so far is, so that an error found later (by `Config::validate`)
+    /// can still point at its line.
+    spans: RefCell<HashMap<String, Range<usize>>>,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
+    fn new(file: Option<&'a Path>, text: &'a str) -> Self {
+        Self {
+            file,
+            text,
+            spans: RefCell::default(),
+        }
+    }
+
+    fn span_of(&self, key: &str) -> Option<Range<usize>> {
+        self.spans.borrow().get(key).cloned()
+    }
+
+    fn seen<T>(&self, key: &str, v: &S<T>) {
+        self.spans.borrow_mut().insert(key.to_owned(), v.span());
+    }
+
+    /// A count as lb-core takes it (`u32`); whether it is in range is lb-core's to say.
+    fn count(&self, key: &str, v: &Option<S<i64>>, default: u32) -> Result<u32, ConfigError> {
+        let Some(s) = v else { return Ok(default) };
+        self.seen(key, s);
+        let n = *s.get_ref();
+        u32::try_from(n).or_else(|_| self.err(key, Some(s.span()), format!("{n} is out of range")))
+    }
+
     fn line(&self, span: &Range<usize>) -> usize {
         self.text
             .get(..span.start)
@@ -234,7 +260,10 @@ impl Cx<'_> {
     ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
-            Some(s) => parse_duration(s.get_ref()).or_else(|e| self.err(key, Some(s.span()), e)),
+            Some(s) => {
+                self.seen(key, s);
+                parse_duration(s.get_ref()).or_else(|e| self.err(key, Some(s.span()), e))
+            }
         }
     }
 
@@ -337,13 +366,14 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     let h = f.health.as_ref();
     let none = Health::default();
     let h = h.unwrap_or(&none);
+    let checker = lb_health::CheckerConfig::default();
     let interval = match cli.health_interval {
         Some(d) => d,
-        None => cx.duration("health.interval", &h.interval, Duration::from_secs(5))?,
+        None => cx.duration("health.interval", &h.interval, checker.interval)?,
     };
     let timeout = match cli.health_timeout {
         Some(d) => d,
-        None => cx.duration("health.timeout", &h.timeout, Duration::from_secs(2))?,
+        None => cx.duration("health.timeout", &h.timeout, checker.timeout)?,
     };
     if timeout.is_zero() && !interval.is_zero() {
         return cx.flag_err("health.timeout", "must be greater than zero");
@@ -359,123 +389,14 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         }
     }
 
-    let mut core = lb_core::Config::default();
-    core.health.rise = cx.int("health.rise", &h.rise, 2, 1..1001)? as u32;
-    core.health.fall = cx.int("health.fall", &h.fall, 3, 1..1001)? as u32;
-    let np = Passive::default();
-    let p = f.passive.as_ref().unwrap_or(&np);
-    core.passive.consecutive_failures = cx.int(
-        "passive.consecutive_failures",
-        &p.consecutive_failures,
-        5,
-        0..1_000_001,
-    )? as u32;
-    core.passive.ejection =
-        cx.duration("passive.ejection", &p.ejection, Duration::from_secs(10))?;
-    core.passive.max_ejection = cx.duration(
-        "passive.max_ejection",
-        &p.max_ejection,
-        Duration::from_secs(300),
-    )?;
-    if core.passive.max_ejection < core.passive.ejection {
-        let span = p.max_ejection.as_ref().map(Spanned::span);
-        return cx.err(
-            "passive.max_ejection",
-            span,
-            "must not be shorter than passive.ejection",
-        );
-    }
-    if core.passive.consecutive_failures > 0 && core.passive.ejection.is_zero() {
-        return cx.err(
-            "passive.ejection",
-            p.ejection.as_ref().map(Spanned::span),
-            "must be greater than zero",
-        );
-    }
-    core.passive.max_ejected_percent = cx.int(
-        "passive.max_ejected_percent",
-        &p.max_ejected_percent,
-        50,
-        0..101,
-    )? as u32;
-    core.passive.panic_threshold_percent = cx.int(
-        "passive.panic_threshold_percent",
-        &p.panic_threshold_percent,
-        50,
-        0..101,
-    )? as u32;
-    core.passive.slow_start =
-        cx.duration("passive.slow_start", &p.slow_start, Duration::from_secs(30))?;
-
-    let r = f.retry.as_ref();
-    let nr = Retry::default();
-    let r = r.unwrap_or(&nr);
-    core.retry.attempts = cx.int(
-        "retry.attempts",
-        &r.attempts,
-        3,
-        1..u64::from(lb_core::MAX_ATTEMPTS) + 1,
-    )? as u32;
-    core.retry.backoff = cx.duration("retry.backoff", &r.backoff, Duration::from_millis(10))?;
-    core.retry.budget_percent =
-        cx.int("retry.budget_percent", &r.budget_percent, 20, 0..101)? as u32;
-    core.retry.min_retries_per_second = cx.int(
-        "retry.min_retries_per_second",
-        &r.min_retries_per_second,
-        10,
-        0..1_000_001,
-    )? as u32;
-
-    let t = f.timeouts.as_ref();
+    let core = core_config(h, f, cx)?;
+    let proxy = proxy_config(f, cx)?;
     let nt = Timeouts::default();
-    let t = t.unwrap_or(&nt);
-    let mut proxy = ProxyConfig::default();
-    let positive =
-        |key: &str, v: &Option<S<String>>, d: Duration| -> Result<Duration, ConfigError> {
-            let got = cx.duration(key, v, d)?;
-            if got.is_zero() {
-                return cx.err(
-                    key,
-                    v.as_ref().map(Spanned::span),
-                    "must be greater than zero",
-                );
-            }
-            Ok(got)
-        };
-    proxy.connect_timeout = positive("timeouts.connect", &t.connect, proxy.connect_timeout)?;
-    core.retry.attempt_timeout = positive("timeouts.request", &t.request, Duration::from_secs(30))?;
-    proxy.idle_timeout = positive("timeouts.idle", &t.idle, proxy.idle_timeout)?;
-    proxy.header_read_timeout = positive(
-        "timeouts.header_read",
-        &t.header_read,
-        proxy.header_read_timeout,
-    )?;
+    let t = f.timeouts.as_ref().unwrap_or(&nt);
     let drain = match cli.drain_timeout {
         Some(d) => d,
         None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
     };
-
-    let l = f.limits.as_ref();
-    let nl = Limits::default();
-    let l = l.unwrap_or(&nl);
-    proxy.max_header_bytes = cx.int(
-        "limits.max_header_bytes",
-        &l.max_header_bytes,
-        32_768,
-        1024..16_777_217,
-    )? as usize;
-    proxy.max_connections = cx.int(
-        "limits.max_connections",
-        &l.max_connections,
-        10_000,
-        1..10_000_001,
-    )? as usize;
-    proxy.replay_buffer = cx.int(
-        "limits.replay_buffer",
-        &l.replay_buffer,
-        65_536,
-        0..1_073_741_825,
-    )? as usize;
 
     // TLS is specified for a later issue: refuse it clearly rather than serve plain HTTP.
     if cli.tls_cert.is_some() || cli.tls_key.is_some() {
@@ -500,7 +421,140 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         }
     }
 
-    // Backends: flags replace the file's list.
+    let backends = backends(cli, f, cx)?;
+    Ok(Settings {
+        file: cx.file.map(Path::to_path_buf),
+        listen,
+        admin,
+        strategy,
+        hash_key,
+        health: HealthSettings {
+            interval,
+            timeout,
+            path,
+        },
+        core,
+        proxy,
+        drain,
+        backends,
+        log_format,
+    })
+}
+
+/// `[health]` thresholds, `[passive]`, `[retry]` and `timeouts.request`: lb-core's settings.
+fn core_config(h: &Health, f: &File, cx: &Cx<'_>) -> Result<lb_core::Config, ConfigError> {
+    // lb-core owns these settings' defaults and ranges: start from its defaults, map each key
+    // the file has, and let `Config::validate` judge (its errors name the key, see below).
+    let core = lb_core::Config::default();
+    let (hd, pd, rd) = (core.health(), core.passive(), core.retry());
+    let health = hd
+        .with_rise(cx.count("health.rise", &h.rise, hd.rise())?)
+        .with_fall(cx.count("health.fall", &h.fall, hd.fall())?);
+    let np = Passive::default();
+    let p = f.passive.as_ref().unwrap_or(&np);
+    let passive = pd
+        .with_consecutive_failures(cx.count(
+            "passive.consecutive_failures",
+            &p.consecutive_failures,
+            pd.consecutive_failures(),
+        )?)
+        .with_ejection(cx.duration("passive.ejection", &p.ejection, pd.ejection())?)
+        .with_max_ejection(cx.duration(
+            "passive.max_ejection",
+            &p.max_ejection,
+            pd.max_ejection(),
+        )?)
+        .with_max_ejected_percent(cx.count(
+            "passive.max_ejected_percent",
+            &p.max_ejected_percent,
+            pd.max_ejected_percent(),
+        )?)
+        .with_panic_threshold_percent(cx.count(
+            "passive.panic_threshold_percent",
+            &p.panic_threshold_percent,
+            pd.panic_threshold_percent(),
+        )?)
+        .with_slow_start(cx.duration("passive.slow_start", &p.slow_start, pd.slow_start())?);
+    let nr = Retry::default();
+    let r = f.retry.as_ref().unwrap_or(&nr);
+    let nt = Timeouts::default();
+    let t = f.timeouts.as_ref().unwrap_or(&nt);
+    let retry = rd
+        .with_attempts(cx.count("retry.attempts", &r.attempts, rd.attempts())?)
+        .with_backoff(cx.duration("retry.backoff", &r.backoff, rd.backoff())?)
+        .with_budget_percent(cx.count(
+            "retry.budget_percent",
+            &r.budget_percent,
+            rd.budget_percent(),
+        )?)
+        .with_min_retries_per_second(cx.count(
+            "retry.min_retries_per_second",
+            &r.min_retries_per_second,
+            rd.min_retries_per_second(),
+        )?)
+        .with_attempt_timeout(cx.duration("timeouts.request", &t.request, rd.attempt_timeout())?);
+    let core = core
+        .with_health(health)
+        .with_passive(passive)
+        .with_retry(retry);
+    core.validate().or_else(|e| {
+        let key = e.setting().unwrap_or_default();
+        cx.err(key, cx.span_of(key), e.to_string())
+    })?;
+    Ok(core)
+}
+
+/// `[timeouts]` and `[limits]` of the data plane: lb-proxy's settings.
+fn proxy_config(f: &File, cx: &Cx<'_>) -> Result<ProxyConfig, ConfigError> {
+    let nt = Timeouts::default();
+    let t = f.timeouts.as_ref().unwrap_or(&nt);
+    // lb-proxy owns its defaults; the ranges below are what this binary accepts of them.
+    let mut proxy = ProxyConfig::default();
+    let positive =
+        |key: &str, v: &Option<S<String>>, d: Duration| -> Result<Duration, ConfigError> {
+            let got = cx.duration(key, v, d)?;
+            if got.is_zero() {
+                return cx.err(
+                    key,
+                    v.as_ref().map(Spanned::span),
+                    "must be greater than zero",
+                );
+            }
+            Ok(got)
+        };
+    proxy.connect_timeout = positive("timeouts.connect", &t.connect, proxy.connect_timeout)?;
+    proxy.idle_timeout = positive("timeouts.idle", &t.idle, proxy.idle_timeout)?;
+    proxy.header_read_timeout = positive(
+        "timeouts.header_read",
+        &t.header_read,
+        proxy.header_read_timeout,
+    )?;
+    let l = f.limits.as_ref();
+    let nl = Limits::default();
+    let l = l.unwrap_or(&nl);
+    proxy.max_header_bytes = cx.int(
+        "limits.max_header_bytes",
+        &l.max_header_bytes,
+        proxy.max_header_bytes as u64,
+        1024..16_777_217,
+    )? as usize;
+    proxy.max_connections = cx.int(
+        "limits.max_connections",
+        &l.max_connections,
+        proxy.max_connections as u64,
+        1..10_000_001,
+    )? as usize;
+    proxy.replay_buffer = cx.int(
+        "limits.replay_buffer",
+        &l.replay_buffer,
+        proxy.replay_buffer as u64,
+        0..1_073_741_825,
+    )? as usize;
+    Ok(proxy)
+}
+
+/// `[[backend]]` or the flags (which replace the file's list), each validated and distinct.
+fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, ConfigError> {
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     let from_flags: Vec<&String> = cli
@@ -518,21 +572,12 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
             if !seen.insert(authority.as_str().to_ascii_lowercase()) {
                 return cx.err(&key, Some(b.url.span()), format!("duplicate backend {url}"));
             }
+            // lb-core's `Weight` owns the range.
+            let wkey = format!("backend[{i}].weight");
             let weight = match &b.weight {
                 None => Weight::ONE,
-                Some(w) => {
-                    let wkey = format!("backend[{i}].weight");
-                    let n = *w.get_ref();
-                    let n32 = u32::try_from(n).unwrap_or(0);
-                    if n <= 0 {
-                        return cx.err(
-                            &wkey,
-                            Some(w.span()),
-                            format!("weight must be at least 1, got {n}"),
-                        );
-                    }
-                    Weight::new(n32).or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?
-                }
+                Some(w) => Weight::new(cx.count(&wkey, &b.weight, 0)?)
+                    .or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?,
             };
             backends.push((url, weight));
         }
@@ -560,26 +605,7 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
             ),
         };
     }
-    core.validate()
-        .or_else(|e| cx.err("", None, e.to_string()))?;
-
-    Ok(Settings {
-        file: cx.file.map(Path::to_path_buf),
-        listen,
-        admin,
-        strategy,
-        hash_key,
-        health: HealthSettings {
-            interval,
-            timeout,
-            path,
-        },
-        core,
-        proxy,
-        drain,
-        backends,
-        log_format,
-    })
+    Ok(backends)
 }
 
 impl fmt::Display for Settings {
@@ -616,37 +642,37 @@ impl fmt::Display for Settings {
                 .path
                 .as_ref()
                 .map_or("tcp".into(), |p| format!("http GET {p}"));
-            let c = &self.core.health;
+            let c = self.core.health();
             writeln!(
                 f,
                 "health: {kind} every {}, timeout {}, rise {}, fall {}",
                 d(self.health.interval),
                 d(self.health.timeout),
-                c.rise,
-                c.fall
+                c.rise(),
+                c.fall()
             )?;
         }
-        let p = &self.core.passive;
+        let p = self.core.passive();
         writeln!(
             f,
             "passive: eject after {} failures for {} (max {}), max ejected {}%, panic below {}%, slow start {}",
-            p.consecutive_failures, d(p.ejection), d(p.max_ejection), p.max_ejected_percent, p.panic_threshold_percent, d(p.slow_start)
+            p.consecutive_failures(), d(p.ejection()), d(p.max_ejection()), p.max_ejected_percent(), p.panic_threshold_percent(), d(p.slow_start())
         )?;
-        let r = &self.core.retry;
+        let r = self.core.retry();
         writeln!(
             f,
             "retry: {} attempts, backoff {}, budget {}% + {}/s",
-            r.attempts,
-            d(r.backoff),
-            r.budget_percent,
-            r.min_retries_per_second
+            r.attempts(),
+            d(r.backoff()),
+            r.budget_percent(),
+            r.min_retries_per_second()
         )?;
         let x = &self.proxy;
         writeln!(
             f,
             "timeouts: connect {}, request {}, idle {}, header_read {}, drain {}",
             d(x.connect_timeout),
-            d(r.attempt_timeout),
+            d(r.attempt_timeout()),
             d(x.idle_timeout),
             d(x.header_read_timeout),
             d(self.drain)
@@ -665,11 +691,10 @@ mod tests {
     use clap::Parser;
 
     fn with_file(text: &str, args: &[&str]) -> Result<Settings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "lb-config-test-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
+        // One directory per call: tests run in parallel, and two texts may share a length.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("lb.toml");
         std::fs::write(&path, text).unwrap();
@@ -739,7 +764,7 @@ weight = 1
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.backends[0].1.get(), 3);
         assert_eq!(s.health.interval, Duration::from_secs(2));
-        assert_eq!(s.core.passive.max_ejection, Duration::from_secs(300));
+        assert_eq!(s.core.passive().max_ejection(), Duration::from_secs(300));
         assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
     }
 
@@ -775,9 +800,67 @@ weight = 1
         )
         .unwrap_err();
         assert!(e.to_string().contains("duplicate backend"), "{e}");
+        // Ranges are lb-core's; the key and line are still this file's.
+        let b = "[[backend]]\nurl = \"http://a:1\"\n";
+        for (text, line, key, says) in [
+            (
+                "[retry]\n\nattempts = 11\n",
+                3,
+                "retry.attempts",
+                "between 1 and 10, got 11",
+            ),
+            ("[health]\nrise = -1\n", 2, "health.rise", "out of range"),
+            (
+                "[health]\nfall = 1001\n",
+                2,
+                "health.fall",
+                "between 1 and 1000",
+            ),
+            (
+                "[passive]\nejection = \"1m\"\nmax_ejection = \"10s\"\n",
+                3,
+                "passive.max_ejection",
+                "shorter",
+            ),
+            (
+                "[passive]\nmax_ejected_percent = 101\n",
+                2,
+                "passive.max_ejected_percent",
+                "between 0 and 100",
+            ),
+            (
+                "[timeouts]\nrequest = \"0s\"\n",
+                2,
+                "timeouts.request",
+                "greater than zero",
+            ),
+        ] {
+            let e = with_file(&format!("{b}{text}"), &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line + 2), key), "{e}");
+            let shown = e.to_string();
+            assert!(
+                shown.contains(says) && shown.contains(&format!("lb.toml:{}: {key}", line + 2)),
+                "{shown}"
+            );
+            assert_eq!(shown.matches(key).count(), 1, "the key once: {shown}");
+        }
         let e = with_file("listen = [\"127.0.0.1:1\"]\n", &[]).unwrap_err();
         assert!(e.to_string().contains("no backends"), "{e}");
         assert!(e.to_string().contains("lb.toml"), "names the file: {e}");
+    }
+
+    /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives
+    /// exactly lb-core's, lb-proxy's and lb-health's.
+    #[test]
+    fn defaults_are_the_libraries_own() {
+        let s = with_file("[[backend]]\nurl = \"http://a:1\"\n", &[]).unwrap();
+        assert_eq!(s.core, lb_core::Config::default());
+        assert_eq!(s.proxy, ProxyConfig::default());
+        let c = lb_health::CheckerConfig::default();
+        assert_eq!(
+            (s.health.interval, s.health.timeout),
+            (c.interval, c.timeout)
+        );
     }
 
     #[test]
@@ -818,7 +901,7 @@ mod fuzz {
                 })
             }
         };
-        settings(&cli, &parsed, &Cx { file: None, text })
+        settings(&cli, &parsed, &Cx::new(None, text))
     }
 
     proptest! {

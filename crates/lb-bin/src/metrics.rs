@@ -239,6 +239,8 @@ impl Observer for Metrics {
                     })
                     .inc();
             }
+            // Decisions lb-core adds later are counted once they are named here.
+            _ => {}
         }
     }
 
@@ -256,12 +258,12 @@ impl Observer for Metrics {
                     .iter()
                     .map(|a| {
                         json!({
-                            "backend": label_of(c.routes, a.backend, &a.backend.to_string()),
-                            "outcome": a.outcome.map(|o| o.to_string()),
-                            "decision": a.decision.map(Decision::as_str),
-                            "candidates": a.pick.candidates,
-                            "excluded_tried": a.pick.excluded,
-                            "panic": a.pick.panic,
+                            "backend": label_of(c.routes, a.backend(), &a.backend().to_string()),
+                            "outcome": a.outcome().map(|o| o.to_string()),
+                            "decision": a.decision().map(Decision::as_str),
+                            "candidates": a.pick().candidates(),
+                            "excluded_tried": a.pick().excluded(),
+                            "panic": a.pick().panic(),
                         })
                     })
                     .collect()

@@ -14,8 +14,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::error::ConfigError;
 
 /// Identifies one backend inside a [`Balancer`](crate::Balancer). Ids are never reused.
+///
+/// Opaque: ids come from [`Balancer::set_backends`](crate::Balancer::set_backends) (and are
+/// shown by [`Display`](fmt::Display) as `#n`); their representation may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendId(pub u32);
+pub struct BackendId(pub(crate) u32);
 
 impl fmt::Display for BackendId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

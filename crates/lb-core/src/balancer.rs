@@ -135,7 +135,9 @@ struct Member {
     ramp_start: Option<Instant>,
 }
 
-/// One backend as `/status` shows it.
+/// One backend as `/status` shows it. Fields are added as the core learns more about a
+/// backend, hence `non_exhaustive`: read them, never build one.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendStatus {
     /// Its id.

@@ -14,34 +14,44 @@ pub const MAX_ATTEMPTS: u32 = 10;
 
 /// Everything the [`Balancer`](crate::Balancer) needs to decide.
 ///
+/// Built from [`Config::default`] (SPEC.md's defaults) with `with_*` methods, read with
+/// getters: the fields are private so that a setting added later breaks nobody.
+///
 /// ```
-/// use lb_core::Config;
-/// let mut config = Config::default();
-/// config.retry.attempts = 2;
-/// config.rng_seed = Some(42); // reproducible choices, e.g. in a simulation
+/// use lb_core::{Config, RetryConfig};
+/// let config = Config::default()
+///     .with_retry(RetryConfig::default().with_attempts(2))
+///     .with_rng_seed(Some(42)); // reproducible choices, e.g. in a simulation
 /// assert!(config.validate().is_ok());
+/// assert_eq!(config.retry().attempts(), 2);
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     /// Active health: how many probes in a row flip a backend.
-    pub health: HealthConfig,
+    pub(crate) health: HealthConfig,
     /// Passive outlier detection from live traffic.
-    pub passive: PassiveConfig,
+    pub(crate) passive: PassiveConfig,
     /// Retries, their backoff and their budget.
-    pub retry: RetryConfig,
+    pub(crate) retry: RetryConfig,
     /// Latency tracking for `p2c-ewma`.
-    pub latency: LatencyConfig,
+    pub(crate) latency: LatencyConfig,
     /// Seed for every random choice; `None` seeds from the process's entropy.
-    pub rng_seed: Option<u64>,
+    pub(crate) rng_seed: Option<u64>,
 }
 
 /// `[health]`: HAProxy-style rise/fall thresholds.
+///
+/// ```
+/// use lb_core::HealthConfig;
+/// let h = HealthConfig::default().with_rise(1).with_fall(5);
+/// assert_eq!((h.rise(), h.fall()), (1, 5));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Consecutive probe successes that bring a down backend back (default 2).
-    pub rise: u32,
+    pub(crate) rise: u32,
     /// Consecutive probe failures that take a backend down (default 3).
-    pub fall: u32,
+    pub(crate) fall: u32,
 }
 
 /// `[passive]`: Envoy-style consecutive-failure ejection, panic mode and slow start.
@@ -49,91 +59,166 @@ pub struct HealthConfig {
 pub struct PassiveConfig {
     /// Consecutive connection-level failures that eject a backend (default 5; 0 turns
     /// ejection off).
-    pub consecutive_failures: u32,
+    pub(crate) consecutive_failures: u32,
     /// First ejection's length; the n-th in a row lasts `n ×` this (default 10 s).
-    pub ejection: Duration,
+    pub(crate) ejection: Duration,
     /// Cap on one ejection's length (default 5 min).
-    pub max_ejection: Duration,
+    pub(crate) max_ejection: Duration,
     /// Ejected backends may be at most this share of the pool (default 50).
-    pub max_ejected_percent: u32,
+    pub(crate) max_ejected_percent: u32,
     /// Below this share of eligible backends, ejections are ignored (default 50).
-    pub panic_threshold_percent: u32,
+    pub(crate) panic_threshold_percent: u32,
     /// A returning backend's weight ramps from 10 % to 100 % over this (default 30 s; zero
     /// turns it off).
-    pub slow_start: Duration,
+    pub(crate) slow_start: Duration,
 }
 
 /// `[retry]` plus the per-attempt timeout (`timeouts.request`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryConfig {
     /// Backends tried per request, first one included (default 3, at most [`MAX_ATTEMPTS`]).
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Base of exponential backoff with full jitter, capped at 10× (default 10 ms; zero retries at once).
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
     /// Retries may add at most this percentage on top of the client requests of the last 10 s (default 20).
-    pub budget_percent: u32,
+    pub(crate) budget_percent: u32,
     /// ... plus this many retries per second, from start-up on (default 10).
-    pub min_retries_per_second: u32,
+    pub(crate) min_retries_per_second: u32,
     /// One attempt's limit from sending to the response head (default 30 s).
-    pub attempt_timeout: Duration,
+    pub(crate) attempt_timeout: Duration,
 }
 
 /// How `p2c-ewma` estimates a backend's latency (peak EWMA, as Finagle and linkerd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LatencyConfig {
     /// Decay time constant of the moving average (default 10 s).
-    pub decay: Duration,
+    pub(crate) decay: Duration,
     /// Estimate for a backend with no sample yet (default 1 ms).
-    pub default_rtt: Duration,
+    pub(crate) default_rtt: Duration,
     /// Latency sample recorded for a failed attempt, so a backend that fails fast never looks
     /// fast (default 250 ms).
-    pub failure_penalty: Duration,
+    pub(crate) failure_penalty: Duration,
 }
 
 // === impl Config ===
 
+/// Getters and by-value setters (`with_*`) for the private fields of a settings struct.
+macro_rules! accessors {
+    ($ty:ident { $( $field:ident, $with:ident: $t:ty; )* }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("The `", stringify!($field), "` setting (see the field list of [`", stringify!($ty), "`]).")]
+                #[must_use]
+                pub const fn $field(&self) -> $t {
+                    self.$field
+                }
+
+                #[doc = concat!("These settings with `", stringify!($field), "` replaced.")]
+                #[must_use]
+                pub const fn $with(mut self, $field: $t) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+accessors!(Config {
+    health, with_health: HealthConfig;
+    passive, with_passive: PassiveConfig;
+    retry, with_retry: RetryConfig;
+    latency, with_latency: LatencyConfig;
+    rng_seed, with_rng_seed: Option<u64>;
+});
+
+accessors!(HealthConfig {
+    rise, with_rise: u32;
+    fall, with_fall: u32;
+});
+
+accessors!(PassiveConfig {
+    consecutive_failures, with_consecutive_failures: u32;
+    ejection, with_ejection: Duration;
+    max_ejection, with_max_ejection: Duration;
+    max_ejected_percent, with_max_ejected_percent: u32;
+    panic_threshold_percent, with_panic_threshold_percent: u32;
+    slow_start, with_slow_start: Duration;
+});
+
+accessors!(RetryConfig {
+    attempts, with_attempts: u32;
+    backoff, with_backoff: Duration;
+    budget_percent, with_budget_percent: u32;
+    min_retries_per_second, with_min_retries_per_second: u32;
+    attempt_timeout, with_attempt_timeout: Duration;
+});
+
+accessors!(LatencyConfig {
+    decay, with_decay: Duration;
+    default_rtt, with_default_rtt: Duration;
+    failure_penalty, with_failure_penalty: Duration;
+});
+
 impl Config {
-    /// Checks every field.
+    /// Checks every field against its range. These ranges are the only ones: a shell (such
+    /// as `lb`'s config file loader) maps its keys onto these settings and reports what this
+    /// returns, keyed by [`ConfigError::setting`].
     ///
     /// # Errors
-    /// The first [`ConfigError`] found.
+    /// The first [`ConfigError`] found, in the order of SPEC.md's config file.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.health.rise == 0 {
-            return Err(ConfigError::ZeroThreshold("rise"));
-        }
-        if self.health.fall == 0 {
-            return Err(ConfigError::ZeroThreshold("fall"));
-        }
+        // Thresholds above 1,000 would take hours to flip at any sane probe interval; the
+        // bound keeps every counter far from overflow.
+        range("health.rise", self.health.rise, 1, 1_000)?;
+        range("health.fall", self.health.fall, 1, 1_000)?;
         let p = &self.passive;
+        range(
+            "passive.consecutive_failures",
+            p.consecutive_failures,
+            0,
+            1_000_000,
+        )?;
         if p.consecutive_failures > 0 && p.ejection.is_zero() {
-            return Err(ConfigError::ZeroDuration("ejection"));
+            return Err(ConfigError::ZeroDuration("passive.ejection"));
         }
         if p.max_ejection < p.ejection {
             return Err(ConfigError::MaxEjectionBelowEjection);
         }
-        percent("max_ejected_percent", p.max_ejected_percent)?;
-        percent("panic_threshold_percent", p.panic_threshold_percent)?;
+        range("passive.max_ejected_percent", p.max_ejected_percent, 0, 100)?;
+        range(
+            "passive.panic_threshold_percent",
+            p.panic_threshold_percent,
+            0,
+            100,
+        )?;
         let r = &self.retry;
-        if r.attempts == 0 || r.attempts > MAX_ATTEMPTS {
-            return Err(ConfigError::Attempts {
-                got: r.attempts,
-                max: MAX_ATTEMPTS,
-            });
-        }
-        percent("budget_percent", r.budget_percent)?;
+        range("retry.attempts", r.attempts, 1, MAX_ATTEMPTS)?;
+        range("retry.budget_percent", r.budget_percent, 0, 100)?;
+        range(
+            "retry.min_retries_per_second",
+            r.min_retries_per_second,
+            0,
+            1_000_000,
+        )?;
         if r.attempt_timeout.is_zero() {
-            return Err(ConfigError::ZeroDuration("request timeout"));
+            return Err(ConfigError::ZeroDuration("timeouts.request"));
         }
         if self.latency.decay.is_zero() {
-            return Err(ConfigError::ZeroDuration("latency decay"));
+            return Err(ConfigError::ZeroDuration("latency.decay"));
         }
         Ok(())
     }
 }
 
-fn percent(name: &'static str, value: u32) -> Result<(), ConfigError> {
-    if value > 100 {
-        return Err(ConfigError::Percent { name, value });
+fn range(setting: &'static str, value: u32, min: u32, max: u32) -> Result<(), ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::OutOfRange {
+            setting,
+            value,
+            min,
+            max,
+        });
     }
     Ok(())
 }
@@ -199,20 +284,28 @@ mod tests {
         c.retry.attempts = 0;
         assert_eq!(
             c.validate(),
-            Err(ConfigError::Attempts {
-                got: 0,
+            Err(ConfigError::OutOfRange {
+                setting: "retry.attempts",
+                value: 0,
+                min: 1,
                 max: MAX_ATTEMPTS
             })
         );
+        assert_eq!(c.validate().unwrap_err().setting(), Some("retry.attempts"));
         let mut c = Config::default();
         c.passive.max_ejected_percent = 101;
         assert!(matches!(
             c.validate(),
-            Err(ConfigError::Percent { value: 101, .. })
+            Err(ConfigError::OutOfRange { value: 101, .. })
         ));
         let mut c = Config::default();
         c.health.fall = 0;
-        assert_eq!(c.validate(), Err(ConfigError::ZeroThreshold("fall")));
+        assert_eq!(c.validate().unwrap_err().setting(), Some("health.fall"));
+        let c = Config::default().with_health(HealthConfig::default().with_rise(1001));
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "health.rise must be between 1 and 1000, got 1001"
+        );
         let mut c = Config::default();
         c.passive.max_ejection = Duration::from_secs(1);
         assert_eq!(c.validate(), Err(ConfigError::MaxEjectionBelowEjection));
@@ -220,7 +313,7 @@ mod tests {
         c.retry.budget_percent = 250;
         assert!(matches!(
             c.validate(),
-            Err(ConfigError::Percent { value: 250, .. })
+            Err(ConfigError::OutOfRange { value: 250, .. })
         ));
     }
 }

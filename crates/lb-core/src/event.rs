@@ -7,9 +7,14 @@ use crate::backend::BackendId;
 use crate::outcome::ProbeFailure;
 
 /// A change of a backend's state, with its reason, for logs and metrics.
+///
+/// Both the enum and each variant are `non_exhaustive`: new events and new facts about an
+/// event may be added, so match with `..` and a wildcard arm.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Active probes took the backend down.
+    #[non_exhaustive]
     Down {
         /// Which backend.
         backend: BackendId,
@@ -21,6 +26,7 @@ pub enum Event {
         last: ProbeFailure,
     },
     /// Active probes brought it back.
+    #[non_exhaustive]
     Up {
         /// Which backend.
         backend: BackendId,
@@ -30,6 +36,7 @@ pub enum Event {
         successes: u32,
     },
     /// Live traffic failures ejected it until `until`.
+    #[non_exhaustive]
     Ejected {
         /// Which backend.
         backend: BackendId,
@@ -43,6 +50,7 @@ pub enum Event {
         ejections: u32,
     },
     /// Its ejection expired: it takes traffic again (with slow start).
+    #[non_exhaustive]
     Restored {
         /// Which backend.
         backend: BackendId,
@@ -50,6 +58,7 @@ pub enum Event {
         addr: String,
     },
     /// Panic mode turned on or off: too few eligible backends, so ejections are ignored.
+    #[non_exhaustive]
     Panic {
         /// On or off.
         on: bool,

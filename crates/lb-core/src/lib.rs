@@ -81,3 +81,8 @@ pub use retry::{
     Action, Attempt, Decision, Failure, PickTrace, RequestState, RetryReason, StopReason,
 };
 pub use rng::{stable_hash, Rng};
+
+/// The README's example, compiled and run as a doc test so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -11,19 +11,19 @@ use std::time::Instant;
 ///
 /// ```
 /// use lb_core::RequestInfo;
-/// let get = RequestInfo::new(true, true);
-/// assert!(get.idempotent && get.replayable && get.hash_key.is_none());
+/// let get = RequestInfo::new(true, true).with_hash_key(7);
+/// assert!(get.idempotent() && get.replayable() && get.hash_key() == Some(7));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestInfo {
     /// GET, HEAD, OPTIONS, PUT, DELETE, TRACE: sending it twice is harmless.
-    pub idempotent: bool,
+    pub(crate) idempotent: bool,
     /// The body is still available to send again (it fit in the replay buffer, or there is none).
-    pub replayable: bool,
+    pub(crate) replayable: bool,
     /// The key `consistent-hash` places the request by (see [`stable_hash`](crate::stable_hash)).
-    pub hash_key: Option<u64>,
+    pub(crate) hash_key: Option<u64>,
     /// An overall limit for the request, if the caller has one; attempts never run past it.
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl RequestInfo {
@@ -51,12 +51,37 @@ impl RequestInfo {
         self.deadline = Some(deadline);
         self
     }
+
+    /// Returns true if and only if sending the request twice is harmless (GET, HEAD, PUT, ...).
+    #[must_use]
+    pub const fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// Returns true if and only if the body can still be sent again.
+    #[must_use]
+    pub const fn replayable(&self) -> bool {
+        self.replayable
+    }
+
+    /// The key `consistent-hash` places the request by, if any.
+    #[must_use]
+    pub const fn hash_key(&self) -> Option<u64> {
+        self.hash_key
+    }
+
+    /// The request's overall deadline, if any.
+    #[must_use]
+    pub const fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
 }
 
 /// How one attempt ended, as far as the response head.
 ///
 /// Whether the request may have reached the backend decides whether it is safe to retry:
 /// [`Outcome::was_sent`] is the line between the two halves of this enum.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// The response head arrived. 5xx included: it is relayed, not retried.
@@ -127,6 +152,7 @@ impl fmt::Display for Outcome {
 }
 
 /// How a relayed response ended, reported with [`Balancer::finish`](crate::Balancer::finish).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Completion {
     /// The whole response reached the client.
@@ -138,6 +164,7 @@ pub enum Completion {
 }
 
 /// Why an active probe failed.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProbeFailure {
     /// Connection refused.

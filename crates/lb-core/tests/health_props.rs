@@ -4,7 +4,7 @@ mod common;
 
 use common::{balancer, Clock, Model};
 use lb_core::select::StrategyKind;
-use lb_core::{Config, Event, ProbeFailure, ProbeResult};
+use lb_core::{Config, Event, HealthConfig, ProbeFailure, ProbeResult};
 use proptest::prelude::*;
 
 proptest! {
@@ -17,9 +17,7 @@ proptest! {
         results in prop::collection::vec(any::<bool>(), 1..200),
     ) {
         let mut clock = Clock::new();
-        let mut config = Config::default();
-        config.health.rise = rise;
-        config.health.fall = fall;
+        let config = Config::default().with_health(HealthConfig::default().with_rise(rise).with_fall(fall));
         let (lb, ids) = balancer(StrategyKind::RoundRobin, config, &[1], clock.now());
         let mut model = Model::new(&ids, rise, fall);
         for ok in results {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use common::{balancer, kind, Clock};
 use lb_core::{
-    Action, Completion, Config, Decision, Event, Failure, Outcome, RequestInfo, StopReason,
+    Action, Completion, Config, Decision, Event, Failure, Outcome, PassiveConfig, RequestInfo,
+    RetryConfig, StopReason,
 };
 use proptest::prelude::*;
 
@@ -61,11 +62,10 @@ proptest! {
         reqs in prop::collection::vec(req(), 1..120),
     ) {
         let mut clock = Clock::new();
-        let mut config = Config { rng_seed: Some(seed), ..Config::default() };
-        config.retry.attempts = attempts;
-        config.retry.budget_percent = budget_percent;
-        config.retry.min_retries_per_second = min_rps;
-        config.passive.consecutive_failures = 0; // ejection is tested separately
+        let config = Config::default()
+            .with_rng_seed(Some(seed))
+            .with_retry(RetryConfig::default().with_attempts(attempts).with_budget_percent(budget_percent).with_min_retries_per_second(min_rps))
+            .with_passive(PassiveConfig::default().with_consecutive_failures(0)); // ejection is tested separately
         let (lb, ids) = balancer(kind, config, &vec![1; n], clock.now());
         // (second, requests, retries) for the budget check.
         let mut per_sec: HashMap<u64, (u64, u64)> = HashMap::new();
@@ -73,7 +73,7 @@ proptest! {
         for r in reqs {
             clock.advance(u64::from(r.gap_ms));
             let deadline = clock.now() + Duration::from_millis(500);
-            let info = RequestInfo { idempotent: r.idempotent, replayable: r.replayable, hash_key: Some(7), deadline: Some(deadline) };
+            let info = RequestInfo::new(r.idempotent, r.replayable).with_hash_key(7).with_deadline(deadline);
             let (mut st, mut action) = lb.start(info, clock.now());
             per_sec.entry(clock.ms / 1000).or_default().0 += 1;
             let mut steps = 0;
@@ -123,7 +123,7 @@ proptest! {
                             None => prop_assert_eq!(f, Failure::NoBackend),
                             Some(Outcome::TimedOut) => prop_assert_eq!(f, Failure::GatewayTimeout),
                             Some(o) => {
-                                let deadline_hit = st.attempts().last().unwrap().decision == Some(Decision::Stop(StopReason::Deadline));
+                                let deadline_hit = st.attempts().last().unwrap().decision() == Some(Decision::Stop(StopReason::Deadline));
                                 let expect = if deadline_hit { Failure::GatewayTimeout } else { Failure::BadGateway };
                                 prop_assert_eq!(f, expect, "after {:?}", o);
                             }
@@ -151,10 +151,10 @@ proptest! {
         reqs in prop::collection::vec(req(), 1..80),
     ) {
         let mut clock = Clock::new();
-        let mut config = Config { rng_seed: Some(seed), ..Config::default() };
-        config.passive.consecutive_failures = 1;
-        config.passive.max_ejected_percent = 100;
-        config.retry.attempts = 5;
+        let config = Config::default()
+            .with_rng_seed(Some(seed))
+            .with_passive(PassiveConfig::default().with_consecutive_failures(1).with_max_ejected_percent(100))
+            .with_retry(RetryConfig::default().with_attempts(5));
         let (lb, _) = balancer(kind, config, &vec![1; n], clock.now());
         for r in reqs {
             clock.advance(u64::from(r.gap_ms) * 100);
@@ -179,7 +179,7 @@ proptest! {
             prop_assert!(ejected.is_subset(&failed_on), "ejected {ejected:?}, failed on {failed_on:?}");
             prop_assert!(ejected.len() <= st.attempt_count());
             if !r.idempotent {
-                let sent = st.attempts().iter().filter(|a| a.outcome.is_some_and(Outcome::was_sent)).count();
+                let sent = st.attempts().iter().filter(|a| a.outcome().is_some_and(Outcome::was_sent)).count();
                 prop_assert!(sent <= 1, "a POST reaches at most one backend");
             }
             lb.abandon(st, clock.now());
@@ -191,8 +191,9 @@ proptest! {
     fn deterministic_for_a_seed(kind in kind(), seed in any::<u64>(), reqs in prop::collection::vec(req(), 1..60)) {
         let run = || {
             let mut clock = Clock::new();
-            let mut config = Config { rng_seed: Some(seed), ..Config::default() };
-            config.passive.consecutive_failures = 2;
+            let config = Config::default()
+                .with_rng_seed(Some(seed))
+                .with_passive(PassiveConfig::default().with_consecutive_failures(2));
             let (lb, ids) = balancer(kind, config, &[1, 2, 3, 1], clock.now());
             let mut log: Vec<String> = Vec::new();
             for r in &reqs {
@@ -233,8 +234,7 @@ fn stop_mapping() {
         Action::Fail(Failure::NoBackend)
     );
 
-    let mut config = Config::default();
-    config.retry.attempts = 1;
+    let config = Config::default().with_retry(RetryConfig::default().with_attempts(1));
     let (lb, _) = balancer(
         lb_core::select::StrategyKind::RoundRobin,
         config,
@@ -261,10 +261,13 @@ fn stop_mapping() {
 #[test]
 fn retry_storm_is_capped_by_the_budget() {
     let mut clock = Clock::new();
-    let mut config = Config::default();
-    config.retry.budget_percent = 20;
-    config.retry.min_retries_per_second = 0;
-    config.passive.consecutive_failures = 0;
+    let config = Config::default()
+        .with_retry(
+            RetryConfig::default()
+                .with_budget_percent(20)
+                .with_min_retries_per_second(0),
+        )
+        .with_passive(PassiveConfig::default().with_consecutive_failures(0));
     let (lb, _) = balancer(
         lb_core::select::StrategyKind::RoundRobin,
         config,
@@ -283,7 +286,7 @@ fn retry_storm_is_capped_by_the_budget() {
             first = false;
             action = lb.handle_outcome(&mut st, Outcome::ConnectRefused, clock.now());
         }
-        if st.attempts().last().unwrap().decision
+        if st.attempts().last().unwrap().decision()
             == Some(Decision::Stop(StopReason::BudgetExhausted))
         {
             denied += 1;

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use common::{balancer, kind, Clock, Model};
 use lb_core::select::{smooth_wrr_sequence, StrategyKind};
 use lb_core::{
-    Action, BackendId, Completion, Config, Event, Outcome, ProbeFailure, ProbeResult, RequestInfo,
+    Action, BackendId, Completion, Config, Event, Outcome, PassiveConfig, ProbeFailure,
+    ProbeResult, RequestInfo,
 };
 use proptest::prelude::*;
 
@@ -82,10 +83,10 @@ proptest! {
         ops in prop::collection::vec((0u8..6, 0usize..8, 0u16..3000), 1..200),
     ) {
         let mut clock = Clock::new();
-        let mut config = Config { rng_seed: Some(seed), ..Config::default() };
-        config.passive.consecutive_failures = 2;
-        config.passive.max_ejected_percent = 60;
-        let (rise, fall, threshold) = (config.health.rise, config.health.fall, config.passive.panic_threshold_percent);
+        let config = Config::default()
+            .with_rng_seed(Some(seed))
+            .with_passive(PassiveConfig::default().with_consecutive_failures(2).with_max_ejected_percent(60));
+        let (rise, fall, threshold) = (config.health().rise(), config.health().fall(), config.passive().panic_threshold_percent());
         let mut weights = vec![1, 2, 3, 1, 1];
         let (lb, mut ids) = balancer(kind, config, &weights, clock.now());
         let mut model = Model::new(&ids, rise, fall);
@@ -99,7 +100,7 @@ proptest! {
                         prop_assert!(model.up(backend), "probe-down backend {backend} picked");
                         let eligible = model.eligible();
                         if !model.panic(threshold) && !eligible.is_empty() {
-                            let untried: Vec<_> = eligible.iter().filter(|id| !st.attempts()[..st.attempt_count() - 1].iter().any(|x| x.backend == **id)).collect();
+                            let untried: Vec<_> = eligible.iter().filter(|id| !st.attempts()[..st.attempt_count() - 1].iter().any(|x| x.backend() == **id)).collect();
                             if !untried.is_empty() {
                                 prop_assert!(eligible.contains(&backend), "ejected {backend} picked, eligible {eligible:?}");
                             }
@@ -165,7 +166,7 @@ proptest! {
     fn consistent_hash_moves_about_one_nth(n in 3usize..25, gone in 0usize..25, seed in any::<u64>()) {
         let gone = gone % n;
         let clock = Clock::new();
-        let config = Config { rng_seed: Some(seed), ..Config::default() };
+        let config = Config::default().with_rng_seed(Some(seed));
         let weights = vec![1; n];
         let (lb, ids) = balancer(StrategyKind::ConsistentHash, config, &weights, clock.now());
         let keys: Vec<u64> = (0..4000u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed).collect();

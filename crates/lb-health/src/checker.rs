@@ -183,7 +183,7 @@ impl<P: Prober> Checker<P> {
                 continue;
             }
             let counts = Arc::new(ProbeCounts::default());
-            let seed = self.seed ^ u64::from(id.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let seed = self.seed ^ lb_core::stable_hash(id.to_string().as_bytes());
             let run = probe_loop(
                 Arc::clone(&self.shared),
                 id,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lb_core::select::{AnySelect, StrategyKind};
-use lb_core::{Backend, BackendId, Balancer, Config, Weight};
+use lb_core::{Backend, BackendId, Balancer, Config, HealthConfig, Weight};
 use lb_health::{
     Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
 };
@@ -206,9 +206,7 @@ impl ProbeSink for Recorder {
 }
 
 fn recorder(addrs: &[SocketAddr]) -> (Arc<Recorder>, Vec<BackendId>) {
-    let mut config = Config::default();
-    config.health.rise = 2;
-    config.health.fall = 3;
+    let config = Config::default().with_health(HealthConfig::default().with_rise(2).with_fall(3));
     let lb = Balancer::new(config, AnySelect::new(StrategyKind::RoundRobin)).unwrap();
     let ids = lb
         .set_backends(

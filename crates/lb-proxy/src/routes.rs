@@ -173,11 +173,11 @@ impl fmt::Display for TraceView<'_> {
             if i > 0 {
                 f.write_str(", ")?;
             }
-            match self.0.targets.get(&a.backend) {
+            match self.0.targets.get(&a.backend()) {
                 Some(t) => write!(f, "{}", t.authority)?,
-                None => write!(f, "{}", a.backend)?,
+                None => write!(f, "{}", a.backend())?,
             }
-            match (a.outcome, a.decision) {
+            match (a.outcome(), a.decision()) {
                 (Some(o), Some(d)) => write!(f, " {o} {d}")?,
                 _ => f.write_str(" in_flight")?,
             }

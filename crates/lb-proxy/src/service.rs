@@ -83,7 +83,7 @@ impl Exchange {
                 let backend = st
                     .attempts()
                     .last()
-                    .and_then(|a| self.routes.target(a.backend));
+                    .and_then(|a| self.routes.target(a.backend()));
                 tracing::info!(
                     target: "lb::access",
                     method = %self.method,
@@ -218,7 +218,9 @@ pub(crate) async fn handle(
         outgoing.method.is_idempotent(),
         outgoing.source.replayable() && !upgrade,
     );
-    info.hash_key = hash_key;
+    if let Some(key) = hash_key {
+        info = info.with_hash_key(key);
+    }
     let balancer = &routes.balancer;
     let (st, mut action) = balancer.start(info, now());
     let st = ex.st.insert(st);
@@ -246,7 +248,7 @@ pub(crate) async fn handle(
                 )
                 .await;
                 if let Ok(Err(e)) = &result {
-                    if info.idempotent && info.replayable && is_stale_connection(e) {
+                    if info.idempotent() && info.replayable() && is_stale_connection(e) {
                         // A pooled connection closed under us: once more, on a fresh one.
                         tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, "stale pooled connection, resending");
                         if let Ok(req) = outgoing.attempt(&target.authority) {
@@ -266,7 +268,7 @@ pub(crate) async fn handle(
                 let this_attempt = st.attempt_count().saturating_sub(1);
                 action = balancer.handle_outcome(st, outcome, now());
                 // After a retry the trace has grown: the decision is on this attempt's entry.
-                if let Some(decision) = st.attempts().get(this_attempt).and_then(|a| a.decision) {
+                if let Some(decision) = st.attempts().get(this_attempt).and_then(|a| a.decision()) {
                     shared.observer.decision(decision);
                 }
                 if action == Action::Relay {

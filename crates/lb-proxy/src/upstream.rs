@@ -247,6 +247,18 @@ mod tests {
         (authority, task)
     }
 
+    /// Ids are opaque: take real ones from a balancer.
+    fn ids(n: usize) -> Vec<BackendId> {
+        let lb = lb_core::Balancer::new(
+            lb_core::Config::default(),
+            lb_core::select::AnySelect::new(lb_core::select::StrategyKind::RoundRobin),
+        )
+        .unwrap();
+        let backends = (0..n).map(|i| lb_core::Backend::new(format!("b{i}"), lb_core::Weight::ONE));
+        lb.set_backends(backends, tokio::time::Instant::now().into_std())
+            .unwrap()
+    }
+
     fn get() -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::Full(None));
         req.headers_mut()
@@ -264,7 +276,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&config));
         for _ in 0..5 {
-            let (resp, lease) = up.send(BackendId(0), &authority, get()).await.unwrap();
+            let (resp, lease) = up.send(ids(1)[0], &authority, get()).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             lease.release();
             assert_eq!(up.idle_count(), 1, "one connection, reused");
@@ -289,7 +301,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         assert!(matches!(
-            up.send(BackendId(1), &closed, get()).await,
+            up.send(ids(2)[1], &closed, get()).await,
             Err(SendError::ConnectRefused(_))
         ));
     }

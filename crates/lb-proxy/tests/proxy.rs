@@ -154,9 +154,12 @@ async fn no_backend_503_refused_502_silent_504_and_5xx_passes_through() {
             held.push(s);
         }
     });
-    let mut core = core_config();
-    core.retry.attempt_timeout = Duration::from_millis(300);
-    core.retry.attempts = 1;
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(300))
+        .with_attempts(1);
+    let core = core.with_retry(retry);
     let p = proxy(&[silent_url], core, ProxyConfig::default()).await;
     let t = tokio::time::Instant::now();
     assert_eq!(get(&p.url("/")).await.0, 504);

@@ -30,6 +30,10 @@ use crate::rng::Rng;
 ///
 /// Every `Forward` satisfies `now ≤ not_before < try_deadline`, and `try_deadline` never
 /// passes the request's own deadline.
+///
+/// Unlike the other enums of this crate, `Action` is exhaustive on purpose: a new kind of
+/// action would need every caller to do something new, so adding one is a breaking change
+/// that the compiler should point out, not a wildcard arm that silently ignores it.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -51,6 +55,7 @@ pub enum Action {
 }
 
 /// Why the core answers the client itself.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Failure {
     /// No eligible backend (or none left untried): 503.
@@ -84,6 +89,7 @@ impl fmt::Display for Failure {
 }
 
 /// What the core decided after an attempt's outcome.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {
     /// The response was relayed.
@@ -95,6 +101,7 @@ pub enum Decision {
 }
 
 /// Why a retry was allowed.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryReason {
     /// The request never reached the backend.
@@ -104,6 +111,7 @@ pub enum RetryReason {
 }
 
 /// Why a retry was denied.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StopReason {
     /// Sent, and not idempotent (a POST is never replayed).
@@ -148,27 +156,75 @@ impl fmt::Display for Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PickTrace {
     /// Candidates the strategy chose among (eligible, or the panic set).
-    pub candidates: u32,
+    pub(crate) candidates: u32,
     /// Of those, how many were excluded as already tried.
-    pub excluded: u32,
+    pub(crate) excluded: u32,
     /// Whether panic mode was on (too few eligible: ejections ignored).
-    pub panic: bool,
+    pub(crate) panic: bool,
 }
 
 /// One attempt in a request's routing trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempt {
     /// The backend it went to.
-    pub backend: BackendId,
+    pub(crate) backend: BackendId,
     /// How it was chosen.
-    pub pick: PickTrace,
+    pub(crate) pick: PickTrace,
     /// How it ended (`None` while in flight).
-    pub outcome: Option<Outcome>,
+    pub(crate) outcome: Option<Outcome>,
     /// What the core decided after it (`None` while in flight).
-    pub decision: Option<Decision>,
+    pub(crate) decision: Option<Decision>,
 }
 
+// === impl PickTrace ===
+
+impl PickTrace {
+    /// Candidates the strategy chose among (eligible, or the panic set).
+    #[must_use]
+    pub const fn candidates(&self) -> u32 {
+        self.candidates
+    }
+
+    /// Of those, how many were excluded as already tried.
+    #[must_use]
+    pub const fn excluded(&self) -> u32 {
+        self.excluded
+    }
+
+    /// Returns true if and only if panic mode was on (too few eligible: ejections ignored).
+    #[must_use]
+    pub const fn panic(&self) -> bool {
+        self.panic
+    }
+}
+
+// === impl Attempt ===
+
 impl Attempt {
+    /// The backend it went to.
+    #[must_use]
+    pub const fn backend(&self) -> BackendId {
+        self.backend
+    }
+
+    /// How the backend was chosen.
+    #[must_use]
+    pub const fn pick(&self) -> PickTrace {
+        self.pick
+    }
+
+    /// How it ended (`None` while in flight).
+    #[must_use]
+    pub const fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+    }
+
+    /// What the core decided after it (`None` while in flight).
+    #[must_use]
+    pub const fn decision(&self) -> Option<Decision> {
+        self.decision
+    }
+
     const EMPTY: Self = Self {
         backend: BackendId(u32::MAX),
         pick: PickTrace {

@@ -232,6 +232,7 @@ pub(crate) fn scan_from(candidates: &[Candidate], start: usize, cx: &PickCx<'_>)
 }
 
 /// The strategies SPEC.md names, for choosing one from a config string.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StrategyKind {
     /// `round-robin`: each healthy backend in turn, weights ignored.

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_core::select::{AnySelect, StrategyKind};
-use lb_core::{Balancer, Config, Weight};
+use lb_core::{Balancer, Config, RetryConfig, Weight};
 use lb_proxy::{HashKey, Proxy, ProxyConfig, Routes};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -153,12 +153,9 @@ impl Drop for TestProxy {
 }
 
 pub fn core_config() -> Config {
-    let mut c = Config {
-        rng_seed: Some(7),
-        ..Config::default()
-    };
-    c.retry.backoff = Duration::from_millis(1);
-    c
+    Config::default()
+        .with_rng_seed(Some(7))
+        .with_retry(RetryConfig::default().with_backoff(Duration::from_millis(1)))
 }
 
 pub async fn proxy(urls: &[String], core: Config, config: ProxyConfig) -> TestProxy {
