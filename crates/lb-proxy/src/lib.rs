@@ -30,6 +30,7 @@ mod respond;
 mod routes;
 mod service;
 mod upstream;
+mod validate;
 
 use std::future::Future;
 use std::sync::Arc;

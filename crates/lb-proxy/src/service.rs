@@ -19,6 +19,7 @@ use crate::observe::{Completed, Observer};
 use crate::respond;
 use crate::routes::Routes;
 use crate::upstream::{Lease, Upstream};
+use crate::validate;
 
 /// What every connection and request shares.
 pub(crate) struct Shared {
@@ -187,6 +188,10 @@ pub(crate) async fn handle(
         started: tokio::time::Instant::now(),
     };
     let version = req.version();
+    if let Err(rejected) = validate::admit(&mut req) {
+        tracing::debug!(target: "lb::conn", %peer, reason = rejected.reason, status = %rejected.status, "request rejected");
+        return reply(ex, rejected.response(version), version);
+    }
     let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
@@ -310,7 +315,7 @@ fn relay(
             let upstream = hyper::upgrade::on(&mut resp);
             ex.phase.free();
             let (mut parts, _) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers, true);
+            headers::backward(&mut parts.headers, true);
             parts.version = version;
             tokio::spawn(tunnel(client, upstream, ex));
             return Response::from_parts(parts, ResponseBody::empty());
@@ -319,7 +324,7 @@ fn relay(
         return reply(ex, respond::failure(Failure::BadGateway), version);
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::backward(&mut parts.headers, false);
     parts.version = version;
     Response::from_parts(parts, ResponseBody::upstream(body, ex, lease))
 }
