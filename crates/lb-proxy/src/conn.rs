@@ -35,6 +35,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::respond;
 use crate::service::Shared;
+use crate::validate::HeadCopy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -102,6 +103,8 @@ struct ClientIo {
     sleep_at: Option<Instant>,
     header_read: Duration,
     idle: Duration,
+    /// What was read of the head in `Head`, to correct hyper's answer to it.
+    head: HeadCopy,
 }
 
 impl ClientIo {
@@ -112,6 +115,7 @@ impl ClientIo {
             return;
         }
         self.armed = word;
+        self.head.clear();
         self.deadline = match word & 0xff {
             IDLE => Instant::now().checked_add(self.idle),
             HEAD => Instant::now().checked_add(self.header_read),
@@ -138,6 +142,21 @@ impl ClientIo {
     }
 }
 
+impl ClientIo {
+    /// Returns true if and only if `out` is hyper's automatic answer to a head it refused,
+    /// and the right answer was sent instead (best effort, as the 408; see [`HeadCopy`]).
+    fn corrected(&self, out: &[u8]) -> bool {
+        if self.phase.load() & 0xff != HEAD {
+            return false;
+        }
+        let Some(fix) = self.head.correct(out) else {
+            return false;
+        };
+        let _ = self.stream.try_write(fix);
+        true
+    }
+}
+
 impl AsyncRead for ClientIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -148,6 +167,7 @@ impl AsyncRead for ClientIo {
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
+            this.head.record(&this.prefix[..n]);
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
@@ -159,6 +179,9 @@ impl AsyncRead for ClientIo {
                     // The first byte of the next request: its head must now arrive in time.
                     this.phase.set(HEAD);
                     this.follow_phase();
+                }
+                if this.armed & 0xff == HEAD {
+                    this.head.record(&buf.filled()[before..]);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -185,6 +208,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.corrected(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -193,6 +219,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if bufs.first().is_some_and(|b| self.corrected(b)) {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -260,6 +289,7 @@ pub(crate) async fn serve(
         sleep_at: None,
         header_read: config.header_read_timeout,
         idle: config.idle_timeout,
+        head: HeadCopy::new(config.max_header_bytes),
     };
     if h2 {
         phase.free();

@@ -322,6 +322,71 @@ fn drop_look_alikes(headers: &mut HeaderMap) {
     }
 }
 
+/// The bytes of the request head being read, kept to correct hyper's own answer to a head
+/// it refused before the service saw it.
+///
+/// # Why
+/// hyper answers a `Content-Length` of `u64::MAX` or `u64::MAX - 1` with 431, as if the
+/// head were too large (its `DecodedLength` has no room for them), where the request is
+/// malformed: 400 (SPEC). hyper has no hook for its automatic responses, so the client
+/// socket keeps what it read of the current head (up to the head size limit, a copy of a
+/// few hundred bytes per request) and, when hyper writes a 431 while a head is being read,
+/// looks at the head: a head within the limits whose `Content-Length` is such a number gets
+/// a 400 instead. A head that arrives while the previous request is still being served
+/// (pipelining) is not kept and keeps hyper's 431.
+#[derive(Debug)]
+pub(crate) struct HeadCopy {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+/// As many headers as hyper parses (its `DEFAULT_MAX_HEADERS`): more is a true 431.
+const HYPER_MAX_HEADERS: usize = 100;
+
+impl HeadCopy {
+    /// Keeps up to `limit` bytes (hyper's `max_header_size`).
+    pub(crate) const fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+
+    /// More bytes of the head being read.
+    pub(crate) fn record(&mut self, new: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&new[..new.len().min(room)]);
+    }
+
+    /// The head was taken up (or the connection moved on): forget it.
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
+    /// What to send instead of `out`, hyper's automatic response to the kept head, if that
+    /// response is wrong.
+    pub(crate) fn correct(&self, out: &[u8]) -> Option<&'static [u8]> {
+        if !out.starts_with(b"HTTP/1.1 431 ") {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; HYPER_MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(&self.bytes), Ok(httparse::Status::Complete(_))) {
+            return None; // too large or too many headers: 431 is right
+        }
+        let beyond_hyper = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > u64::MAX - 2)
+        };
+        req.headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("content-length") && beyond_hyper(h.value))
+            .then_some(respond::BAD_REQUEST)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +555,44 @@ mod tests {
         let mut names: Vec<&str> = r.headers().keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["host", "x-forwarded-for", "x_custom_thing"]);
+    }
+
+    #[test]
+    fn only_hypers_431_for_a_huge_content_length_becomes_400() {
+        let auto = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        let copy = |head: &[u8], limit| {
+            let mut c = HeadCopy::new(limit);
+            for piece in head.chunks(7) {
+                c.record(piece);
+            }
+            c
+        };
+        for n in [u64::MAX, u64::MAX - 1] {
+            let head = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\n\r\n");
+            let c = copy(head.as_bytes(), 1024);
+            assert_eq!(c.correct(auto), Some(respond::BAD_REQUEST));
+            assert_eq!(c.correct(b"HTTP/1.1 400 Bad Request\r\n\r\n"), None);
+            assert_eq!(
+                copy(head.as_bytes(), 20).correct(auto),
+                None,
+                "over the limit"
+            );
+        }
+        let fine = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551613\r\n\r\n";
+        assert_eq!(copy(fine, 1024).correct(auto), None);
+        let many: String = (0..101).map(|i| format!("x{i}: 1\r\n")).collect();
+        let many = format!(
+            "GET / HTTP/1.1\r\nContent-Length: {}\r\n{many}\r\n",
+            u64::MAX
+        );
+        assert_eq!(
+            copy(many.as_bytes(), 1 << 16).correct(auto),
+            None,
+            "too many headers"
+        );
+        let mut c = copy(fine, 1024);
+        c.clear();
+        assert_eq!(c.correct(auto), None);
     }
 
     #[test]

@@ -484,9 +484,15 @@ async fn ambiguous_or_unsupported_framing_is_refused_and_never_forwarded() {
         ("Content-Length: 0x5", "hello", "400"),
         ("Content-Length: 5 5", "hello", "400"),
         ("Content-Length: 18446744073709551616", "hello", "400"),
+        ("Content-Length: 18446744073709551615", "hello", "400"),
+        ("Content-Length: 18446744073709551614", "hello", "400"),
     ] {
         assert_rejected(&lb, &backend, &post(framing, body), want).await;
     }
+    // Too many headers is still what 431 means, a huge Content-Length or not.
+    let many: String = (0..120).map(|i| format!("X-{i}: 1\r\n")).collect();
+    let many = format!("Content-Length: 18446744073709551615\r\n{many}");
+    assert_rejected(&lb, &backend, &post(many.trim_end(), "hello"), "431").await;
     assert!(backend.received().is_empty());
 }
 
@@ -651,4 +657,36 @@ async fn a_response_with_content_length_and_transfer_encoding_is_framed_by_the_l
     assert_eq!(got, b"hello world");
     drop(h2);
     assert_eq!(backend.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_content_length_on_a_kept_alive_connection_gets_400() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while !first.ends_with(b"\r\n\r\nok") {
+        let mut b = [0u8; 512];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&b[..n]);
+    }
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("closed after the 400")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert_eq!(backend.received().len(), 1, "only the first request");
+    assert_eq!(lb.attempts(), 1);
 }
