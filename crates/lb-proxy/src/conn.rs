@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::interim::Interim;
 use crate::respond;
 use crate::service::Shared;
 use crate::validate::HeadCopy;
@@ -43,7 +44,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// bodies. The low byte is the state, the rest a generation counter that changes with
 /// every transition, so the socket notices a new `Idle` even if it missed the `Busy`.
 #[derive(Debug)]
-pub(crate) struct Phase(AtomicU32);
+pub(crate) struct Phase(AtomicU32, Interim);
+
+impl AsRef<Interim> for Phase {
+    fn as_ref(&self) -> &Interim {
+        &self.1
+    }
+}
 
 const HEAD: u32 = 0;
 const BUSY: u32 = 1;
@@ -52,7 +59,7 @@ const FREE: u32 = 3;
 
 impl Phase {
     fn new() -> Self {
-        Self(AtomicU32::new(HEAD))
+        Self(AtomicU32::new(HEAD), Interim::default())
     }
 
     fn set(&self, state: u32) {
@@ -105,6 +112,8 @@ struct ClientIo {
     idle: Duration,
     /// What was read of the head in `Head`, to correct hyper's answer to it.
     head: HeadCopy,
+    /// Whether hyper has written bytes it has not flushed yet (1xx must not go in between).
+    unflushed: bool,
 }
 
 impl ClientIo {
@@ -172,6 +181,10 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         this.follow_phase();
+        if this.phase.1.is_active() && !this.unflushed {
+            // Woken for a backend's 1xx while the final response is awaited.
+            this.phase.1.write_early(cx, &mut this.stream);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -211,7 +224,16 @@ impl AsyncWrite for ClientIo {
         if self.corrected(buf) {
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.phase.1.is_active() {
+            ready!(this
+                .phase
+                .1
+                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+        }
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
     }
 
     fn poll_write_vectored(
@@ -222,7 +244,16 @@ impl AsyncWrite for ClientIo {
         if bufs.first().is_some_and(|b| self.corrected(b)) {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        if this.phase.1.is_active() {
+            ready!(this
+                .phase
+                .1
+                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+        }
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -230,7 +261,10 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let r = Pin::new(&mut self.stream).poll_flush(cx);
+        // hyper flushes the socket once its own buffer is empty.
+        self.unflushed &= !matches!(r, Poll::Ready(Ok(())));
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -290,6 +324,7 @@ pub(crate) async fn serve(
         header_read: config.header_read_timeout,
         idle: config.idle_timeout,
         head: HeadCopy::new(config.max_header_bytes),
+        unflushed: false,
     };
     if h2 {
         phase.free();

@@ -25,6 +25,7 @@ mod conn;
 mod driver;
 mod error;
 mod headers;
+mod interim;
 mod observe;
 mod respond;
 mod routes;

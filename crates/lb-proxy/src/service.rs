@@ -15,6 +15,7 @@ use crate::classify::{classify, is_stale_connection};
 use crate::config::ProxyConfig;
 use crate::conn::Phase;
 use crate::headers;
+use crate::interim::{self, Interim};
 use crate::observe::{Completed, Observer};
 use crate::respond;
 use crate::routes::Routes;
@@ -144,6 +145,8 @@ struct Outgoing {
     path_and_query: http::uri::PathAndQuery,
     headers: HeaderMap,
     source: BodySource,
+    /// Where a backend's 1xx go (HTTP/1.1 clients only).
+    interim: Option<(Arc<Phase>, std::task::Waker)>,
 }
 
 impl Outgoing {
@@ -158,6 +161,9 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.headers.clone();
+        if let Some((phase, waker)) = &self.interim {
+            Interim::watch(phase, waker, &mut req);
+        }
         if !req.headers().contains_key(header::HOST) {
             if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
                 req.headers_mut().insert(header::HOST, host);
@@ -217,6 +223,10 @@ pub(crate) async fn handle(
         path_and_query,
         headers: parts.headers,
         source,
+        interim: match version {
+            Version::HTTP_11 => Some((Arc::clone(&ex.phase), interim::task_waker().await)),
+            _ => None,
+        },
     };
 
     let mut info = RequestInfo::new(

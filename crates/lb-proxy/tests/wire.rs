@@ -690,3 +690,108 @@ async fn a_huge_content_length_on_a_kept_alive_connection_gets_400() {
     assert_eq!(backend.received().len(), 1, "only the first request");
     assert_eq!(lb.attempts(), 1);
 }
+
+/// A backend that answers each request with a 103, then waits for `go` before the final
+/// response: a client that sees the 103 before it lets the backend go got it early.
+async fn early_hints_backend(
+    go: Arc<tokio::sync::Semaphore>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let go = Arc::clone(&go);
+            conns.spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while let Some(n) = request_len(&buf) {
+                        buf.drain(..n);
+                        let hint =
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n";
+                        if s.write_all(hint).await.is_err() {
+                            return;
+                        }
+                        let Ok(permit) = go.acquire().await else {
+                            return;
+                        };
+                        permit.forget();
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+/// Reads from `s` until `out` holds `want` (bounded by [`WAIT`]).
+async fn read_until(s: &mut TcpStream, out: &mut Vec<u8>, want: &[u8]) {
+    while find(out, want).is_none() {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "waiting for {:?}, got {:?}",
+                    String::from_utf8_lossy(want),
+                    String::from_utf8_lossy(out)
+                )
+            })
+            .unwrap();
+        assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(out));
+        out.extend_from_slice(&b[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_hints_reach_an_http_1_1_client_before_the_response() {
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let (url, task) = early_hints_backend(Arc::clone(&go)).await;
+    let lb = Lb::start(&[url]).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    for path in ["/one", "/two"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        // The backend holds its final response until the hint has reached the client.
+        read_until(&mut s, &mut out, b"\r\n\r\n").await;
+        let hint = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(
+            hint.to_ascii_lowercase(),
+            "http/1.1 103 early hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+            "{hint:?}"
+        );
+        go.add_permits(1);
+        out.clear();
+        read_until(&mut s, &mut out, b"final").await;
+        let resp = String::from_utf8_lossy(&out);
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp:?}");
+        assert!(resp.ends_with("\r\n\r\nfinal"), "{resp:?}");
+    }
+    drop(s);
+
+    // HTTP/1.0 clients never get a 1xx (RFC 9110 §15.2): just the response.
+    go.add_permits(1);
+    let resp = exchange(lb.addr, b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.0 200 OK\r\n"), "{resp:?}");
+    assert!(!resp.contains("103"), "{resp:?}");
+
+    // hyper's HTTP/2 server cannot send a 1xx: the client gets the response, unharmed.
+    go.add_permits(1);
+    let mut h2 = h2_client(lb.addr).await;
+    let req = http::Request::get("http://a/h2").body(()).unwrap();
+    assert_eq!(h2_send(&mut h2, req).await.unwrap(), 200);
+    task.abort();
+}
