@@ -795,3 +795,42 @@ async fn early_hints_reach_an_http_1_1_client_before_the_response() {
     assert_eq!(h2_send(&mut h2, req).await.unwrap(), 200);
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_framed_two_ways_is_forwarded_one_way_and_its_connection_closed() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), and the connection,
+    // whose next request would start wherever the other reading ends, is closed.
+    let resp = exchange(
+        lb.addr,
+        b"POST /te HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp:?}");
+    assert_eq!(status(&resp), "200", "{resp:?}");
+    // Two equal Content-Lengths are one.
+    let resp = exchange(
+        lb.addr,
+        b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp:?}");
+    let received = backend.received();
+    assert_eq!(received.len(), 2, "{received:?}");
+    for r in &received {
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        let framing = head.matches("\r\ncontent-length: ").count()
+            + head.matches("\r\ntransfer-encoding: ").count();
+        assert_eq!(framing, 1, "one framing header: {r:?}");
+        let body = if head.contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        assert_eq!(body, "hello", "{r:?}");
+    }
+    assert!(!received.iter().any(|r| r.contains("/smuggled")));
+}
