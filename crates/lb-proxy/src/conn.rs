@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,8 +33,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::interim::Interim;
 use crate::respond;
 use crate::service::Shared;
+use crate::validate::HeadCopy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -42,7 +44,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// bodies. The low byte is the state, the rest a generation counter that changes with
 /// every transition, so the socket notices a new `Idle` even if it missed the `Busy`.
 #[derive(Debug)]
-pub(crate) struct Phase(AtomicU32);
+pub(crate) struct Phase(AtomicU32, Interim);
+
+impl AsRef<Interim> for Phase {
+    fn as_ref(&self) -> &Interim {
+        &self.1
+    }
+}
 
 const HEAD: u32 = 0;
 const BUSY: u32 = 1;
@@ -51,7 +59,7 @@ const FREE: u32 = 3;
 
 impl Phase {
     fn new() -> Self {
-        Self(AtomicU32::new(HEAD))
+        Self(AtomicU32::new(HEAD), Interim::default())
     }
 
     fn set(&self, state: u32) {
@@ -102,6 +110,10 @@ struct ClientIo {
     sleep_at: Option<Instant>,
     header_read: Duration,
     idle: Duration,
+    /// What was read of the head in `Head`, to correct hyper's answer to it.
+    head: HeadCopy,
+    /// Whether hyper has written bytes it has not flushed yet (1xx must not go in between).
+    unflushed: bool,
 }
 
 impl ClientIo {
@@ -112,6 +124,7 @@ impl ClientIo {
             return;
         }
         self.armed = word;
+        self.head.clear();
         self.deadline = match word & 0xff {
             IDLE => Instant::now().checked_add(self.idle),
             HEAD => Instant::now().checked_add(self.header_read),
@@ -138,6 +151,21 @@ impl ClientIo {
     }
 }
 
+impl ClientIo {
+    /// Returns true if and only if `out` is hyper's automatic answer to a head it refused,
+    /// and the right answer was sent instead (best effort, as the 408; see [`HeadCopy`]).
+    fn corrected(&self, out: &[u8]) -> bool {
+        if self.phase.load() & 0xff != HEAD {
+            return false;
+        }
+        let Some(fix) = self.head.correct(out) else {
+            return false;
+        };
+        let _ = self.stream.try_write(fix);
+        true
+    }
+}
+
 impl AsyncRead for ClientIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -148,10 +176,15 @@ impl AsyncRead for ClientIo {
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
+            this.head.record(&this.prefix[..n]);
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
         this.follow_phase();
+        if this.phase.1.is_active() && !this.unflushed {
+            // Woken for a backend's 1xx while the final response is awaited.
+            this.phase.1.write_early(cx, &mut this.stream);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -159,6 +192,9 @@ impl AsyncRead for ClientIo {
                     // The first byte of the next request: its head must now arrive in time.
                     this.phase.set(HEAD);
                     this.follow_phase();
+                }
+                if this.armed & 0xff == HEAD {
+                    this.head.record(&buf.filled()[before..]);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -185,7 +221,19 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        if self.corrected(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let this = &mut *self;
+        if this.phase.1.is_active() {
+            ready!(this
+                .phase
+                .1
+                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+        }
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
     }
 
     fn poll_write_vectored(
@@ -193,7 +241,19 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        if bufs.first().is_some_and(|b| self.corrected(b)) {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        let this = &mut *self;
+        if this.phase.1.is_active() {
+            ready!(this
+                .phase
+                .1
+                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+        }
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -201,7 +261,10 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let r = Pin::new(&mut self.stream).poll_flush(cx);
+        // hyper flushes the socket once its own buffer is empty.
+        self.unflushed &= !matches!(r, Poll::Ready(Ok(())));
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -260,6 +323,8 @@ pub(crate) async fn serve(
         sleep_at: None,
         header_read: config.header_read_timeout,
         idle: config.idle_timeout,
+        head: HeadCopy::new(config.max_header_bytes),
+        unflushed: false,
     };
     if h2 {
         phase.free();

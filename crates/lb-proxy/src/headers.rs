@@ -30,6 +30,14 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Returns true if and only if lb sets or keeps `name` itself, so `Connection` cannot remove it.
+fn is_vouched(name: &HeaderName) -> bool {
+    *name == header::HOST
+        || *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+}
+
 /// Removes hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`, `Proxy-*`,
 /// `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`. With `upgrade`, `Upgrade` stays and
 /// `Connection: upgrade` is set, so the protocol switch reaches the other side.
@@ -46,8 +54,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             || k.as_str().starts_with("proxy-")
     };
     if headers.keys().any(is_hop) {
+        // `Connection` may name any field, but not the ones lb vouches for: `Connection: Host`
+        // must not leave the backend guessing where the request was addressed.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !is_vouched(n))
             .collect();
         let listed: Vec<HeaderName> = headers.keys().filter(|k| is_hop(k)).cloned().collect();
         for name in named.into_iter().chain(listed) {
@@ -59,6 +70,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Prepares a backend's response headers for the client: hop-by-hop fields removed (but
+/// `Upgrade` with `upgrade`), and, when the backend sent `Transfer-Encoding`, its
+/// `Content-Length` too: hyper framed the body by Transfer-Encoding (RFC 9112 §6.3), so
+/// the length is not the body's and must not frame it towards the client.
+pub(crate) fn backward(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(headers, upgrade);
 }
 
 /// Prepares the client's headers for every attempt: hop-by-hop fields removed, the client's
@@ -155,6 +177,44 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} kept");
         }
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_lb_vouches_for() {
+        let mut h = map(&[
+            ("host", "app.example"),
+            (
+                "connection",
+                "Host, X-Forwarded-For, x-forwarded-proto, X-Forwarded-Host, x-other",
+            ),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-other", "1"),
+        ]);
+        forward(
+            &mut h,
+            None,
+            &client_value("127.0.0.9".parse().unwrap()),
+            false,
+        );
+        assert_eq!(h["host"], "app.example");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert!(!h.contains_key("x-other"));
+    }
+
+    #[test]
+    fn a_response_framed_by_transfer_encoding_loses_its_content_length() {
+        let mut h = map(&[
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("x-keep", "1"),
+        ]);
+        backward(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = map(&[("content-length", "3")]);
+        backward(&mut h, false);
+        assert_eq!(h["content-length"], "3");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   idle timers, graceful shutdown.
 //! * `service`: one request: body read (replayable up to `replay_buffer`), attempts with
 //!   lb-core's deadlines, relay, WebSocket tunnels; `Exchange` ends each request once.
+//! * `validate`: which requests are forwarded at all (one valid Host, unambiguous framing, no
+//!   CONNECT, no h2c upgrade) and their routing headers. `interim`: a backend's 1xx relayed
+//!   to HTTP/1.1 clients.
 //! * `headers`: `X-Forwarded-*`, hop-by-hop fields. `classify`: socket results → `Outcome`.
 //!   `respond`: the responses the proxy makes itself. `driver`: lb-core's timer.
 //! * [`Routes`]: the balancer and each backend's address, swapped whole on reload.
@@ -25,11 +28,13 @@ mod conn;
 mod driver;
 mod error;
 mod headers;
+mod interim;
 mod observe;
 mod respond;
 mod routes;
 mod service;
 mod upstream;
+mod validate;
 
 use std::future::Future;
 use std::sync::Arc;

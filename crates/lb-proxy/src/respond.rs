@@ -32,6 +32,10 @@ pub(crate) fn synthetic(status: StatusCode) -> Response<ResponseBody> {
 pub(crate) const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
+/// The bytes sent for a malformed request head hyper would have answered otherwise.
+pub(crate) const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;

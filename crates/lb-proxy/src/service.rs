@@ -15,10 +15,12 @@ use crate::classify::{classify, is_stale_connection};
 use crate::config::ProxyConfig;
 use crate::conn::Phase;
 use crate::headers;
+use crate::interim::{self, Interim};
 use crate::observe::{Completed, Observer};
 use crate::respond;
 use crate::routes::Routes;
 use crate::upstream::{Lease, Upstream};
+use crate::validate;
 
 /// What every connection and request shares.
 pub(crate) struct Shared {
@@ -143,6 +145,8 @@ struct Outgoing {
     path_and_query: http::uri::PathAndQuery,
     headers: HeaderMap,
     source: BodySource,
+    /// Where a backend's 1xx go (HTTP/1.1 clients only).
+    interim: Option<(Arc<Phase>, std::task::Waker)>,
 }
 
 impl Outgoing {
@@ -157,6 +161,9 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.headers.clone();
+        if let Some((phase, waker)) = &self.interim {
+            Interim::watch(phase, waker, &mut req);
+        }
         if !req.headers().contains_key(header::HOST) {
             if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
                 req.headers_mut().insert(header::HOST, host);
@@ -187,6 +194,10 @@ pub(crate) async fn handle(
         started: tokio::time::Instant::now(),
     };
     let version = req.version();
+    if let Err(rejected) = validate::admit(&mut req) {
+        tracing::debug!(target: "lb::conn", %peer, reason = rejected.reason, status = %rejected.status, "request rejected");
+        return reply(ex, rejected.response(version), version);
+    }
     let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
@@ -212,6 +223,10 @@ pub(crate) async fn handle(
         path_and_query,
         headers: parts.headers,
         source,
+        interim: match version {
+            Version::HTTP_11 => Some((Arc::clone(&ex.phase), interim::task_waker().await)),
+            _ => None,
+        },
     };
 
     let mut info = RequestInfo::new(
@@ -312,7 +327,7 @@ fn relay(
             let upstream = hyper::upgrade::on(&mut resp);
             ex.phase.free();
             let (mut parts, _) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers, true);
+            headers::backward(&mut parts.headers, true);
             parts.version = version;
             tokio::spawn(tunnel(client, upstream, ex));
             return Response::from_parts(parts, ResponseBody::empty());
@@ -321,7 +336,7 @@ fn relay(
         return reply(ex, respond::failure(Failure::BadGateway), version);
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::backward(&mut parts.headers, false);
     parts.version = version;
     Response::from_parts(parts, ResponseBody::upstream(body, ex, lease))
 }
