@@ -124,9 +124,13 @@ struct Lb {
 
 impl Lb {
     fn spawn(args: &[String]) -> Self {
+        Self::spawn_logging(args, "info")
+    }
+
+    fn spawn_logging(args: &[String], rust_log: &str) -> Self {
         let mut child = Command::new(LB)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -775,6 +779,126 @@ fn consistent_hash_on_a_header_and_http_health_checks() {
         sick_before,
         "no request reached the backend that failed its checks"
     );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+/// One HTTP/2 frame header: length, type, flags, stream 0.
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Unsolicited PING acks over h2c: lb must not log a line per frame (any client could fill
+/// the log), unless RUST_LOG asks for h2's own messages.
+#[test]
+fn unsolicited_h2_ping_acks_do_not_fill_the_log() {
+    const PING: u8 = 6;
+    const ACK: u8 = 1;
+    let backend = Backend::start("fine", Duration::ZERO);
+    for (rust_log, want_h2_warnings) in [("info", false), ("info,h2=warn", true)] {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut lb = Lb::spawn_logging(
+            &[
+                "--listen".into(),
+                addr.to_string(),
+                "--backend".into(),
+                backend.url(),
+                "--health-interval".into(),
+                "0".into(),
+            ],
+            rust_log,
+        );
+        lb.wait_listening(addr);
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(4, 0, &[])); // SETTINGS
+        for i in 0..50u8 {
+            out.extend(h2_frame(PING, ACK, &[i; 8]));
+        }
+        // A real PING last: frames are handled in order, so its ack means all acks were seen.
+        out.extend(h2_frame(PING, 0, b"lastping"));
+        s.write_all(&out).unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).expect("lb answers the PING");
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            if head[3] == PING && head[4] & ACK != 0 && payload == b"lastping" {
+                break;
+            }
+        }
+        // A later request's access line: once it is in, every earlier line is too.
+        assert_eq!(get(addr, "/after"), (200, "fine".into()));
+        lb.wait_log("path=/after");
+        let h2_warnings = lb
+            .logs()
+            .iter()
+            .filter(|l| l.contains("WARN") && l.contains("h2::"))
+            .count();
+        if want_h2_warnings {
+            assert!(h2_warnings >= 1, "RUST_LOG={rust_log} shows h2's warnings");
+        } else {
+            assert_eq!(h2_warnings, 0, "RUST_LOG={rust_log}: {:?}", lb.logs());
+        }
+        drop(s);
+        lb.signal("TERM");
+        assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+    }
+}
+
+/// The raw value of `"key":` in a JSON line, as printed.
+fn raw_json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[at..];
+    Some(rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim())
+}
+
+#[test]
+#[ignore = "needs proxy-flow's branch (lb-proxy logs `duration` once and rounds duration_ms)"]
+fn access_log_lines_have_one_duration_and_duration_ms_to_the_microsecond() {
+    let backend = Backend::start("fine", Duration::from_millis(3));
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+        "--log-format".into(),
+        "json".into(),
+    ]);
+    lb.wait_listening(addr);
+    for i in 0..20 {
+        assert_eq!(get(addr, &format!("/r{i}")).0, 200);
+    }
+    wait_until("20 access lines", || {
+        lb.logs()
+            .iter()
+            .filter(|l| l.contains("\"lb::access\""))
+            .count()
+            >= 20
+    });
+    let access: Vec<String> = lb
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("\"lb::access\""))
+        .collect();
+    assert_eq!(access.len(), 20);
+    for line in &access {
+        assert_eq!(line.matches("\"duration\":").count(), 1, "{line}");
+        let ms = raw_json_value(line, "duration_ms").expect("duration_ms");
+        let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "duration_ms {ms} in {line}");
+        assert!(ms.parse::<f64>().is_ok_and(|v| v >= 3.0), "{line}");
+    }
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
