@@ -106,6 +106,7 @@ struct Timeouts {
     request: Option<S<String>>,
     idle: Option<S<String>>,
     header_read: Option<S<String>>,
+    body_read: Option<S<String>>,
     drain: Option<S<String>>,
 }
 
@@ -450,6 +451,8 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         &t.header_read,
         proxy.header_read_timeout,
     )?;
+    proxy.body_read_timeout =
+        positive("timeouts.body_read", &t.body_read, proxy.body_read_timeout)?;
     let drain = match cli.drain_timeout {
         Some(d) => d,
         None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
@@ -644,11 +647,12 @@ impl fmt::Display for Settings {
         let x = &self.proxy;
         writeln!(
             f,
-            "timeouts: connect {}, request {}, idle {}, header_read {}, drain {}",
+            "timeouts: connect {}, request {}, idle {}, header_read {}, body_read {}, drain {}",
             d(x.connect_timeout),
             d(r.attempt_timeout),
             d(x.idle_timeout),
             d(x.header_read_timeout),
+            d(x.body_read_timeout),
             d(self.drain)
         )?;
         write!(
@@ -717,6 +721,7 @@ connect = "1s"
 request = "30s"
 idle = "60s"
 header_read = "10s"
+body_read = "45s"
 drain = "30s"
 
 [limits]
@@ -741,6 +746,7 @@ weight = 1
         assert_eq!(s.health.interval, Duration::from_secs(2));
         assert_eq!(s.core.passive.max_ejection, Duration::from_secs(300));
         assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(s.proxy.body_read_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -834,7 +840,7 @@ mod fuzz {
             key in prop::sample::select(vec![
                 "strategy", "hash_key", "admin", "log_format", "health.interval", "health.rise",
                 "passive.ejection", "passive.max_ejected_percent", "retry.attempts", "retry.backoff",
-                "timeouts.request", "limits.max_header_bytes", "limits.replay_buffer", "port",
+                "timeouts.request", "timeouts.body_read", "limits.max_header_bytes", "limits.replay_buffer", "port",
             ]),
             value in prop_oneof![
                 any::<i64>().prop_map(|n| n.to_string()),

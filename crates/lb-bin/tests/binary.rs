@@ -343,6 +343,42 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
 }
 
 #[test]
+fn timeouts_body_read_is_a_duration() {
+    let text = |v: &str| {
+        format!("[[backend]]\nurl = \"http://127.0.0.1:3031\"\n[timeouts]\nbody_read = {v}\n")
+    };
+    let good = config_file("bodyread", &text("\"5s\""));
+    let out = run(&["--config", good.to_str().unwrap(), "--check"]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{summary}");
+    assert!(summary.contains("body_read 5s"), "{summary}");
+    let default = config_file(
+        "bodyreaddefault",
+        "[[backend]]\nurl = \"http://127.0.0.1:3031\"\n",
+    );
+    let out = run(&["--config", default.to_str().unwrap(), "--check"]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("body_read 1m"),
+        "60 s by default: {summary}"
+    );
+    for (name, value, why) in [
+        ("bodyreadbad", "\"x\"", ""),
+        ("bodyreadzero", "\"0s\"", "greater than zero"),
+    ] {
+        let bad = config_file(name, &text(value));
+        let out = run(&["--config", bad.to_str().unwrap(), "--check"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {err}");
+        assert!(
+            err.contains(&format!("{}:4:", bad.display())) && err.contains("timeouts.body_read"),
+            "names file, line and key: {err}"
+        );
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
 fn check_validates_and_summarises() {
     let path = config_file("check", "strategy = \"weighted-round-robin\"\n[[backend]]\nurl = \"http://127.0.0.1:3031\"\nweight = 3\n");
     let out = run(&["--config", path.to_str().unwrap(), "--check"]);
