@@ -29,6 +29,20 @@ impl Backend {
 
     /// A backend whose `/healthz` answers `health` (everything else 200 `name`).
     fn start_with(name: &'static str, delay: Duration, health: u16) -> Self {
+        Self::start_full(name, delay, health, None)
+    }
+
+    /// A backend that answers 503 to `fail_path` (everything else 200 `name`).
+    fn failing_on(name: &'static str, fail_path: &'static str) -> Self {
+        Self::start_full(name, Duration::ZERO, 200, Some(fail_path))
+    }
+
+    fn start_full(
+        name: &'static str,
+        delay: Duration,
+        health: u16,
+        fail_path: Option<&'static str>,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -50,6 +64,7 @@ impl Backend {
                         let svc = hyper::service::service_fn(
                             move |req: hyper::Request<hyper::body::Incoming>| {
                                 let probe = req.uri().path() == "/healthz";
+                                let fail = Some(req.uri().path()) == fail_path;
                                 if !probe {
                                     h.fetch_add(1, Ordering::SeqCst);
                                 }
@@ -59,6 +74,8 @@ impl Backend {
                                     if probe {
                                         *resp.status_mut() =
                                             hyper::StatusCode::from_u16(health).unwrap_or_default();
+                                    } else if fail {
+                                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                                     } else {
                                         tokio::time::sleep(delay).await;
                                     }
@@ -935,6 +952,58 @@ fn access_log_lines_have_one_duration_and_duration_ms_to_the_microsecond() {
         assert!(decimals <= 3, "duration_ms {ms} in {line}");
         assert!(ms.parse::<f64>().is_ok_and(|v| v >= 3.0), "{line}");
     }
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+/// One 503 from a backend, then it serves well: it gets its even share back within 10 s
+/// (SPEC), instead of being starved because the failure never fades. Least-connections with
+/// sequential requests is exact (equal loads take turns), so the share is a sharp signal.
+/// (p2c-ewma is not tested this way: through real sockets its picks follow latency noise;
+/// without any failure one of two equal backends got 3 of 100 in one of three runs.)
+#[test]
+#[ignore = "needs core-a's branch (recent failures fade in lb-core)"]
+fn least_connections_gives_a_recovered_backend_its_share_back() {
+    let strategy = "least-connections";
+    let a = Backend::failing_on("a", "/fail");
+    let b = Backend::start("b", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        format!("--backends={},{}", a.url(), b.url()),
+        "--strategy".into(),
+        strategy.into(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    // Until one request lands on A, which answers it 503 (relayed, not retried); B answers 200.
+    let mut failed_at = None;
+    for _ in 0..50 {
+        let (status, body) = get(addr, "/fail");
+        if status == 503 {
+            failed_at = Some(Instant::now());
+            break;
+        }
+        assert_eq!((status, body.as_str()), (200, "b"));
+    }
+    let failed_at = failed_at.expect("one request reached A");
+    // Light traffic meanwhile, as a live service has; then A must be back to its share.
+    while failed_at.elapsed() < Duration::from_secs(11) {
+        assert_eq!(get(addr, "/").0, 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = a.hits();
+    for _ in 0..100 {
+        assert_eq!(get(addr, "/").0, 200);
+    }
+    let share = a.hits() - before;
+    assert!(
+        share >= 30,
+        "{strategy}: 11 s after one failure, A got {share} of 100 sequential requests"
+    );
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
