@@ -182,10 +182,15 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
     let parsed: File = toml::from_str(&text).map_err(|e| {
         let line = e.span().map(|s| cx.line(&s));
         let message = e.message().trim().to_owned();
+        let key = key_of(&message);
+        let key = match e.span() {
+            Some(span) if !key.is_empty() => qualified(&text[..span.start.min(text.len())], &key),
+            _ => key,
+        };
         ConfigError {
             file: file.clone(),
             line,
-            key: key_of(&message),
+            key,
             message,
         }
     })?;
@@ -271,6 +276,30 @@ fn key_of(message: &str) -> String {
         .filter(|_| message.contains("field"))
         .unwrap_or_default()
         .to_owned()
+}
+
+/// `key` prefixed with the table it sits in, found from the text `before` it: `body_reed`
+/// under `[timeouts]` is `timeouts.body_reed`, under the second `[[backend]]` `backend[1].x`.
+fn qualified(before: &str, key: &str) -> String {
+    let Some(header) = before.lines().map(str::trim).rfind(|l| l.starts_with('[')) else {
+        return key.to_owned();
+    };
+    let name = header
+        .split(']')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim();
+    if header.starts_with("[[") {
+        let index = before
+            .lines()
+            .filter(|l| l.trim().starts_with("[[") && l.contains(name))
+            .count()
+            .saturating_sub(1);
+        format!("{name}[{index}].{key}")
+    } else {
+        format!("{name}.{key}")
+    }
 }
 
 fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
@@ -753,6 +782,26 @@ weight = 1
     fn errors_name_file_key_and_line() {
         let e = with_file("strategy = \"round-robin\"\nbogus = 1\n", &[]).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "bogus"), "{e}");
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[timeouts]\nbody_read = \"5s\"\nbody_reed = \"5s\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(5), "timeouts.body_reed"),
+            "{e}"
+        );
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://b:1\"\nwieght = 2\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(5), "backend[1].wieght"),
+            "{e}"
+        );
         let e = with_file(
             "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"ftp://b:2\"\n",
             &[],

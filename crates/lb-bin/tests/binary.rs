@@ -324,6 +324,12 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
             .code(),
         Some(2)
     );
+    assert_eq!(
+        run(&["--log-format", "xml", "--backend", "http://a:1"])
+            .status
+            .code(),
+        Some(2)
+    );
     let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
     for flag in [
         "--listen",
@@ -393,6 +399,17 @@ fn timeouts_body_read_is_a_duration() {
         );
         assert!(err.contains(why), "{err}");
     }
+    let typo = config_file(
+        "bodyreadtypo",
+        "[[backend]]\nurl = \"http://127.0.0.1:3031\"\n[timeouts]\nbody_reed = \"5s\"\n",
+    );
+    let out = run(&["--config", typo.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}:4: timeouts.body_reed", typo.display())),
+        "an unknown key names file, line and key: {err}"
+    );
 }
 
 #[test]
@@ -462,6 +479,12 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     // In flight: at the backend, which answers 2 s later.
     wait_until("the request reached the backend", || slow.hits() == 1);
     lb.signal("TERM");
+    // Stops accepting at once, while the in-flight request still runs.
+    wait_until("lb stopped accepting", || TcpStream::connect(addr).is_err());
+    assert!(
+        !request.is_finished(),
+        "the in-flight request is not cut off"
+    );
     assert_eq!(request.join().unwrap(), (200, "slow".into()));
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
@@ -548,6 +571,7 @@ fn status_metrics_and_json_logs() {
     let backends = status["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 2);
     for (i, backend) in [&a, &b].iter().enumerate() {
+        assert_eq!(backend.hits(), 5, "round robin over two");
         let s = &backends[i];
         assert_eq!(s["url"], backend.url());
         assert_eq!(s["healthy"], true);
@@ -1006,4 +1030,116 @@ fn least_connections_gives_a_recovered_backend_its_share_back() {
     );
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn config_timeouts_and_limits_reach_the_proxy() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "listen = [\"{addr}\"]\n[health]\ninterval = \"0s\"\n[timeouts]\nheader_read = \"300ms\"\n\
+         [limits]\nmax_header_bytes = 2048\n[[backend]]\nurl = \"{}\"\n",
+        backend.url()
+    );
+    let path = config_file("limits", &text);
+    let mut lb = Lb::spawn(&["--config".into(), path.display().to_string()]);
+    lb.wait_listening(addr);
+    let send = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // Half a head, then nothing: 408 (from header_read = 300ms, not the 10 s default).
+    let slow = send(b"GET / HTTP/1.1\r\nHost: x\r\n");
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow:?}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(4096)
+    );
+    let big = send(big.as_bytes());
+    assert!(big.starts_with("HTTP/1.1 431"), "{big:?}");
+    assert_eq!(get(addr, "/"), (200, "fine".into()));
+    assert_eq!(
+        backend.hits(),
+        1,
+        "neither rejected request reached the backend"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn port_and_listen_together_listen_on_both() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let (listen_port, port) = (free_port(), free_port());
+    let listen: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
+    let on_port: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        listen.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(listen);
+    lb.wait_listening(on_port);
+    assert_eq!(get(listen, "/"), (200, "fine".into()));
+    assert_eq!(get(on_port, "/"), (200, "fine".into()));
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn debug_requests_keeps_the_last_256_traces() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    for i in 0..300 {
+        assert_eq!(get(addr, &format!("/r{i}")).0, 200);
+    }
+    let (code, recent) = get(admin, "/debug/requests");
+    assert_eq!(code, 200);
+    let recent: serde_json::Value = serde_json::from_str(&recent).unwrap();
+    let recent = recent.as_array().unwrap();
+    assert_eq!(recent.len(), 256, "bounded");
+    let (code, metrics) = get(admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("lb_responses_total{code=\"200\"} 300"),
+        "every request counted, not only the kept ones: {metrics}"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn localhost_and_127_0_0_1_are_different_backends() {
+    let path = config_file(
+        "notdup",
+        "[[backend]]\nurl = \"http://localhost:3031\"\n[[backend]]\nurl = \"http://127.0.0.1:3031\"\n",
+    );
+    let out = run(&["--config", path.to_str().unwrap(), "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("backends: 2"), "{text}");
 }
