@@ -922,7 +922,7 @@ fn unsolicited_h2_ping_acks_do_not_fill_the_log() {
         }
         // A later request's access line: once it is in, every earlier line is too.
         assert_eq!(get(addr, "/after"), (200, "fine".into()));
-        lb.wait_log("path=/after");
+        lb.wait_log("/after");
         let h2_warnings = lb
             .logs()
             .iter()
