@@ -108,6 +108,7 @@ struct Timeouts {
     request: Option<S<String>>,
     idle: Option<S<String>>,
     header_read: Option<S<String>>,
+    body_read: Option<S<String>>,
     drain: Option<S<String>>,
 }
 
@@ -180,10 +181,15 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
     let parsed: File = toml::from_str(&text).map_err(|e| {
         let line = e.span().map(|s| cx.line(&s));
         let message = e.message().trim().to_owned();
+        let key = key_of(&message);
+        let key = match e.span() {
+            Some(span) if !key.is_empty() => qualified(&text[..span.start.min(text.len())], &key),
+            _ => key,
+        };
         ConfigError {
             file: file.clone(),
             line,
-            key: key_of(&message),
+            key,
             message,
         }
     })?;
@@ -299,6 +305,30 @@ fn key_of(message: &str) -> String {
         .filter(|_| message.contains("field"))
         .unwrap_or_default()
         .to_owned()
+}
+
+/// `key` prefixed with the table it sits in, found from the text `before` it: `body_reed`
+/// under `[timeouts]` is `timeouts.body_reed`, under the second `[[backend]]` `backend[1].x`.
+fn qualified(before: &str, key: &str) -> String {
+    let Some(header) = before.lines().map(str::trim).rfind(|l| l.starts_with('[')) else {
+        return key.to_owned();
+    };
+    let name = header
+        .split(']')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim();
+    if header.starts_with("[[") {
+        let index = before
+            .lines()
+            .filter(|l| l.trim().starts_with("[[") && l.contains(name))
+            .count()
+            .saturating_sub(1);
+        format!("{name}[{index}].{key}")
+    } else {
+        format!("{name}.{key}")
+    }
 }
 
 fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
@@ -529,6 +559,8 @@ fn proxy_config(f: &File, cx: &Cx<'_>) -> Result<ProxyConfig, ConfigError> {
         &t.header_read,
         proxy.header_read_timeout,
     )?;
+    proxy.body_read_timeout =
+        positive("timeouts.body_read", &t.body_read, proxy.body_read_timeout)?;
     let l = f.limits.as_ref();
     let nl = Limits::default();
     let l = l.unwrap_or(&nl);
@@ -670,11 +702,12 @@ impl fmt::Display for Settings {
         let x = &self.proxy;
         writeln!(
             f,
-            "timeouts: connect {}, request {}, idle {}, header_read {}, drain {}",
+            "timeouts: connect {}, request {}, idle {}, header_read {}, body_read {}, drain {}",
             d(x.connect_timeout),
             d(r.attempt_timeout()),
             d(x.idle_timeout),
             d(x.header_read_timeout),
+            d(x.body_read_timeout),
             d(self.drain)
         )?;
         write!(
@@ -742,6 +775,7 @@ connect = "1s"
 request = "30s"
 idle = "60s"
 header_read = "10s"
+body_read = "45s"
 drain = "30s"
 
 [limits]
@@ -766,12 +800,33 @@ weight = 1
         assert_eq!(s.health.interval, Duration::from_secs(2));
         assert_eq!(s.core.passive().max_ejection(), Duration::from_secs(300));
         assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(s.proxy.body_read_timeout, Duration::from_secs(45));
     }
 
     #[test]
     fn errors_name_file_key_and_line() {
         let e = with_file("strategy = \"round-robin\"\nbogus = 1\n", &[]).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "bogus"), "{e}");
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[timeouts]\nbody_read = \"5s\"\nbody_reed = \"5s\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(5), "timeouts.body_reed"),
+            "{e}"
+        );
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://b:1\"\nwieght = 2\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(5), "backend[1].wieght"),
+            "{e}"
+        );
         let e = with_file(
             "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"ftp://b:2\"\n",
             &[],
@@ -917,7 +972,7 @@ mod fuzz {
             key in prop::sample::select(vec![
                 "strategy", "hash_key", "admin", "log_format", "health.interval", "health.rise",
                 "passive.ejection", "passive.max_ejected_percent", "retry.attempts", "retry.backoff",
-                "timeouts.request", "limits.max_header_bytes", "limits.replay_buffer", "port",
+                "timeouts.request", "timeouts.body_read", "limits.max_header_bytes", "limits.replay_buffer", "port",
             ]),
             value in prop_oneof![
                 any::<i64>().prop_map(|n| n.to_string()),

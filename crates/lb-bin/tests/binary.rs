@@ -29,6 +29,20 @@ impl Backend {
 
     /// A backend whose `/healthz` answers `health` (everything else 200 `name`).
     fn start_with(name: &'static str, delay: Duration, health: u16) -> Self {
+        Self::start_full(name, delay, health, None)
+    }
+
+    /// A backend that answers 503 to `fail_path` (everything else 200 `name`).
+    fn failing_on(name: &'static str, fail_path: &'static str) -> Self {
+        Self::start_full(name, Duration::ZERO, 200, Some(fail_path))
+    }
+
+    fn start_full(
+        name: &'static str,
+        delay: Duration,
+        health: u16,
+        fail_path: Option<&'static str>,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -50,6 +64,7 @@ impl Backend {
                         let svc = hyper::service::service_fn(
                             move |req: hyper::Request<hyper::body::Incoming>| {
                                 let probe = req.uri().path() == "/healthz";
+                                let fail = Some(req.uri().path()) == fail_path;
                                 if !probe {
                                     h.fetch_add(1, Ordering::SeqCst);
                                 }
@@ -59,6 +74,8 @@ impl Backend {
                                     if probe {
                                         *resp.status_mut() =
                                             hyper::StatusCode::from_u16(health).unwrap_or_default();
+                                    } else if fail {
+                                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                                     } else {
                                         tokio::time::sleep(delay).await;
                                     }
@@ -85,12 +102,22 @@ impl Backend {
     }
 }
 
+/// A port that was free a moment ago, never the same one twice in this process: the tests
+/// run in parallel, and two lb processes told the same port would fail each other.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// GET over a fresh connection; (status, body).
@@ -124,9 +151,13 @@ struct Lb {
 
 impl Lb {
     fn spawn(args: &[String]) -> Self {
+        Self::spawn_logging(args, "info")
+    }
+
+    fn spawn_logging(args: &[String], rust_log: &str) -> Self {
         let mut child = Command::new(LB)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -180,6 +211,23 @@ impl Lb {
 
     fn logs(&self) -> Vec<String> {
         self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until a line of stdout contains `needle`: a line is written before the
+    /// response it belongs to ends, but our reader thread may take it in later.
+    fn wait_log(&self, needle: &str) {
+        wait_until(&format!("a log line with {needle:?}"), || {
+            self.logs().iter().any(|l| l.contains(needle))
+        });
+    }
+}
+
+/// Polls `f` until it holds; fails after a bound no busy machine reaches.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -286,6 +334,12 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
             .code(),
         Some(2)
     );
+    assert_eq!(
+        run(&["--log-format", "xml", "--backend", "http://a:1"])
+            .status
+            .code(),
+        Some(2)
+    );
     let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
     for flag in [
         "--listen",
@@ -319,6 +373,53 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
     ]);
     assert_eq!(tls.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"));
+}
+
+#[test]
+fn timeouts_body_read_is_a_duration() {
+    let text = |v: &str| {
+        format!("[[backend]]\nurl = \"http://127.0.0.1:3031\"\n[timeouts]\nbody_read = {v}\n")
+    };
+    let good = config_file("bodyread", &text("\"5s\""));
+    let out = run(&["--config", good.to_str().unwrap(), "--check"]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{summary}");
+    assert!(summary.contains("body_read 5s"), "{summary}");
+    let default = config_file(
+        "bodyreaddefault",
+        "[[backend]]\nurl = \"http://127.0.0.1:3031\"\n",
+    );
+    let out = run(&["--config", default.to_str().unwrap(), "--check"]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("body_read 1m"),
+        "60 s by default: {summary}"
+    );
+    for (name, value, why) in [
+        ("bodyreadbad", "\"x\"", ""),
+        ("bodyreadzero", "\"0s\"", "greater than zero"),
+    ] {
+        let bad = config_file(name, &text(value));
+        let out = run(&["--config", bad.to_str().unwrap(), "--check"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {err}");
+        assert!(
+            err.contains(&format!("{}:4:", bad.display())) && err.contains("timeouts.body_read"),
+            "names file, line and key: {err}"
+        );
+        assert!(err.contains(why), "{err}");
+    }
+    let typo = config_file(
+        "bodyreadtypo",
+        "[[backend]]\nurl = \"http://127.0.0.1:3031\"\n[timeouts]\nbody_reed = \"5s\"\n",
+    );
+    let out = run(&["--config", typo.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}:4: timeouts.body_reed", typo.display())),
+        "an unknown key names file, line and key: {err}"
+    );
 }
 
 #[test]
@@ -374,7 +475,7 @@ fn simplelb_flags_and_port_in_use() {
 
 #[test]
 fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
-    let slow = Backend::start("slow", Duration::from_millis(800));
+    let slow = Backend::start("slow", Duration::from_secs(2));
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut lb = Lb::spawn(&[
@@ -385,15 +486,22 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     ]);
     lb.wait_listening(addr);
     let request = std::thread::spawn(move || get(addr, "/"));
-    std::thread::sleep(Duration::from_millis(300));
+    // In flight: at the backend, which answers 2 s later.
+    wait_until("the request reached the backend", || slow.hits() == 1);
     lb.signal("TERM");
+    // Stops accepting at once, while the in-flight request still runs.
+    wait_until("lb stopped accepting", || TcpStream::connect(addr).is_err());
+    assert!(
+        !request.is_finished(),
+        "the in-flight request is not cut off"
+    );
     assert_eq!(request.join().unwrap(), (200, "slow".into()));
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
 
 #[test]
 fn sighup_moves_traffic_keeps_in_flight_and_survives_a_bad_config() {
-    let old = Backend::start("old", Duration::from_millis(1000));
+    let old = Backend::start("old", Duration::from_secs(2));
     let new = Backend::start("new", Duration::ZERO);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -407,7 +515,9 @@ fn sighup_moves_traffic_keeps_in_flight_and_survives_a_bad_config() {
     lb.wait_listening(addr);
 
     let long = std::thread::spawn(move || get(addr, "/long"));
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the long request reached the old backend", || {
+        old.hits() == 1
+    });
     std::fs::write(&path, text(&new.url())).unwrap();
     lb.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -426,15 +536,11 @@ fn sighup_moves_traffic_keeps_in_flight_and_survives_a_bad_config() {
 
     std::fs::write(&path, "this is = not [valid toml").unwrap();
     lb.signal("HUP");
-    std::thread::sleep(Duration::from_millis(300));
+    lb.wait_log("reload failed");
     assert_eq!(
         get(addr, "/"),
         (200, "new".into()),
         "a bad config keeps the old one in force"
-    );
-    assert!(
-        lb.logs().iter().any(|l| l.contains("reload failed")),
-        "the bad config is logged"
     );
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
@@ -475,6 +581,7 @@ fn status_metrics_and_json_logs() {
     let backends = status["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 2);
     for (i, backend) in [&a, &b].iter().enumerate() {
+        assert_eq!(backend.hits(), 5, "round robin over two");
         let s = &backends[i];
         assert_eq!(s["url"], backend.url());
         assert_eq!(s["healthy"], true);
@@ -485,9 +592,19 @@ fn status_metrics_and_json_logs() {
         assert!(s["ejected_until"].is_null());
     }
 
-    std::thread::sleep(Duration::from_millis(600)); // a few probes
-    let (code, metrics) = get(admin, "/metrics");
-    assert_eq!(code, 200);
+    // A few probes (every 200 ms) are counted.
+    let mut metrics = String::new();
+    wait_until("probes in /metrics", || {
+        let (code, m) = get(admin, "/metrics");
+        metrics = m;
+        code == 200
+            && [&a, &b].iter().all(|b| {
+                metrics.contains(&format!(
+                    "lb_health_checks_total{{backend=\"{}\",result=\"success\"}}",
+                    b.addr
+                ))
+            })
+    });
     for backend in [&a, &b] {
         let line = format!(
             "lb_requests_total{{backend=\"{}\",code=\"200\"}} {}",
@@ -527,12 +644,15 @@ fn status_metrics_and_json_logs() {
     assert_eq!(recent.len(), 10);
     assert_eq!(recent[0]["attempts"][0]["decision"], "relay");
 
+    let access_lines = |logs: &[String]| -> Vec<serde_json::Value> {
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "lb::access")
+            .collect()
+    };
+    wait_until("10 access lines", || access_lines(&lb.logs()).len() >= 10);
     let logs = lb.logs();
-    let access: Vec<serde_json::Value> = logs
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "lb::access")
-        .collect();
+    let access = access_lines(&logs);
     assert_eq!(
         access.len(),
         10,
@@ -571,12 +691,12 @@ fn drain_timeout_cuts_off_and_still_exits_0() {
     ]);
     lb.wait_listening(addr);
     let request = std::thread::spawn(move || get(addr, "/"));
-    std::thread::sleep(Duration::from_millis(200));
-    let t = Instant::now();
+    wait_until("the request reached the backend", || stuck.hits() == 1);
     lb.signal("TERM");
-    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
+    // Well before the stuck backend (30 s) or the default drain timeout (30 s) would let go.
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(20)),
+        0,
         "the drain timeout bounds the exit"
     );
     let (status, _) = request.join().unwrap();
@@ -641,20 +761,15 @@ fn dead_backends_503_ejection_in_status_and_error_metrics() {
     lb.wait_listening(addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let t = Instant::now();
         let (code, _) = get(addr, "/");
         if code == 503 {
-            assert!(t.elapsed() < Duration::from_millis(500), "503 at once");
             break;
         }
         assert_eq!(code, 502, "before the probes notice, the attempts fail");
         assert!(Instant::now() < deadline, "never 503");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(lb
-        .logs()
-        .iter()
-        .any(|l| l.contains("down: 3 consecutive probe failures: connection refused")));
+    lb.wait_log("down: 3 consecutive probe failures: connection refused");
 }
 
 #[test]
@@ -753,4 +868,288 @@ fn consistent_hash_on_a_header_and_http_health_checks() {
     );
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+/// One HTTP/2 frame header: length, type, flags, stream 0.
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Unsolicited PING acks over h2c: lb must not log a line per frame (any client could fill
+/// the log), unless RUST_LOG asks for h2's own messages.
+#[test]
+fn unsolicited_h2_ping_acks_do_not_fill_the_log() {
+    const PING: u8 = 6;
+    const ACK: u8 = 1;
+    let backend = Backend::start("fine", Duration::ZERO);
+    for (rust_log, want_h2_warnings) in [("info", false), ("info,h2=warn", true)] {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut lb = Lb::spawn_logging(
+            &[
+                "--listen".into(),
+                addr.to_string(),
+                "--backend".into(),
+                backend.url(),
+                "--health-interval".into(),
+                "0".into(),
+            ],
+            rust_log,
+        );
+        lb.wait_listening(addr);
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(4, 0, &[])); // SETTINGS
+        for i in 0..50u8 {
+            out.extend(h2_frame(PING, ACK, &[i; 8]));
+        }
+        // A real PING last: frames are handled in order, so its ack means all acks were seen.
+        out.extend(h2_frame(PING, 0, b"lastping"));
+        s.write_all(&out).unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).expect("lb answers the PING");
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            if head[3] == PING && head[4] & ACK != 0 && payload == b"lastping" {
+                break;
+            }
+        }
+        // A later request's access line: once it is in, every earlier line is too.
+        assert_eq!(get(addr, "/after"), (200, "fine".into()));
+        lb.wait_log("/after");
+        let h2_warnings = lb
+            .logs()
+            .iter()
+            .filter(|l| l.contains("WARN") && l.contains("h2::"))
+            .count();
+        if want_h2_warnings {
+            assert!(h2_warnings >= 1, "RUST_LOG={rust_log} shows h2's warnings");
+        } else {
+            assert_eq!(h2_warnings, 0, "RUST_LOG={rust_log}: {:?}", lb.logs());
+        }
+        drop(s);
+        lb.signal("TERM");
+        assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+    }
+}
+
+/// The raw value of `"key":` in a JSON line, as printed.
+fn raw_json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[at..];
+    Some(rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim())
+}
+
+#[test]
+#[ignore = "needs proxy-flow's branch (lb-proxy logs `duration` once and rounds duration_ms)"]
+fn access_log_lines_have_one_duration_and_duration_ms_to_the_microsecond() {
+    let backend = Backend::start("fine", Duration::from_millis(3));
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+        "--log-format".into(),
+        "json".into(),
+    ]);
+    lb.wait_listening(addr);
+    for i in 0..20 {
+        assert_eq!(get(addr, &format!("/r{i}")).0, 200);
+    }
+    wait_until("20 access lines", || {
+        lb.logs()
+            .iter()
+            .filter(|l| l.contains("\"lb::access\""))
+            .count()
+            >= 20
+    });
+    let access: Vec<String> = lb
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("\"lb::access\""))
+        .collect();
+    assert_eq!(access.len(), 20);
+    for line in &access {
+        assert_eq!(line.matches("\"duration\":").count(), 1, "{line}");
+        let ms = raw_json_value(line, "duration_ms").expect("duration_ms");
+        let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "duration_ms {ms} in {line}");
+        assert!(ms.parse::<f64>().is_ok_and(|v| v >= 3.0), "{line}");
+    }
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+/// One 503 from a backend, then it serves well: it gets its even share back within 10 s
+/// (SPEC), instead of being starved because the failure never fades. Least-connections with
+/// sequential requests is exact (equal loads take turns), so the share is a sharp signal.
+/// (p2c-ewma is not tested this way: through real sockets its picks follow latency noise;
+/// without any failure one of two equal backends got 3 of 100 in one of three runs.)
+#[test]
+#[ignore = "needs core-a's branch (recent failures fade in lb-core)"]
+fn least_connections_gives_a_recovered_backend_its_share_back() {
+    let strategy = "least-connections";
+    let a = Backend::failing_on("a", "/fail");
+    let b = Backend::start("b", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        format!("--backends={},{}", a.url(), b.url()),
+        "--strategy".into(),
+        strategy.into(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    // Until one request lands on A, which answers it 503 (relayed, not retried); B answers 200.
+    let mut failed_at = None;
+    for _ in 0..50 {
+        let (status, body) = get(addr, "/fail");
+        if status == 503 {
+            failed_at = Some(Instant::now());
+            break;
+        }
+        assert_eq!((status, body.as_str()), (200, "b"));
+    }
+    let failed_at = failed_at.expect("one request reached A");
+    // Light traffic meanwhile, as a live service has; then A must be back to its share.
+    while failed_at.elapsed() < Duration::from_secs(11) {
+        assert_eq!(get(addr, "/").0, 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = a.hits();
+    for _ in 0..100 {
+        assert_eq!(get(addr, "/").0, 200);
+    }
+    let share = a.hits() - before;
+    assert!(
+        share >= 30,
+        "{strategy}: 11 s after one failure, A got {share} of 100 sequential requests"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn config_timeouts_and_limits_reach_the_proxy() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "listen = [\"{addr}\"]\n[health]\ninterval = \"0s\"\n[timeouts]\nheader_read = \"300ms\"\n\
+         [limits]\nmax_header_bytes = 2048\n[[backend]]\nurl = \"{}\"\n",
+        backend.url()
+    );
+    let path = config_file("limits", &text);
+    let mut lb = Lb::spawn(&["--config".into(), path.display().to_string()]);
+    lb.wait_listening(addr);
+    let send = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // Half a head, then nothing: 408 (from header_read = 300ms, not the 10 s default).
+    let slow = send(b"GET / HTTP/1.1\r\nHost: x\r\n");
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow:?}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(4096)
+    );
+    let big = send(big.as_bytes());
+    assert!(big.starts_with("HTTP/1.1 431"), "{big:?}");
+    assert_eq!(get(addr, "/"), (200, "fine".into()));
+    assert_eq!(
+        backend.hits(),
+        1,
+        "neither rejected request reached the backend"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn port_and_listen_together_listen_on_both() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let (listen_port, port) = (free_port(), free_port());
+    let listen: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
+    let on_port: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        listen.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(listen);
+    lb.wait_listening(on_port);
+    assert_eq!(get(listen, "/"), (200, "fine".into()));
+    assert_eq!(get(on_port, "/"), (200, "fine".into()));
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn debug_requests_keeps_the_last_256_traces() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    for i in 0..300 {
+        assert_eq!(get(addr, &format!("/r{i}")).0, 200);
+    }
+    let (code, recent) = get(admin, "/debug/requests");
+    assert_eq!(code, 200);
+    let recent: serde_json::Value = serde_json::from_str(&recent).unwrap();
+    let recent = recent.as_array().unwrap();
+    assert_eq!(recent.len(), 256, "bounded");
+    let (code, metrics) = get(admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("lb_responses_total{code=\"200\"} 300"),
+        "every request counted, not only the kept ones: {metrics}"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn localhost_and_127_0_0_1_are_different_backends() {
+    let path = config_file(
+        "notdup",
+        "[[backend]]\nurl = \"http://localhost:3031\"\n[[backend]]\nurl = \"http://127.0.0.1:3031\"\n",
+    );
+    let out = run(&["--config", path.to_str().unwrap(), "--check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("backends: 2"), "{text}");
 }
