@@ -106,6 +106,7 @@ struct Timeouts {
     request: Option<S<String>>,
     idle: Option<S<String>>,
     header_read: Option<S<String>>,
+    body_read: Option<S<String>>,
     drain: Option<S<String>>,
 }
 
@@ -450,6 +451,8 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         &t.header_read,
         proxy.header_read_timeout,
     )?;
+    proxy.body_read_timeout =
+        positive("timeouts.body_read", &t.body_read, proxy.body_read_timeout)?;
     let drain = match cli.drain_timeout {
         Some(d) => d,
         None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
@@ -644,11 +647,12 @@ impl fmt::Display for Settings {
         let x = &self.proxy;
         writeln!(
             f,
-            "timeouts: connect {}, request {}, idle {}, header_read {}, drain {}",
+            "timeouts: connect {}, request {}, idle {}, header_read {}, body_read {}, drain {}",
             d(x.connect_timeout),
             d(r.attempt_timeout),
             d(x.idle_timeout),
             d(x.header_read_timeout),
+            d(x.body_read_timeout),
             d(self.drain)
         )?;
         write!(
@@ -717,6 +721,7 @@ connect = "1s"
 request = "30s"
 idle = "60s"
 header_read = "10s"
+body_read = "60s"
 drain = "30s"
 
 [limits]

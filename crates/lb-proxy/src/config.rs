@@ -13,6 +13,10 @@ pub struct ProxyConfig {
     /// `timeouts.header_read`: a client must send a whole request head within this, else it
     /// gets 408 and the connection closes (10 s).
     pub header_read_timeout: Duration,
+    /// `timeouts.body_read`: the longest pause while a client sends a request body; then it
+    /// gets 408 (if no response has started) and the connection closes (60 s). Never charged
+    /// to a backend.
+    pub body_read_timeout: Duration,
     /// `limits.max_header_bytes`: larger request heads get 431 (32 KiB).
     pub max_header_bytes: usize,
     /// `limits.max_connections`: beyond this many client connections, accepting pauses (10,000).
@@ -32,6 +36,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
             replay_buffer: 64 * 1024,
