@@ -10,7 +10,6 @@ use hyper::Response;
 use lb_core::Outcome;
 
 use crate::body::ClientFault;
-use crate::upstream::Lease;
 
 /// Why an attempt got no response head.
 #[derive(Debug)]
@@ -38,9 +37,9 @@ impl std::fmt::Display for SendError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TimedOut;
 
-/// The result of one attempt: the response (and its connection), the failure, or the
+/// The result of one attempt: the response (and its connection, `L`), the failure, or the
 /// attempt's deadline.
-pub(crate) type AttemptResult = Result<Result<(Response<Incoming>, Lease), SendError>, TimedOut>;
+pub(crate) type AttemptResult<L> = Result<Result<(Response<Incoming>, L), SendError>, TimedOut>;
 
 /// Whose an attempt's end was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +55,7 @@ pub(crate) enum Verdict {
 /// failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`.
 /// A failure while the client's body had failed (`client`) is the client's, whatever the
 /// socket said: the backend only saw a request cut short.
-pub(crate) fn classify(result: &AttemptResult, client: Option<ClientFault>) -> Verdict {
+pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>) -> Verdict {
     let outcome = match result {
         Ok(Ok((resp, _))) => {
             return Verdict::Backend(Outcome::Response {

@@ -140,7 +140,7 @@ impl Proxy {
     /// worker's at once, every other worker's at its next sweep (within 5 s). None is used
     /// meanwhile: the pool is keyed by backend address, and no new request routes there.
     pub fn set_routes(&self, routes: Routes) {
-        self.shared.upstream.retain_routes(&routes);
+        self.shared.upstream.retain(routes.pool_keys());
         self.shared.routes.store(Arc::new(routes));
     }
 
@@ -217,7 +217,7 @@ async fn sweep_idle(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let now = shared.routes.load_full();
         if !Arc::ptr_eq(&routes, &now) {
-            shared.upstream.retain_routes(&now);
+            shared.upstream.retain(now.pool_keys());
             routes = now;
         }
     }

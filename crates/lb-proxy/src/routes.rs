@@ -155,6 +155,11 @@ impl Routes {
         &self.balancer
     }
 
+    /// Every backend's pool key.
+    pub(crate) fn pool_keys(&self) -> impl Iterator<Item = &PoolKey> {
+        self.targets.values().map(|t| &t.key)
+    }
+
     /// The backend behind an id.
     #[must_use]
     pub fn target(&self, id: BackendId) -> Option<&Target> {

@@ -155,7 +155,7 @@ pub(crate) async fn handle(
                         None
                     }
                 });
-                let result: AttemptResult =
+                let result: AttemptResult<Lease> =
                     within(try_deadline, timeout, outgoing.source.watch(), send).await;
                 if st.resent() == Some(this_attempt) {
                     // The dead pooled send, counted like every send (`lb_requests_total`).

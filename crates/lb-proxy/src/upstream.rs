@@ -25,7 +25,6 @@ use tokio::time::Instant;
 use crate::body::RequestBody;
 use crate::classify::{is_stale_connection, SendError};
 use crate::config::ProxyConfig;
-use crate::routes::Routes;
 
 type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
 
@@ -155,10 +154,10 @@ impl Upstream {
         });
     }
 
-    /// Closes every pooled connection to a backend `routes` no longer has (after a reload).
-    pub(crate) fn retain_routes(&self, routes: &Routes) {
+    /// Closes every pooled connection to a backend not in `keep` (after a reload).
+    pub(crate) fn retain<'a>(&self, keep: impl IntoIterator<Item = &'a PoolKey>) {
         let keep: std::collections::HashSet<&PoolKey, std::hash::BuildHasherDefault<KeyHasher>> =
-            routes.targets.values().map(|t| &t.key).collect();
+            keep.into_iter().collect();
         self.pool().retain(|key, _| keep.contains(key));
     }
 
@@ -308,6 +307,22 @@ mod tests {
             0,
             "idle past the timeout: closed and forgotten"
         );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn connections_to_a_removed_backend_are_dropped() {
+        use http_body_util::BodyExt;
+        let (authority, task) = backend().await;
+        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        let key = PoolKey::new(&authority);
+        let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+        let _ = resp.into_body().collect().await.unwrap();
+        lease.release();
+        up.retain([&key]);
+        assert_eq!(up.idle_count(), 1, "still routed: kept");
+        up.retain([]);
+        assert_eq!(up.idle_count(), 0, "removed: closed");
         task.abort();
     }
 
