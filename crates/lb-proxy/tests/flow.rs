@@ -399,3 +399,46 @@ async fn a_dead_pooled_connection_is_resent_once_per_request_and_shown() {
         "three sends and the 502: {last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_the_body_still_gets_the_request_timeout() {
+    // Accepts, never reads: once the socket buffers are full, the upload stalls on its side.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let mut core = core_config();
+    core.retry.attempt_timeout = Duration::from_millis(500);
+    let config = ProxyConfig {
+        body_read_timeout: Duration::from_secs(30),
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[url], core, config).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr
+            .write_all(b"PUT /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        // At most 1 GiB: far beyond any socket buffer, so the stall is the backend's.
+        for _ in 0..16_384 {
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(BOUND, rd.read(&mut got))
+        .await
+        .expect("an answer while the upload is stalled")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got[..n]).into_owned();
+    assert!(got.starts_with("HTTP/1.1 504"), "{got:?}");
+    writer.abort();
+    held.abort();
+}
