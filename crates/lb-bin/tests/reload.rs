@@ -103,6 +103,7 @@ impl Lb {
         let mut child = Command::new(LB)
             .arg("--config")
             .arg(config)
+            .args(["--log-format", "json"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -205,6 +206,27 @@ fn a_reload_that_renumbers_backends_never_reaches_a_removed_one() {
         (a_before, b_before),
         "the removed backends got nothing more"
     );
+
+    // And each access-log line says its duration once, in at most 3 decimals of a millisecond.
+    let access: Vec<String> = lb
+        .stdout
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"duration_ms\""))
+        .cloned()
+        .collect();
+    assert!(access.len() >= 32, "one line per request: {}", access.len());
+    for line in &access {
+        assert_eq!(line.matches("\"duration\":").count(), 1, "{line}");
+        let ms = line.split("\"duration_ms\":").nth(1).unwrap();
+        let ms: String = ms
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "duration_ms {ms} in {line}");
+    }
     lb.signal("TERM");
     lb.wait_for("lb to exit", |lb| lb.child.try_wait().unwrap().is_some());
     let _ = std::fs::remove_dir_all(&dir);
