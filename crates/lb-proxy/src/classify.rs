@@ -51,6 +51,11 @@ pub(crate) enum Verdict {
     Client(ClientFault),
 }
 
+/// An attempt the proxy could not start for a reason of its own (the backend was picked from
+/// a backend set newer than this request's routes, or the request could not be built): not
+/// sent, so retried, and never the backend's failure.
+pub(crate) const NOT_SENT_HERE: Outcome = Outcome::StaleConnection;
+
 /// `TimedOut` ⇒ `TimedOut`; connect failures ⇒ `ConnectRefused`/`ConnectTimeout`; any other
 /// failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`.
 /// A failure while the client's body had failed (`client`) is the client's, whatever the

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use lb_core::{Action, Completion, Failure, Outcome, RequestInfo};
 
 use crate::body::{BodySource, BodyWatch, ClientFault, RequestBody, ResponseBody};
-use crate::classify::{classify, AttemptResult, TimedOut, Verdict};
+use crate::classify::{classify, AttemptResult, TimedOut, Verdict, NOT_SENT_HERE};
 use crate::clock::now;
 use crate::config::ProxyConfig;
 use crate::exchange::{Ending, Exchange};
@@ -136,12 +136,11 @@ pub(crate) async fn handle(
                     tokio::time::sleep_until(not_before.into()).await;
                 }
                 let Some(target) = routes.target(backend) else {
-                    // Picked from a backend set newer than this request's routes: not sent.
-                    action = balancer.handle_outcome(st, Outcome::StaleConnection, now());
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
                 let Ok(req) = outgoing.attempt(&target.authority) else {
-                    action = balancer.handle_outcome(st, Outcome::ConnectRefused, now());
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
                 let this_attempt = st.attempt_count().saturating_sub(1);

@@ -118,14 +118,15 @@ async fn stalled_bodies_get_408_silent_http2_is_closed_and_slow_uploads_succeed(
     let config = ProxyConfig {
         header_read_timeout: short,
         idle_timeout: short,
-        body_read_timeout: short,
+        // Ten times the slow upload's pauses below, a third of the stalled ones'.
+        body_read_timeout: Duration::from_secs(1),
         max_connections: 4,
         ..ProxyConfig::default()
     };
     let p = proxy(&[backend.url()], core, config).await;
 
     // Four sockets that would hold every slot: two HTTP/2 prefaces with SETTINGS then
-    // silence, two request bodies at 1 byte/s.
+    // silence, two request bodies at 1 byte per 3 s.
     let mut hostile = tokio::task::JoinSet::new();
     for i in 0..4 {
         let addr = p.addr;
@@ -150,7 +151,7 @@ async fn stalled_bodies_get_408_silent_http2_is_closed_and_slow_uploads_succeed(
                             Ok(0) | Err(_) => return,
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         },
-                        () = tokio::time::sleep(Duration::from_secs(1)), if i % 2 == 1 => {
+                        () = tokio::time::sleep(Duration::from_secs(3)), if i % 2 == 1 => {
                             if s.write_all(b"x").await.is_err() {
                                 return;
                             }
@@ -181,21 +182,27 @@ async fn stalled_bodies_get_408_silent_http2_is_closed_and_slow_uploads_succeed(
     s.write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await
         .unwrap();
-    for _ in 0..12 {
+    for _ in 0..15 {
         s.write_all(b"1\r\nx\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.write_all(b"0\r\n\r\n").await.unwrap();
-    let mut got = vec![0u8; 4096];
-    let n = tokio::time::timeout(BOUND, s.read(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    let got = String::from_utf8_lossy(&got[..n]).into_owned();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n15") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("HTTP/1.1 200"), "slow upload: {got:?}");
     assert!(
-        got.ends_with("\r\n\r\n12"),
-        "the backend got all 12 bytes: {got:?}"
+        got.ends_with("\r\n\r\n15"),
+        "the backend got all 15 bytes: {got:?}"
     );
     assert_eq!(charged(&p), vec![(0, false)]);
 
