@@ -947,7 +947,6 @@ fn raw_json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 #[test]
-#[ignore = "needs proxy-flow's branch (lb-proxy logs `duration` once and rounds duration_ms)"]
 fn access_log_lines_have_one_duration_and_duration_ms_to_the_microsecond() {
     let backend = Backend::start("fine", Duration::from_millis(3));
     let port = free_port();

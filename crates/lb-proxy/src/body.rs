@@ -2,21 +2,187 @@
 //! to the client (which reports to lb-core when it ends).
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use lb_core::Completion;
-
-use crate::service::Exchange;
-use crate::upstream::Lease;
+use tokio::time::{Instant, Sleep};
 
 /// Errors of the bodies the proxy relays: whatever the other side's body failed with.
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A fault of the client's own while it sent its request body: never the backend's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientFault {
+    /// Bad chunk framing, fewer bytes than its `Content-Length`, a reset: 400.
+    Malformed,
+    /// No byte of the body for `timeouts.body_read`: 408.
+    Stalled,
+}
+
+impl ClientFault {
+    /// A short, stable name for the log.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "client_body_malformed",
+            Self::Stalled => "client_body_stalled",
+        }
+    }
+
+    /// What the client gets when no response has started.
+    pub(crate) const fn status(self) -> http::StatusCode {
+        match self {
+            Self::Malformed => http::StatusCode::BAD_REQUEST,
+            Self::Stalled => http::StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// How far the client's body got, shared by the attempt that streams it (which times the
+/// backend) and the exchange (which must not blame the backend for the client's fault).
+#[derive(Debug)]
+pub(crate) struct BodyWatch(Mutex<Progress>);
+
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    fault: Option<ClientFault>,
+    /// Waiting for the client's next bytes (the backend is not the one holding things up).
+    waiting: bool,
+    /// When the body last moved: a frame handed on, or the wait for the client ended.
+    moved: Instant,
+    /// When the last byte was handed on.
+    ended: Option<Instant>,
+}
+
+impl BodyWatch {
+    fn new() -> Self {
+        Self(Mutex::new(Progress {
+            fault: None,
+            waiting: false,
+            moved: Instant::now(),
+            ended: None,
+        }))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn get(&self) -> Progress {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The client's fault, if its body failed.
+    pub(crate) fn fault(&self) -> Option<ClientFault> {
+        self.get().fault
+    }
+
+    /// When an attempt sending this body runs out of time, given `timeout` (`timeouts.request`):
+    /// `timeout` after the body was fully sent; while it is still being sent, `timeout` after
+    /// the backend last took some of it (a backend that stops reading), and never while the
+    /// body waits for the client (`body_read` bounds that).
+    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        let p = self.get();
+        if p.fault.is_some() {
+            return None;
+        }
+        let since = match p.ended {
+            Some(at) => at,
+            None if p.waiting => Instant::now(),
+            None => p.moved,
+        };
+        since.checked_add(timeout)
+    }
+}
+
+/// The client's body with `timeouts.body_read` between its frames; failures are recorded as
+/// the client's in its [`BodyWatch`].
+#[derive(Debug)]
+pub(crate) struct ClientBody {
+    body: Incoming,
+    watch: Arc<BodyWatch>,
+    timeout: Duration,
+    /// Allocated once, reset only when a read has to wait after a frame.
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl ClientBody {
+    fn new(body: Incoming, watch: Arc<BodyWatch>, timeout: Duration) -> Self {
+        Self {
+            body,
+            watch,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                this.watch.update(|p| {
+                    p.waiting = false;
+                    p.moved = Instant::now();
+                });
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.watch
+                    .update(|p| p.fault = Some(ClientFault::Malformed));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.watch.update(|p| {
+                    p.waiting = false;
+                    p.ended = Some(Instant::now());
+                });
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    // Capped: a timeout "forever" must not overflow the clock.
+                    let wait = this.timeout.min(Duration::from_secs(365 * 24 * 3600));
+                    this.sleep.as_mut().reset(Instant::now() + wait);
+                    this.watch.update(|p| p.waiting = true);
+                }
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.watch.update(|p| p.fault = Some(ClientFault::Stalled));
+                Poll::Ready(Some(
+                    Err("request body stalled (timeouts.body_read)".into()),
+                ))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// The client's request body, as read before the first attempt.
 ///
@@ -31,22 +197,29 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub(crate) enum BodySource {
     Empty,
     Full(Bytes),
-    Stream(Arc<Mutex<Option<Incoming>>>, SizeHint),
+    Stream(Arc<Mutex<Option<ClientBody>>>, SizeHint, Arc<BodyWatch>),
 }
 
 impl BodySource {
     /// Reads the body when it is small enough to keep; otherwise keeps it as a stream.
+    /// Either way no pause between its bytes may exceed `body_read`.
     pub(crate) async fn read(
         body: Incoming,
         content_length: Option<u64>,
         cap: usize,
-    ) -> Result<Self, hyper::Error> {
+        body_read: Duration,
+    ) -> Result<Self, ClientFault> {
         if body.is_end_stream() {
             return Ok(Self::Empty);
         }
+        let watch = Arc::new(BodyWatch::new());
+        let body = ClientBody::new(body, Arc::clone(&watch), body_read);
         match content_length {
             Some(n) if n <= cap as u64 => {
-                let bytes = body.collect().await?.to_bytes();
+                let Ok(collected) = body.collect().await else {
+                    return Err(watch.fault().unwrap_or(ClientFault::Malformed));
+                };
+                let bytes = collected.to_bytes();
                 Ok(if bytes.is_empty() {
                     Self::Empty
                 } else {
@@ -55,7 +228,7 @@ impl BodySource {
             }
             _ => {
                 let hint = body.size_hint();
-                Ok(Self::Stream(Arc::new(Mutex::new(Some(body))), hint))
+                Ok(Self::Stream(Arc::new(Mutex::new(Some(body))), hint, watch))
             }
         }
     }
@@ -65,12 +238,25 @@ impl BodySource {
         !matches!(self, Self::Stream(..))
     }
 
+    /// The progress of a streamed body (buffered ones are the client's no more).
+    pub(crate) fn watch(&self) -> Option<&Arc<BodyWatch>> {
+        match self {
+            Self::Stream(_, _, w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The client's fault, if its streamed body failed.
+    pub(crate) fn fault(&self) -> Option<ClientFault> {
+        self.watch().and_then(|w| w.fault())
+    }
+
     /// The body for one attempt.
     pub(crate) fn attempt(&self) -> RequestBody {
         match self {
             Self::Empty => RequestBody::Full(None),
             Self::Full(b) => RequestBody::Full(Some(b.clone())),
-            Self::Stream(slot, hint) => RequestBody::Stream {
+            Self::Stream(slot, hint, _) => RequestBody::Stream {
                 slot: Arc::clone(slot),
                 body: None,
                 hint: *hint,
@@ -91,15 +277,15 @@ fn exact(b: &Option<Bytes>) -> SizeHint {
 
 /// The body of one upstream attempt.
 #[derive(Debug)]
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     /// Buffered (or empty): sent whole.
     Full(Option<Bytes>),
     /// Streamed from the client, taken from the shared slot on first poll.
     Stream {
         /// Where the client's body waits until an attempt takes it.
-        slot: Arc<Mutex<Option<Incoming>>>,
+        slot: Arc<Mutex<Option<ClientBody>>>,
         /// The body, once this attempt took it.
-        body: Option<Incoming>,
+        body: Option<ClientBody>,
         /// Its size as announced.
         hint: SizeHint,
     },
@@ -117,13 +303,10 @@ impl Body for RequestBody {
             Self::Full(b) => Poll::Ready(once(b)),
             Self::Stream { slot, body, .. } => {
                 if body.is_none() {
-                    *body = slot
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take();
+                    *body = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
                 }
                 match body {
-                    Some(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+                    Some(b) => Pin::new(b).poll_frame(cx),
                     None => Poll::Ready(Some(Err(
                         "request body already sent by an earlier attempt".into(),
                     ))),
@@ -148,16 +331,20 @@ impl Body for RequestBody {
     }
 }
 
+/// What happens when a response body ends: the exchange reports how to lb-core and the log.
+pub(crate) trait BodyEnd: Send + std::fmt::Debug {
+    /// The body ended (`Done`), broke off (`BackendFailed`) or was dropped early (`ClientGone`).
+    fn end(self: Box<Self>, how: Completion);
+}
+
 /// The body of a response to the client: the backend's, streamed, or one the proxy made.
-/// When it ends (or is dropped), it tells lb-core how the request finished.
+/// When it ends (or is dropped), its [`BodyEnd`] runs once.
 #[derive(Debug)]
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     inner: Inner,
     /// Boxed: the exchange carries the request's whole routing trace, and this body is moved
     /// several times on its way into hyper; one allocation is cheaper than those copies.
-    exchange: Option<Box<Exchange>>,
-    /// The upstream connection, back to the pool once the whole response is through.
-    lease: Option<Lease>,
+    ending: Option<Box<dyn BodyEnd>>,
 }
 
 #[derive(Debug)]
@@ -167,43 +354,35 @@ enum Inner {
 }
 
 impl ResponseBody {
-    pub(crate) fn full(bytes: Bytes) -> Self {
+    pub(crate) const fn full(bytes: Bytes) -> Self {
         Self {
             inner: Inner::Full(Some(bytes)),
-            exchange: None,
-            lease: None,
+            ending: None,
         }
     }
 
-    pub(crate) fn empty() -> Self {
+    pub(crate) const fn empty() -> Self {
         Self {
             inner: Inner::Full(None),
-            exchange: None,
-            lease: None,
+            ending: None,
         }
     }
 
-    pub(crate) fn upstream(body: Incoming, exchange: Exchange, lease: Lease) -> Self {
+    pub(crate) const fn upstream(body: Incoming) -> Self {
         Self {
             inner: Inner::Upstream(body),
-            exchange: Some(Box::new(exchange)),
-            lease: Some(lease),
+            ending: None,
         }
     }
 
-    pub(crate) fn with_exchange(mut self, exchange: Exchange) -> Self {
-        self.exchange = Some(Box::new(exchange));
+    pub(crate) fn on_end(mut self, ending: Box<dyn BodyEnd>) -> Self {
+        self.ending = Some(ending);
         self
     }
 
     fn end(&mut self, how: Completion) {
-        if let Some(lease) = self.lease.take() {
-            if how == Completion::Done {
-                lease.release();
-            }
-        }
-        if let Some(ex) = self.exchange.take() {
-            ex.finish(how);
+        if let Some(ending) = self.ending.take() {
+            ending.end(how);
         }
     }
 }

@@ -1,4 +1,6 @@
-//! Turning what happened on the upstream socket into an lb-core [`Outcome`].
+//! Failure classification, in one place: what happened on the upstream socket (a
+//! [`SendError`], a timeout, a response) and on the client's body becomes either an lb-core
+//! [`Outcome`] charged to the backend, or a fault of the client's own, charged to nobody.
 
 use std::error::Error as _;
 use std::io;
@@ -7,24 +9,72 @@ use hyper::body::Incoming;
 use hyper::Response;
 use lb_core::Outcome;
 
-use crate::upstream::{Lease, SendError};
+use crate::body::ClientFault;
 
-/// The result of one attempt: the response (and its connection), the failure, or the
+/// Why an attempt got no response head.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The connection could not be made (refused, unreachable, name not resolved).
+    ConnectRefused(io::Error),
+    /// The connection did not establish within the connect timeout.
+    ConnectTimeout,
+    /// The exchange failed after (part of) the request may have been written. `reused`: the
+    /// connection came from the pool (so the failure may be a keep-alive race).
+    Failed { error: hyper::Error, reused: bool },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnectRefused(e) => write!(f, "connect failed: {e}"),
+            Self::ConnectTimeout => f.write_str("connect timed out"),
+            Self::Failed { error, reused } => write!(f, "{error} (pooled connection: {reused})"),
+        }
+    }
+}
+
+/// No response head within the attempt's time (`timeouts.request`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TimedOut;
+
+/// The result of one attempt: the response (and its connection, `L`), the failure, or the
 /// attempt's deadline.
-pub(crate) type AttemptResult =
-    Result<Result<(Response<Incoming>, Lease), SendError>, tokio::time::error::Elapsed>;
+pub(crate) type AttemptResult<L> = Result<Result<(Response<Incoming>, L), SendError>, TimedOut>;
 
-/// `Err(Elapsed)` ⇒ `TimedOut`; connect failures ⇒ `ConnectRefused`/`ConnectTimeout`; any
-/// other failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`.
-pub(crate) fn classify(result: &AttemptResult) -> Outcome {
-    match result {
-        Err(_) => Outcome::TimedOut,
-        Ok(Ok((resp, _))) => Outcome::Response {
-            status: resp.status().as_u16(),
-        },
+/// Whose an attempt's end was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The backend's: report it to lb-core.
+    Backend(Outcome),
+    /// The client's own body failed (and no response head came): lb-core only releases the
+    /// attempt, as for a client that left; the client gets 400 or 408.
+    Client(ClientFault),
+}
+
+/// An attempt the proxy could not start for a reason of its own (the backend was picked from
+/// a backend set newer than this request's routes, or the request could not be built): not
+/// sent, so retried, and never the backend's failure.
+pub(crate) const NOT_SENT_HERE: Outcome = Outcome::StaleConnection;
+
+/// `TimedOut` ⇒ `TimedOut`; connect failures ⇒ `ConnectRefused`/`ConnectTimeout`; any other
+/// failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`.
+/// A failure while the client's body had failed (`client`) is the client's, whatever the
+/// socket said: the backend only saw a request cut short.
+pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>) -> Verdict {
+    let outcome = match result {
+        Ok(Ok((resp, _))) => {
+            return Verdict::Backend(Outcome::Response {
+                status: resp.status().as_u16(),
+            })
+        }
+        Err(TimedOut) => Outcome::TimedOut,
         Ok(Err(SendError::ConnectRefused(_))) => Outcome::ConnectRefused,
         Ok(Err(SendError::ConnectTimeout)) => Outcome::ConnectTimeout,
         Ok(Err(SendError::Failed { .. })) => Outcome::Reset,
+    };
+    match client {
+        Some(fault) => Verdict::Client(fault),
+        None => Verdict::Backend(outcome),
     }
 }
 
@@ -32,8 +82,8 @@ pub(crate) fn classify(result: &AttemptResult) -> Outcome {
 /// closed just as it was reused: a pooled connection that ended, or was reset, before any
 /// byte of a response. A request such a connection never took is re-sent by the pool itself;
 /// this is the other half of the race, where the request was (partly) written. NGINX retries
-/// these on a fresh connection without counting a try; so does the proxy, once, for requests
-/// that are safe to send twice.
+/// these on a fresh connection without counting a try; so does the proxy, once per request,
+/// for requests that are safe to send twice.
 pub(crate) fn is_stale_connection(e: &SendError) -> bool {
     let SendError::Failed {
         error,

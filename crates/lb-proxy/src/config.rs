@@ -13,7 +13,9 @@ pub struct ProxyConfig {
     /// `timeouts.header_read`: a client must send a whole request head within this, else it
     /// gets 408 and the connection closes (10 s).
     pub header_read_timeout: Duration,
-    /// `timeouts.body_read`: longest pause while a client sends a request body, then 408 (60 s)
+    /// `timeouts.body_read`: the longest pause while a client sends a request body; then it
+    /// gets 408 (if no response has started) and the connection closes (60 s). Never charged
+    /// to a backend.
     pub body_read_timeout: Duration,
     /// `limits.max_header_bytes`: larger request heads get 431 (32 KiB).
     pub max_header_bytes: usize,

@@ -14,13 +14,16 @@
 //!   request, from its first byte for later ones; expiry writes a 408 and closes;
 //! * `Busy`: a request is being served: no deadline here (lb-core's per-attempt timeout rules);
 //! * `Idle`: between keep-alive requests: `idle`; expiry closes quietly;
-//! * `Free`: HTTP/2 or an upgraded tunnel: no deadline.
+//! * `Free`: HTTP/2 or an upgraded tunnel: no deadline on the socket.
+//!
+//! HTTP/2 multiplexes, so its deadlines are the connection's, not a read's: the preface and
+//! the first request's HEADERS within `header_read` of accept, and no stream open for `idle`
+//! at most; either expiry sends GOAWAY and closes.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -33,66 +36,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::interim::Interim;
+use crate::phase::{Phase, HEAD, IDLE};
 use crate::respond;
 use crate::service::Shared;
 use crate::validate::HeadCopy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// What a client connection is doing, shared by its socket, its service and its response
-/// bodies. The low byte is the state, the rest a generation counter that changes with
-/// every transition, so the socket notices a new `Idle` even if it missed the `Busy`.
-#[derive(Debug)]
-pub(crate) struct Phase(AtomicU32, Interim);
-
-impl AsRef<Interim> for Phase {
-    fn as_ref(&self) -> &Interim {
-        &self.1
-    }
-}
-
-const HEAD: u32 = 0;
-const BUSY: u32 = 1;
-const IDLE: u32 = 2;
-const FREE: u32 = 3;
-
-impl Phase {
-    fn new() -> Self {
-        Self(AtomicU32::new(HEAD), Interim::default())
-    }
-
-    fn set(&self, state: u32) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                if v & 0xff == FREE {
-                    None // a tunnel or h2 connection stays free
-                } else {
-                    Some(((v >> 8).wrapping_add(1) << 8) | state)
-                }
-            });
-    }
-
-    /// A request head arrived: the service is working on it.
-    pub(crate) fn busy(&self) {
-        self.set(BUSY);
-    }
-
-    /// The response is complete: the connection waits for the next request.
-    pub(crate) fn idle(&self) {
-        self.set(IDLE);
-    }
-
-    /// No more deadlines: HTTP/2, or the connection became a tunnel.
-    pub(crate) fn free(&self) {
-        self.0.store(FREE, Ordering::Release);
-    }
-
-    fn load(&self) -> u32 {
-        self.0.load(Ordering::Acquire)
-    }
-}
 
 /// The client socket, with the deadline of the connection's phase.
 struct ClientIo {
@@ -181,9 +130,9 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         this.follow_phase();
-        if this.phase.1.is_active() && !this.unflushed {
+        if this.phase.interim.is_active() && !this.unflushed {
             // Woken for a backend's 1xx while the final response is awaited.
-            this.phase.1.write_early(cx, &mut this.stream);
+            this.phase.interim.write_early(cx, &mut this.stream);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
@@ -225,10 +174,10 @@ impl AsyncWrite for ClientIo {
             return Poll::Ready(Ok(buf.len()));
         }
         let this = &mut *self;
-        if this.phase.1.is_active() {
+        if this.phase.interim.is_active() {
             ready!(this
                 .phase
-                .1
+                .interim
                 .poll_before_write(cx, &mut this.stream, this.unflushed))?;
         }
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
@@ -245,10 +194,10 @@ impl AsyncWrite for ClientIo {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         let this = &mut *self;
-        if this.phase.1.is_active() {
+        if this.phase.interim.is_active() {
             ready!(this
                 .phase
-                .1
+                .interim
                 .poll_before_write(cx, &mut this.stream, this.unflushed))?;
         }
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
@@ -289,6 +238,45 @@ async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
     }
 }
 
+/// Resolves when an HTTP/2 connection has had no stream open for too long: until `first`
+/// (accept plus `header_read`) if it never opened one, else (or without `first`) `idle`
+/// after the last one closed.
+async fn h2_expiry(phase: &Phase, first: Option<Instant>, idle: Duration) {
+    loop {
+        let changed = phase.changed();
+        let (open, served) = phase.streams();
+        if open > 0 {
+            changed.await;
+            continue;
+        }
+        let at = match first {
+            Some(first) if !served => Some(first),
+            _ => Instant::now().checked_add(idle),
+        };
+        let Some(at) = at else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(at) => return,
+            () = changed => {}
+        }
+    }
+}
+
+/// After GOAWAY, the streams still open may finish (a drain), but a connection with none
+/// open may not linger: hyper waits for the client's PING acknowledgement before it closes,
+/// and a client that never sends one is cut off.
+async fn h2_expiry_after_goaway<F: Future>(
+    conn: Pin<&mut F>,
+    phase: &Phase,
+    idle: Duration,
+) -> Result<(), ()> {
+    tokio::select! {
+        _ = conn => Ok(()),
+        () = h2_expiry(phase, None, idle) => Err(()),
+    }
+}
+
 /// Serves one client connection until it closes, or until `shutdown` turns true, after
 /// which in-flight requests finish and the connection closes (graceful shutdown).
 pub(crate) async fn serve(
@@ -312,7 +300,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let phase = Arc::new(Phase::new());
+    let phase = Arc::new(if h2 { Phase::http2() } else { Phase::http1() });
     let mut io = ClientIo {
         stream,
         prefix,
@@ -326,9 +314,7 @@ pub(crate) async fn serve(
         head: HeadCopy::new(config.max_header_bytes),
         unflushed: false,
     };
-    if h2 {
-        phase.free();
-    } else {
+    if !h2 {
         // The first request's head is due `header_read` after accept, sniffing included.
         io.deadline = started.checked_add(config.header_read_timeout);
     }
@@ -353,11 +339,21 @@ pub(crate) async fn serve(
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
+        let first = started.checked_add(config.header_read_timeout);
         tokio::select! {
             _ = conn.as_mut() => return,
-            _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            _ = shutdown.wait_for(|s| *s) => {}
+            () = h2_expiry(&phase, first, config.idle_timeout) => {
+                tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection idle or without a request in time: closing");
+            }
         }
-        let _ = conn.await;
+        conn.as_mut().graceful_shutdown();
+        if h2_expiry_after_goaway(conn.as_mut(), &phase, config.idle_timeout)
+            .await
+            .is_err()
+        {
+            tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection did not close after GOAWAY");
+        }
     } else {
         let mut builder = http1::Builder::new();
         builder

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::service::{now, Shared};
+use crate::clock::now;
+use crate::service::Shared;
 
 const TICK: Duration = Duration::from_millis(100);
 

@@ -9,13 +9,20 @@
 //! * [`Proxy`]: accepts on any number of listeners, serves until shutdown, drains.
 //! * `conn`: one client connection: protocol detection, request-head (408) and keep-alive
 //!   idle timers, graceful shutdown.
+//! * `phase`: what a connection is doing, so its timers know which deadline applies.
 //! * `service`: one request: body read (replayable up to `replay_buffer`), attempts with
-//!   lb-core's deadlines, relay, WebSocket tunnels; `Exchange` ends each request once.
+//!   lb-core's deadlines, relay, WebSocket tunnels.
+//! * `exchange`: a request from head to end of response, ended once, and its access log;
+//!   the response body ends it through `body::BodyEnd`.
+//! * `body`: the client's body (`body_read`, faults of the client's own) and the response's.
+//! * `upstream`: the pool of backend connections, keyed by backend address, and the one
+//!   resend after a pooled connection died.
 //! * `validate`: which requests are forwarded at all (one valid Host, unambiguous framing, no
 //!   CONNECT, no h2c upgrade) and their routing headers. `interim`: a backend's 1xx relayed
 //!   to HTTP/1.1 clients.
-//! * `headers`: `X-Forwarded-*`, hop-by-hop fields. `classify`: socket results → `Outcome`.
-//!   `respond`: the responses the proxy makes itself. `driver`: lb-core's timer.
+//! * `headers`: `X-Forwarded-*`, hop-by-hop fields. `classify`: every failure → an lb-core
+//!   `Outcome` or a fault of the client's own. `respond`: the responses the proxy makes
+//!   itself. `driver`: lb-core's timer.
 //! * [`Routes`]: the balancer and each backend's address, swapped whole on reload.
 //! * [`Observer`]: hooks for metrics.
 #![deny(missing_docs)]
@@ -23,13 +30,16 @@
 
 mod body;
 mod classify;
+mod clock;
 mod config;
 mod conn;
 mod driver;
 mod error;
+mod exchange;
 mod headers;
 mod interim;
 mod observe;
+mod phase;
 mod respond;
 mod routes;
 mod service;
@@ -44,12 +54,10 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-pub use body::{BoxError, RequestBody, ResponseBody};
 pub use config::ProxyConfig;
 pub use error::{RouteError, ServeError};
 pub use observe::{Completed, NoObserver, Observer};
 pub use routes::{parse_backend, HashKey, Routes, Target};
-pub use service::Exchange;
 
 use service::Shared;
 
@@ -132,7 +140,12 @@ impl Proxy {
 
     /// Swaps in new routes (a reload): new requests use them at once; requests in flight
     /// finish with the routes they started with.
+    ///
+    /// Pooled connections to backends the new routes no longer have are closed: this
+    /// worker's at once, every other worker's at its next sweep (within 5 s). None is used
+    /// meanwhile: the pool is keyed by backend address, and no new request routes there.
     pub fn set_routes(&self, routes: Routes) {
+        self.shared.upstream.retain(routes.pool_keys());
         self.shared.routes.store(Arc::new(routes));
     }
 
@@ -173,10 +186,7 @@ impl Proxy {
         if self.shared.drive {
             tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
         }
-        tasks.spawn(sweep_idle(
-            Arc::clone(&self.shared.upstream),
-            stop_rx.clone(),
-        ));
+        tasks.spawn(sweep_idle(Arc::clone(&self.shared), stop_rx.clone()));
         for listener in listeners {
             tasks.spawn(accept_loop(
                 Arc::clone(&self.shared),
@@ -201,12 +211,19 @@ impl Proxy {
     }
 }
 
-/// Closes this worker's upstream connections that sat idle past their timeout.
-async fn sweep_idle(upstream: Arc<upstream::Upstream>, mut stop: watch::Receiver<bool>) {
+/// Closes this worker's upstream connections that sat idle past their timeout, and those to
+/// backends a reload removed.
+async fn sweep_idle(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut routes = shared.routes.load_full();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => upstream.sweep(),
+            () = tokio::time::sleep(Duration::from_secs(5)) => shared.upstream.sweep(),
             _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = shared.routes.load_full();
+        if !Arc::ptr_eq(&routes, &now) {
+            shared.upstream.retain(now.pool_keys());
+            routes = now;
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Every response the proxy makes up itself, built in one place.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode, Version};
 use lb_core::Failure;
 
-use crate::body::ResponseBody;
+use crate::body::{ClientFault, ResponseBody};
 
 /// The response for a request the core gave up on: 502, 503 or 504.
 pub(crate) fn failure(f: Failure) -> Response<ResponseBody> {
@@ -25,6 +25,17 @@ pub(crate) fn synthetic(status: StatusCode) -> Response<ResponseBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp
+}
+
+/// The response to a fault of the client's own body (400, 408); an HTTP/1 connection closes
+/// after it, since the rest of the body would be read as the next request.
+pub(crate) fn client_fault(fault: ClientFault, version: Version) -> Response<ResponseBody> {
+    let mut resp = synthetic(fault.status());
+    if version < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 

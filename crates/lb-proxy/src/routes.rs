@@ -13,6 +13,7 @@ use http::{HeaderMap, Uri};
 use lb_core::{Backend, BackendId, Balancer, RequestState, Weight};
 
 use crate::error::RouteError;
+use crate::upstream::PoolKey;
 
 /// One backend as the HTTP client reaches it.
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct Target {
     pub authority: Authority,
     /// The backend's URL as configured (its identity in lb-core and in `/status`).
     pub url: Arc<str>,
+    /// Its connections in the upstream pool.
+    pub(crate) key: PoolKey,
 }
 
 /// What `consistent-hash` hashes (SPEC `--hash-key`).
@@ -132,6 +135,7 @@ impl Routes {
                 (
                     id,
                     Target {
+                        key: PoolKey::new(&authority),
                         authority,
                         url: url.into(),
                     },
@@ -149,6 +153,11 @@ impl Routes {
     #[must_use]
     pub fn balancer(&self) -> &Arc<Balancer> {
         &self.balancer
+    }
+
+    /// Every backend's pool key.
+    pub(crate) fn pool_keys(&self) -> impl Iterator<Item = &PoolKey> {
+        self.targets.values().map(|t| &t.key)
     }
 
     /// The backend behind an id.
@@ -173,9 +182,15 @@ impl fmt::Display for TraceView<'_> {
             if i > 0 {
                 f.write_str(", ")?;
             }
-            match self.0.targets.get(&a.backend()) {
-                Some(t) => write!(f, "{}", t.authority)?,
-                None => write!(f, "{}", a.backend())?,
+            let name = |f: &mut fmt::Formatter<'_>| match self.0.targets.get(&a.backend()) {
+                Some(t) => write!(f, "{}", t.authority),
+                None => write!(f, "{}", a.backend()),
+            };
+            name(f)?;
+            if self.1.resent() == Some(i) {
+                // The pooled connection that died under it, then the one resend.
+                write!(f, " {} resend, ", lb_core::Outcome::StaleConnection)?;
+                name(f)?;
             }
             match (a.outcome(), a.decision()) {
                 (Some(o), Some(d)) => write!(f, " {o} {d}")?,

@@ -1,22 +1,25 @@
 //! One request: read it, drive lb-core's decisions, relay what comes back.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use lb_core::{Action, Completion, Failure, Outcome, RequestInfo, RequestState};
+use lb_core::{Action, Completion, Failure, Outcome, RequestInfo};
 
-use crate::body::{BodySource, RequestBody, ResponseBody};
-use crate::classify::{classify, is_stale_connection};
+use crate::body::{BodySource, BodyWatch, ClientFault, RequestBody, ResponseBody};
+use crate::classify::{classify, AttemptResult, TimedOut, Verdict, NOT_SENT_HERE};
+use crate::clock::now;
 use crate::config::ProxyConfig;
-use crate::conn::Phase;
+use crate::exchange::{Ending, Exchange};
 use crate::headers;
 use crate::interim::{self, Interim};
-use crate::observe::{Completed, Observer};
+use crate::observe::Observer;
+use crate::phase::Phase;
 use crate::respond;
 use crate::routes::Routes;
 use crate::upstream::{Lease, Upstream};
@@ -31,112 +34,6 @@ pub(crate) struct Shared {
     pub(crate) observer: Arc<dyn Observer>,
     /// Whether this one runs lb-core's timer (one per balancer is enough).
     pub(crate) drive: bool,
-}
-
-/// The one clock of the shells: tokio's (so paused-time tests control it).
-pub(crate) fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
-/// A request from its head to the end of its response. Ends exactly once: `finish` when the
-/// response is complete, or dropped (the client went away, or the task was cancelled),
-/// which releases whatever lb-core holds for it and never counts against a backend.
-#[derive(Debug)]
-pub struct Exchange {
-    routes: Arc<Routes>,
-    st: Option<RequestState>,
-    phase: Arc<Phase>,
-    observer: Arc<dyn Observer>,
-    method: Method,
-    uri: Uri,
-    status: u16,
-    started: tokio::time::Instant,
-}
-
-impl std::fmt::Debug for dyn Observer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Observer")
-    }
-}
-
-impl Exchange {
-    pub(crate) fn finish(mut self, how: Completion) {
-        self.end(how);
-    }
-
-    fn end(&mut self, how: Completion) {
-        let elapsed = self.started.elapsed();
-        let status = if how == Completion::ClientGone {
-            499
-        } else {
-            self.status
-        };
-        self.observer.completed(&Completed {
-            method: &self.method,
-            uri: &self.uri,
-            status,
-            elapsed,
-            how,
-            routes: &self.routes,
-            state: self.st.as_ref(),
-        });
-        match &self.st {
-            Some(st) => {
-                let backend = st
-                    .attempts()
-                    .last()
-                    .and_then(|a| self.routes.target(a.backend()));
-                tracing::info!(
-                    target: "lb::access",
-                    method = %self.method,
-                    path = %self.uri.path(),
-                    status,
-                    backend = %backend.map_or("-", |t| t.authority.as_str()),
-                    attempts = st.attempt_count(),
-                    duration = %Millis(elapsed),
-                    duration = %Millis(elapsed),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                    trace = %self.routes.trace(st),
-                    "request"
-                );
-            }
-            None => tracing::info!(
-                target: "lb::access",
-                method = %self.method,
-                path = %self.uri.path(),
-                status,
-                backend = "-",
-                attempts = 0,
-                duration = %Millis(elapsed),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                trace = "",
-                "request"
-            ),
-        }
-        if let Some(st) = self.st.take() {
-            self.routes.balancer.finish(st, how, now());
-        }
-        self.phase.idle();
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        if self.st.is_some() {
-            self.end(Completion::ClientGone);
-        } else {
-            self.phase.idle();
-        }
-    }
-}
-
-/// A duration as the access log shows it: `6.613ms`.
-struct Millis(std::time::Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.3}ms", self.0.as_secs_f64() * 1000.0)
-    }
 }
 
 /// The parts of the request every attempt sends.
@@ -181,18 +78,14 @@ pub(crate) async fn handle(
     xff: http::HeaderValue,
     phase: Arc<Phase>,
 ) -> Response<ResponseBody> {
-    phase.busy();
     let routes = shared.routes.load_full();
-    let mut ex = Exchange {
-        routes: Arc::clone(&routes),
-        st: None,
+    let mut ex = Exchange::start(
+        Arc::clone(&routes),
         phase,
-        observer: Arc::clone(&shared.observer),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        status: 0,
-        started: tokio::time::Instant::now(),
-    };
+        Arc::clone(&shared.observer),
+        req.method().clone(),
+        req.uri().clone(),
+    );
     let version = req.version();
     if let Err(rejected) = validate::admit(&mut req) {
         tracing::debug!(target: "lb::conn", %peer, reason = rejected.reason, status = %rejected.status, "request rejected");
@@ -209,10 +102,19 @@ pub(crate) async fn handle(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let source = match BodySource::read(body, content_length, shared.config.replay_buffer).await {
+    let config = &shared.config;
+    let source = match BodySource::read(
+        body,
+        content_length,
+        config.replay_buffer,
+        config.body_read_timeout,
+    )
+    .await
+    {
         Ok(s) => s,
-        Err(_) => return reply(ex, respond::synthetic(StatusCode::BAD_REQUEST), version),
+        Err(fault) => return client_fault(ex, fault, version),
     };
+    ex.body = source.watch().cloned();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -246,41 +148,46 @@ pub(crate) async fn handle(
                 not_before,
                 try_deadline,
             } => {
-                tokio::time::sleep_until(not_before.into()).await;
+                // tokio rounds a sleep up to its next millisecond tick: no backoff, no sleep.
+                if not_before > now() {
+                    tokio::time::sleep_until(not_before.into()).await;
+                }
                 let Some(target) = routes.target(backend) else {
-                    // Picked from a backend set newer than this request's routes: not sent.
-                    action = balancer.handle_outcome(st, Outcome::StaleConnection, now());
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
                 let Ok(req) = outgoing.attempt(&target.authority) else {
-                    action = balancer.handle_outcome(st, Outcome::ConnectRefused, now());
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
-                let deadline = tokio::time::Instant::from_std(try_deadline);
-                let mut result = tokio::time::timeout_at(
-                    deadline,
-                    shared.upstream.send(backend, &target.authority, req),
-                )
-                .await;
-                if let Ok(Err(e)) = &result {
-                    if info.idempotent() && info.replayable() && is_stale_connection(e) {
-                        // A pooled connection closed under us: once more, on a fresh one.
-                        tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, "stale pooled connection, resending");
-                        if let Ok(req) = outgoing.attempt(&target.authority) {
-                            result = tokio::time::timeout_at(
-                                deadline,
-                                shared.upstream.send(backend, &target.authority, req),
-                            )
-                            .await;
-                        }
+                let this_attempt = st.attempt_count().saturating_sub(1);
+                let timeout = try_deadline.saturating_duration_since(now());
+                let send = shared.upstream.send(&target.key, req, || {
+                    // The pool saw its connection die under the request: lb-core allows one
+                    // such resend per request, and records it in the trace.
+                    if balancer.handle_resend(st, now()) {
+                        outgoing.attempt(&target.authority).ok()
+                    } else {
+                        None
                     }
+                });
+                let result: AttemptResult<Lease> =
+                    within(try_deadline, timeout, outgoing.source.watch(), send).await;
+                if st.resent() == Some(this_attempt) {
+                    // The dead pooled send, counted like every send (`lb_requests_total`).
+                    shared.observer.attempt(target, Outcome::StaleConnection);
                 }
-                let outcome = classify(&result);
+                let outcome = match classify(&result, outgoing.source.fault()) {
+                    Verdict::Backend(outcome) => outcome,
+                    Verdict::Client(fault) => {
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, fault = fault.as_str(), "the client's request body failed");
+                        return client_fault(ex, fault, version);
+                    }
+                };
                 shared.observer.attempt(target, outcome);
                 if let Ok(Err(e)) = &result {
                     tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
                 }
-                let this_attempt = st.attempt_count().saturating_sub(1);
                 action = balancer.handle_outcome(st, outcome, now());
                 // After a retry the trace has grown: the decision is on this attempt's entry.
                 if let Some(decision) = st.attempts().get(this_attempt).and_then(|a| a.decision()) {
@@ -300,6 +207,35 @@ pub(crate) async fn handle(
     }
 }
 
+/// Runs an attempt until its response head, within `timeouts.request` (`timeout`) counted
+/// from the request fully sent: a streamed body that is still being sent moves the deadline
+/// (`try_deadline` at first) while the backend keeps reading it.
+async fn within<T>(
+    try_deadline: Instant,
+    timeout: Duration,
+    body: Option<&Arc<BodyWatch>>,
+    attempt: impl Future<Output = T>,
+) -> Result<T, TimedOut> {
+    tokio::pin!(attempt);
+    let mut at = tokio::time::Instant::from_std(try_deadline);
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(at, attempt.as_mut()).await {
+            return Ok(out);
+        }
+        match body.and_then(|b| b.deadline(timeout)) {
+            Some(later) if later > tokio::time::Instant::now() => at = later,
+            _ => return Err(TimedOut),
+        }
+    }
+}
+
+/// Answers a fault of the client's own: lb-core releases the request as for a client that
+/// left (nothing charged to a backend, nothing retried).
+fn client_fault(mut ex: Exchange, fault: ClientFault, version: Version) -> Response<ResponseBody> {
+    ex.fault = Some(fault);
+    reply(ex, respond::client_fault(fault, version), version)
+}
+
 /// Answers with a response the proxy made.
 fn reply(
     mut ex: Exchange,
@@ -309,7 +245,11 @@ fn reply(
     ex.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     parts.version = version;
-    Response::from_parts(parts, body.with_exchange(ex))
+    let ending = Ending {
+        exchange: ex,
+        lease: None,
+    };
+    Response::from_parts(parts, body.on_end(Box::new(ending)))
 }
 
 /// Relays the backend's response: streamed, hop-by-hop fields removed; a 101 becomes a tunnel.
@@ -338,7 +278,11 @@ fn relay(
     let (mut parts, body) = resp.into_parts();
     headers::backward(&mut parts.headers, false);
     parts.version = version;
-    Response::from_parts(parts, ResponseBody::upstream(body, ex, lease))
+    let ending = Ending {
+        exchange: ex,
+        lease: Some(lease),
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body).on_end(Box::new(ending)))
 }
 
 /// Copies bytes both ways between the upgraded client and backend connections until either

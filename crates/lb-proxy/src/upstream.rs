@@ -11,7 +11,6 @@
 //! nothing but a second try on the next one.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,40 +22,50 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use lb_core::BackendId;
-
 use crate::body::RequestBody;
+use crate::classify::{is_stale_connection, SendError};
 use crate::config::ProxyConfig;
 
-/// Why an attempt got no response head.
-#[derive(Debug)]
-pub(crate) enum SendError {
-    /// The connection could not be made (refused, unreachable, name not resolved).
-    ConnectRefused(io::Error),
-    /// The connection did not establish within the connect timeout.
-    ConnectTimeout,
-    /// The exchange failed after (part of) the request may have been written. `reused`: the
-    /// connection came from the pool (so the failure may be a keep-alive race).
-    Failed { error: hyper::Error, reused: bool },
+type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
+
+/// What a pooled connection leads to: the backend's address, not its lb-core id (ids are
+/// numbered afresh by a new balancer on reload, and an id must never reach a connection to
+/// a backend that was removed). The hash is computed once per backend, when the routes are
+/// built, so a checkout costs one `u64` hash and one short string comparison.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolKey {
+    hash: u64,
+    authority: Authority,
 }
 
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::ConnectRefused(e) => write!(f, "connect failed: {e}"),
-            Self::ConnectTimeout => f.write_str("connect timed out"),
-            Self::Failed { error, reused } => write!(f, "{error} (pooled connection: {reused})"),
+impl PoolKey {
+    pub(crate) fn new(authority: &Authority) -> Self {
+        Self {
+            hash: lb_core::stable_hash(authority.as_str().to_ascii_lowercase().as_bytes()),
+            authority: authority.clone(),
         }
     }
 }
 
-type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.authority == other.authority
+    }
+}
 
-/// Backend ids are small distinct integers: hashing them is wasted work on every request.
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The key's hash is already one: hashing it again is wasted work on every request.
 #[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
+struct KeyHasher(u64);
 
-impl std::hash::Hasher for IdHasher {
+impl std::hash::Hasher for KeyHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -67,12 +76,12 @@ impl std::hash::Hasher for IdHasher {
         }
     }
 
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n);
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
-type Pool = HashMap<BackendId, Idle, std::hash::BuildHasherDefault<IdHasher>>;
+type Pool = HashMap<PoolKey, Idle, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// One worker's connections to every backend.
 #[derive(Debug)]
@@ -88,14 +97,14 @@ pub(crate) struct Upstream {
 #[derive(Debug)]
 pub(crate) struct Lease {
     upstream: Arc<Upstream>,
-    backend: BackendId,
+    key: PoolKey,
     tx: SendRequest<RequestBody>,
 }
 
 impl Lease {
     pub(crate) fn release(self) {
         if !self.tx.is_closed() {
-            self.upstream.checkin(self.backend, self.tx);
+            self.upstream.checkin(self.key, self.tx);
         }
     }
 }
@@ -116,9 +125,9 @@ impl Upstream {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn checkout(&self, backend: BackendId) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<RequestBody>> {
         let mut pool = self.pool();
-        let idle = pool.get_mut(&backend)?;
+        let idle = pool.get_mut(key)?;
         while let Some((tx, since)) = idle.pop() {
             if !tx.is_closed() && since.elapsed() < self.idle_timeout {
                 return Some(tx);
@@ -127,9 +136,9 @@ impl Upstream {
         None
     }
 
-    fn checkin(&self, backend: BackendId, tx: SendRequest<RequestBody>) {
+    fn checkin(&self, key: PoolKey, tx: SendRequest<RequestBody>) {
         let mut pool = self.pool();
-        let idle = pool.entry(backend).or_default();
+        let idle = pool.entry(key).or_default();
         if idle.len() < self.max_idle {
             idle.push((tx, Instant::now()));
         }
@@ -143,6 +152,13 @@ impl Upstream {
             idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < self.idle_timeout);
             !idle.is_empty()
         });
+    }
+
+    /// Closes every pooled connection to a backend not in `keep` (after a reload).
+    pub(crate) fn retain<'a>(&self, keep: impl IntoIterator<Item = &'a PoolKey>) {
+        let keep: std::collections::HashSet<&PoolKey, std::hash::BuildHasherDefault<KeyHasher>> =
+            keep.into_iter().collect();
+        self.pool().retain(|key, _| keep.contains(key));
     }
 
     /// Idle connections kept, over all backends.
@@ -178,19 +194,22 @@ impl Upstream {
         Ok(tx)
     }
 
-    /// Sends `req` over a pooled connection to `backend` (at `authority`), or a new one.
+    /// Sends `req` over a pooled connection to `key`'s backend, or a new one. When a pooled
+    /// connection fails under a request it took, before any response byte (the keep-alive
+    /// race), and `resend` gives the request again (it is the caller's, and lb-core's, to
+    /// allow: once per request, safe requests only), it is re-sent on a fresh connection.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        backend: BackendId,
-        authority: &Authority,
+        key: &PoolKey,
         mut req: Request<RequestBody>,
+        resend: impl FnOnce() -> Option<Request<RequestBody>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let lease = |tx| Lease {
             upstream: Arc::clone(self),
-            backend,
+            key: key.clone(),
             tx,
         };
-        while let Some(mut tx) = self.checkout(backend) {
+        while let Some(mut tx) = self.checkout(key) {
             if tx.ready().await.is_err() {
                 continue; // closed while idle
             }
@@ -200,15 +219,24 @@ impl Upstream {
                     // Never written: the next connection (or a new one) gets it.
                     Some(back) => req = back,
                     None => {
-                        return Err(SendError::Failed {
+                        let error = SendError::Failed {
                             error: e.into_error(),
                             reused: true,
-                        })
+                        };
+                        if !is_stale_connection(&error) {
+                            return Err(error);
+                        }
+                        let Some(again) = resend() else {
+                            return Err(error);
+                        };
+                        tracing::debug!(target: "lb::upstream", backend = %key.authority, %error, "stale pooled connection, resending");
+                        req = again;
+                        break;
                     }
                 },
             }
         }
-        let mut tx = self.connect(authority).await?;
+        let mut tx = self.connect(&key.authority).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => Ok((resp, lease(tx))),
             Err(e) => Err(SendError::Failed {
@@ -247,18 +275,6 @@ mod tests {
         (authority, task)
     }
 
-    /// Ids are opaque: take real ones from a balancer.
-    fn ids(n: usize) -> Vec<BackendId> {
-        let lb = lb_core::Balancer::new(
-            lb_core::Config::default(),
-            lb_core::select::AnySelect::new(lb_core::select::StrategyKind::RoundRobin),
-        )
-        .unwrap();
-        let backends = (0..n).map(|i| lb_core::Backend::new(format!("b{i}"), lb_core::Weight::ONE));
-        lb.set_backends(backends, tokio::time::Instant::now().into_std())
-            .unwrap()
-    }
-
     fn get() -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::Full(None));
         req.headers_mut()
@@ -275,8 +291,9 @@ mod tests {
             ..ProxyConfig::default()
         };
         let up = Arc::new(Upstream::new(&config));
+        let key = PoolKey::new(&authority);
         for _ in 0..5 {
-            let (resp, lease) = up.send(ids(1)[0], &authority, get()).await.unwrap();
+            let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             lease.release();
             assert_eq!(up.idle_count(), 1, "one connection, reused");
@@ -295,6 +312,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_to_a_removed_backend_are_dropped() {
+        use http_body_util::BodyExt;
+        let (authority, task) = backend().await;
+        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        let key = PoolKey::new(&authority);
+        let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+        let _ = resp.into_body().collect().await.unwrap();
+        lease.release();
+        up.retain([&key]);
+        assert_eq!(up.idle_count(), 1, "still routed: kept");
+        up.retain([]);
+        assert_eq!(up.idle_count(), 0, "removed: closed");
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn connect_failures_are_told_apart() {
         let closed: Authority = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -302,7 +335,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         assert!(matches!(
-            up.send(ids(2)[1], &closed, get()).await,
+            up.send(&PoolKey::new(&closed), get(), || None).await,
             Err(SendError::ConnectRefused(_))
         ));
     }

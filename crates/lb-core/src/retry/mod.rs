@@ -17,6 +17,7 @@
 
 pub(crate) mod backoff;
 pub(crate) mod budget;
+mod resend;
 
 use std::fmt;
 use std::time::Instant;
@@ -262,6 +263,8 @@ pub struct RequestState {
     pub(crate) open: Option<Open>,
     pub(crate) failure: Option<Failure>,
     pub(crate) finished: bool,
+    /// The attempt whose pooled connection died and was re-sent (at most one per request).
+    pub(crate) resent: Option<u8>,
 }
 
 // === impl RequestState ===
@@ -277,6 +280,7 @@ impl RequestState {
             open: None,
             failure: None,
             finished: false,
+            resent: None,
         }
     }
 
@@ -302,6 +306,14 @@ impl RequestState {
     #[must_use]
     pub const fn failure(&self) -> Option<Failure> {
         self.failure
+    }
+
+    /// The attempt (an index into [`attempts`](Self::attempts)) that was re-sent once on a
+    /// fresh connection after its pooled one died, if one was
+    /// (see [`Balancer::handle_resend`](crate::Balancer::handle_resend)).
+    #[must_use]
+    pub fn resent(&self) -> Option<usize> {
+        self.resent.map(usize::from)
     }
 
     /// The backend of the attempt in flight, if any.
@@ -343,6 +355,9 @@ impl fmt::Display for RequestState {
                 f.write_str(", ")?;
             }
             write!(f, "{}", a.backend)?;
+            if self.resent() == Some(i) {
+                write!(f, " {} resend, {}", Outcome::StaleConnection, a.backend)?;
+            }
             match (a.outcome, a.decision) {
                 (Some(o), Some(d)) => write!(f, " {o} {d}")?,
                 _ => f.write_str(" in_flight")?,
