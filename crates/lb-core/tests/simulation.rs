@@ -759,13 +759,16 @@ fn threads_share_one_balancer_through_a_reload() {
                             lb.handle_timeout(now());
                         }
                         let post = rng.below(10) == 0;
+                        // Whether the reload had finished before this decision began: a pick
+                        // made concurrently with `set_backends` may still see the old set.
+                        let mut after_reload = reloaded.load(Ordering::Acquire);
                         let (mut st, mut action) = lb.start(RequestInfo::new(!post, true), now());
                         let mut first = true;
                         let status = loop {
                             match action {
                                 Action::Forward { backend, .. } => {
                                     // Decided after the reload was seen: never the removed one.
-                                    if backend == removed && reloaded.load(Ordering::Acquire) {
+                                    if backend == removed && after_reload {
                                         to_removed.fetch_add(1, Ordering::Relaxed);
                                     }
                                     if !first {
@@ -779,6 +782,7 @@ fn threads_share_one_balancer_through_a_reload() {
                                     } else {
                                         Outcome::Response { status: 200 }
                                     };
+                                    after_reload = reloaded.load(Ordering::Acquire);
                                     action = lb.handle_outcome(&mut st, outcome, now());
                                 }
                                 Action::Relay => break 200,
