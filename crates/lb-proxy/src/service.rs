@@ -263,10 +263,8 @@ pub(crate) async fn handle(
                 if let Ok(Err(e)) = &result {
                     tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
                 }
-                let this_attempt = st.attempt_count().saturating_sub(1);
                 action = balancer.handle_outcome(st, outcome, now());
-                // After a retry the trace has grown: the decision is on this attempt's entry.
-                if let Some(decision) = st.attempts().get(this_attempt).and_then(|a| a.decision) {
+                if let Some(decision) = st.last_decision() {
                     shared.observer.decision(decision);
                 }
                 if action == Action::Relay {

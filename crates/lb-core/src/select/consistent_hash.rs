@@ -12,6 +12,9 @@
 //! balancers with the same set agree on where a key goes. Slow start does not apply: ramping
 //! a weight would move keys at every step, defeating the point of the strategy.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use super::{scan_from, Candidate, PickCx, Select};
 use crate::rng::{mix64, stable_hash};
 
@@ -65,34 +68,54 @@ impl MaglevTable {
             .collect();
         let weights: Vec<u64> = candidates
             .iter()
-            .map(|c| u64::from(c.configured_weight()))
+            .map(|c| u64::from(c.configured_weight().max(1)))
             .collect();
-        let max_w = weights.iter().copied().max().unwrap_or(1).max(1);
+        let max_w = weights.iter().copied().max().unwrap_or(1);
         let mut next = vec![0u64; n];
-        let mut credit = vec![0u64; n];
         let mut slots = vec![u32::MAX; m as usize];
         let mut filled = 0u64;
-        'fill: loop {
-            for i in 0..n {
-                // A backend of weight w takes a turn in w of every max_w rounds.
-                credit[i] += weights[i];
-                if credit[i] < max_w {
-                    continue;
+        // One turn: backend i takes the next free slot of its permutation.
+        let mut turn = |i: usize| {
+            let (offset, skip) = perm[i];
+            loop {
+                let slot = ((offset + next[i] * skip) % m) as usize;
+                next[i] += 1;
+                if slots[slot] == u32::MAX {
+                    slots[slot] = i as u32;
+                    filled += 1;
+                    return filled == m;
                 }
-                credit[i] -= max_w;
-                let (offset, skip) = perm[i];
-                loop {
-                    let slot = ((offset + next[i] * skip) % m) as usize;
-                    next[i] += 1;
-                    if slots[slot] == u32::MAX {
-                        slots[slot] = i as u32;
-                        filled += 1;
-                        break;
+            }
+        };
+        if weights.iter().all(|&w| w == max_w) {
+            // Equal weights: the paper's loop, every backend in turn.
+            'equal: loop {
+                for i in 0..n {
+                    if turn(i) {
+                        break 'equal;
                     }
                 }
-                if filled == m {
-                    break 'fill;
+            }
+        } else {
+            // A backend of weight w takes a turn in w of every max_w rounds (Envoy's
+            // weighted Maglev): its k-th turn falls in round ⌈k·max_w / w⌉, and turns of one
+            // round go in index order. Scanning every backend each round costs O(n) per
+            // round, and with mixed weights most rounds give few turns; a heap ordered by
+            // (round, index) yields the same turns in the same order in O(log n) each.
+            let mut heap: BinaryHeap<Reverse<(u64, u32)>> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| Reverse((max_w.div_ceil(w), i as u32)))
+                .collect();
+            let mut taken = vec![0u64; n];
+            while let Some(Reverse((_, i))) = heap.pop() {
+                let i = i as usize;
+                if turn(i) {
+                    break;
                 }
+                taken[i] += 1;
+                let round = (taken[i] + 1).saturating_mul(max_w).div_ceil(weights[i]);
+                heap.push(Reverse((round, i as u32)));
             }
         }
         Self { slots }
@@ -181,6 +204,70 @@ mod tests {
             let b = ConsistentHash.pick(&t, &c, &mut cx(&mut rng, &[], Some(key)));
             assert_eq!(a, b);
             assert_eq!(a, t.lookup(key));
+        }
+    }
+
+    /// The round-scanning fill this module used before the heap: the reference.
+    fn reference_fill(candidates: &[Candidate]) -> Vec<u32> {
+        let n = candidates.len();
+        let m = table_size(n);
+        let perm: Vec<(u64, u64)> = candidates
+            .iter()
+            .map(|c| {
+                let h = stable_hash(c.addr().as_bytes());
+                (
+                    mix64(h ^ 0x6d61_676c_6576_3031) % m,
+                    mix64(h ^ 0x736b_6970_7069_6e67) % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let weights: Vec<u64> = candidates
+            .iter()
+            .map(|c| u64::from(c.configured_weight()))
+            .collect();
+        let max_w = weights.iter().copied().max().unwrap_or(1).max(1);
+        let (mut next, mut credit) = (vec![0u64; n], vec![0u64; n]);
+        let mut slots = vec![u32::MAX; m as usize];
+        let mut filled = 0u64;
+        'fill: loop {
+            for i in 0..n {
+                credit[i] += weights[i];
+                if credit[i] < max_w {
+                    continue;
+                }
+                credit[i] -= max_w;
+                let (offset, skip) = perm[i];
+                loop {
+                    let slot = ((offset + next[i] * skip) % m) as usize;
+                    next[i] += 1;
+                    if slots[slot] == u32::MAX {
+                        slots[slot] = i as u32;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        slots
+    }
+
+    #[test]
+    fn weighted_fill_matches_the_round_scan() {
+        for weights in [
+            vec![1, 1, 1],
+            vec![1, 2, 3, 4],
+            vec![7, 1, 100, 3, 3],
+            vec![10_000, 1, 1],
+        ] {
+            let c = candidates(&weights);
+            assert_eq!(
+                MaglevTable::build(&c).slots,
+                reference_fill(&c),
+                "{weights:?}"
+            );
         }
     }
 
