@@ -221,8 +221,10 @@ impl<S: Select> Balancer<S> {
             } else {
                 let id = BackendId(ctl.next_id);
                 ctl.next_id += 1;
+                let state = Arc::new(BackendState::new(id, b.addr().to_owned()));
+                self.latency.start(&state, self.ticks(now));
                 Member {
-                    state: Arc::new(BackendState::new(id, b.addr().to_owned())),
+                    state,
                     weight: b.weight(),
                     health: RiseFall::new(true),
                     ejected_until: None,
