@@ -102,7 +102,7 @@ impl MaglevTable {
                 None => groups.push((w, vec![i])),
             }
         }
-        groups.sort_by(|a, b| b.0.cmp(&a.0));
+        groups.sort_by_key(|g| std::cmp::Reverse(g.0));
         'fill: for r in 1u64.. {
             for (w, members) in &groups {
                 if r * w / max_w == (r - 1) * w / max_w {
