@@ -995,7 +995,6 @@ fn access_log_lines_have_one_duration_and_duration_ms_to_the_microsecond() {
 /// (p2c-ewma is not tested this way: through real sockets its picks follow latency noise;
 /// without any failure one of two equal backends got 3 of 100 in one of three runs.)
 #[test]
-#[ignore = "needs core-a's branch (recent failures fade in lb-core)"]
 fn least_connections_gives_a_recovered_backend_its_share_back() {
     let strategy = "least-connections";
     let a = Backend::failing_on("a", "/fail");

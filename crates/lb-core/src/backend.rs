@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::error::ConfigError;
 
@@ -109,6 +109,16 @@ impl Backend {
     }
 }
 
+/// How long one failure keeps counting as load: its weight fades linearly to nothing over
+/// this, counted from the backend's latest failure (SPEC: "a backend that failed and then
+/// serves well gets its even share back within 10 s"; half of that leaves a margin).
+pub(crate) const ERROR_FADE_MS: u64 = 5_000;
+
+/// Fixed-point unit of the error weight: one failure.
+const ERROR_UNIT: u64 = 256;
+const AT_BITS: u32 = 40;
+const AT_MASK: u64 = (1 << AT_BITS) - 1;
+
 /// Live, lock-free counters of one backend, shared by every request thread.
 ///
 /// Aligned to a cache line so two backends' counters never share one.
@@ -121,9 +131,16 @@ pub(crate) struct BackendState {
     pub(crate) in_flight: AtomicU32,
     /// Consecutive connection-level failures (refused, timed out, reset); reset by any response.
     pub(crate) consecutive_failures: AtomicU32,
-    /// Consecutive errors of any kind, 5xx included: the load penalty least-connections and
-    /// p2c add so a backend that fails fast never looks idle. Reset by a non-5xx response.
-    pub(crate) recent_errors: AtomicU32,
+    /// Recent errors of any kind, 5xx included: the load penalty least-connections and p2c
+    /// add so a backend that fails fast never looks idle. Packed in one word so readers never
+    /// see half an update: weight in 1/256ths of a failure (high 24 bits) and the
+    /// millisecond tick of the latest failure (low 40 bits). The weight fades linearly to
+    /// zero over [`ERROR_FADE_MS`] after that failure, and a good response clears it.
+    pub(crate) errors: AtomicU64,
+    /// Not to be picked whatever the published snapshot says: ejected (outside panic mode)
+    /// or down since the snapshot was built. Lets the request path take a backend out at
+    /// once while the table rebuild waits for the timer.
+    pub(crate) hidden: AtomicBool,
     /// Peak-EWMA latency in nanoseconds (f64 bits) and the tick it was last updated.
     pub(crate) ewma_ns: AtomicU64,
     pub(crate) ewma_at: AtomicU64,
@@ -142,7 +159,8 @@ impl BackendState {
             addr,
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
-            recent_errors: AtomicU32::new(0),
+            errors: AtomicU64::new(0),
+            hidden: AtomicBool::new(false),
             ewma_ns: AtomicU64::new(0f64.to_bits()),
             ewma_at: AtomicU64::new(0),
             ejection_row: AtomicU32::new(0),
@@ -155,8 +173,45 @@ impl BackendState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn recent_errors(&self) -> u32 {
-        self.recent_errors.load(Ordering::Relaxed)
+    pub(crate) fn is_hidden(&self) -> bool {
+        self.hidden.load(Ordering::Relaxed)
+    }
+
+    /// The weight of recent errors at `now_ns`, in failures (each counts 1 when it happens,
+    /// fading linearly to 0 over [`ERROR_FADE_MS`] after the latest one).
+    pub(crate) fn error_weight(&self, now_ns: u64) -> f64 {
+        let (units, left) = faded(self.errors.load(Ordering::Relaxed), now_ns);
+        (units * left) as f64 / (ERROR_UNIT * ERROR_FADE_MS) as f64
+    }
+
+    /// How much of the latest failure's fade is left at `now_ns`: 1 right after it, 0 once
+    /// [`ERROR_FADE_MS`] passed or a good response cleared it.
+    pub(crate) fn error_fade(&self, now_ns: u64) -> f64 {
+        let (units, left) = faded(self.errors.load(Ordering::Relaxed), now_ns);
+        if units == 0 {
+            0.0
+        } else {
+            left as f64 / ERROR_FADE_MS as f64
+        }
+    }
+
+    /// Counts one more error at `now_ns`, on top of what is left of the earlier ones.
+    pub(crate) fn add_error(&self, now_ns: u64) {
+        let at = (now_ns / 1_000_000) & AT_MASK;
+        let _ = self
+            .errors
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (units, left) = faded(word, now_ns);
+                let units = (units * left / ERROR_FADE_MS + ERROR_UNIT).min((1 << 24) - 1);
+                Some(units << AT_BITS | at)
+            });
+    }
+
+    /// A good response: the backend serves well, its errors stop counting.
+    pub(crate) fn clear_errors(&self) {
+        if self.errors.load(Ordering::Relaxed) != 0 {
+            self.errors.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Decrements the in-flight count. Each attempt is released once (its `Open` is taken
@@ -164,5 +219,38 @@ impl BackendState {
     pub(crate) fn release(&self) {
         let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(prev > 0, "in-flight count released below zero");
+    }
+}
+
+/// A packed error word's weight units and the milliseconds left of its fade at `now_ns`.
+fn faded(word: u64, now_ns: u64) -> (u64, u64) {
+    let units = word >> AT_BITS;
+    let at = word & AT_MASK;
+    let now = (now_ns / 1_000_000) & AT_MASK;
+    let elapsed = now.saturating_sub(at);
+    (units, ERROR_FADE_MS.saturating_sub(elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_weight_fades_to_zero_and_adds_up() {
+        let s = BackendState::new(BackendId(0), "a".into());
+        let ms = |n: u64| n * 1_000_000;
+        assert_eq!(s.error_weight(ms(5)), 0.0);
+        s.add_error(ms(1_000));
+        assert_eq!(s.error_weight(ms(1_000)), 1.0);
+        assert_eq!(s.error_fade(ms(1_000)), 1.0);
+        assert!((s.error_weight(ms(3_500)) - 0.5).abs() < 1e-9);
+        s.add_error(ms(3_500));
+        assert!((s.error_weight(ms(3_500)) - 1.5).abs() < 1e-2);
+        assert_eq!(s.error_weight(ms(3_500 + ERROR_FADE_MS)), 0.0);
+        assert_eq!(s.error_fade(ms(3_500 + ERROR_FADE_MS)), 0.0);
+        s.add_error(ms(9_000));
+        s.clear_errors();
+        assert_eq!(s.error_weight(ms(9_000)), 0.0);
+        assert_eq!(s.error_fade(ms(9_000)), 0.0);
     }
 }

@@ -95,7 +95,8 @@ pub struct LatencyConfig {
     pub(crate) decay: Duration,
     /// Estimate for a backend with no sample yet (default 1 ms).
     pub(crate) default_rtt: Duration,
-    /// Latency sample recorded for a failed attempt, so a backend that fails fast never looks
+    /// Floor on a backend's latency estimate right after a failed attempt, fading to nothing
+    /// within 5 s (or at once on a good response), so a backend that fails fast never looks
     /// fast (default 250 ms).
     pub(crate) failure_penalty: Duration,
 }

@@ -57,7 +57,10 @@ pub enum Event {
         /// Its address.
         addr: String,
     },
-    /// Panic mode turned on or off: too few eligible backends, so ejections are ignored.
+    /// Panic mode turned on or off (too few eligible backends), or, while on, the number of
+    /// ejections it ignores changed. Panic mode sends traffic to ejected backends that probes
+    /// still call up, never to probe-down ones: when the shortfall is only probe-down
+    /// backends, it changes nothing, and the event says so.
     #[non_exhaustive]
     Panic {
         /// On or off.
@@ -66,6 +69,10 @@ pub enum Event {
         eligible: usize,
         /// All backends.
         total: usize,
+        /// Backends down by probes (never balanced over, panic or not).
+        down: usize,
+        /// Ejected, probe-healthy backends panic mode balances over anyway (0 when off).
+        ignored: usize,
     },
 }
 
@@ -83,10 +90,16 @@ impl fmt::Display for Event {
                 "backend {addr} ejected: {failures} consecutive failures (ejection {ejections} in a row)"
             ),
             Self::Restored { addr, .. } => write!(f, "backend {addr} restored: ejection expired"),
-            Self::Panic { on: true, eligible, total } => {
-                write!(f, "panic mode on: {eligible} of {total} backends eligible, ignoring ejections")
-            }
-            Self::Panic { on: false, eligible, total } => {
+            Self::Panic { on: true, eligible, total, down, ignored: 0 } => write!(
+                f,
+                "panic mode on: {eligible} of {total} backends eligible, {down} down by probes; no ejection to ignore, so nothing changes"
+            ),
+            Self::Panic { on: true, eligible, total, down, ignored } => write!(
+                f,
+                "panic mode on: {eligible} of {total} backends eligible ({down} down by probes), ignoring {ignored} ejection{}",
+                if *ignored == 1 { "" } else { "s" }
+            ),
+            Self::Panic { on: false, eligible, total, .. } => {
                 write!(f, "panic mode off: {eligible} of {total} backends eligible")
             }
         }

@@ -39,6 +39,18 @@ impl LatencyParams {
         }
     }
 
+    /// Starts a new backend's estimate at the default, stamped `now_ns`, so it decays as a
+    /// sample would (tower's `PeakEwma` starts endpoints the same way). Without that, a
+    /// backend nobody sent to yet — one added by a reload, or one whose only attempt failed —
+    /// would lose every comparison to any backend faster than the default, and never get
+    /// the request that would measure it; decaying, it looks cheaper and cheaper until it
+    /// is tried.
+    pub(crate) fn start(&self, s: &BackendState, now_ns: u64) {
+        s.ewma_ns
+            .store(self.default_rtt_ns.to_bits(), Ordering::Relaxed);
+        s.ewma_at.store(now_ns.max(1), Ordering::Relaxed);
+    }
+
     /// The estimate at `now_ns`, decayed since its last sample; the default before any sample.
     pub(crate) fn estimate_at(&self, s: &BackendState, now_ns: u64) -> f64 {
         let at = s.ewma_at.load(Ordering::Relaxed);

@@ -10,12 +10,14 @@
 //! with whatever runtime and HTTP stack it already has.
 //!
 //! # Layout
-//! * [`Balancer`] (`balancer`): the shared engine; `&self`, lock-free on the request path.
+//! * [`Balancer`] (`balancer`): the shared engine; `&self`, lock-free on the request path;
+//!   split into `pool` (membership, eligibility, snapshot rebuilds), `ejection` and `timer`.
 //! * [`select`]: the [`Select`](select::Select) trait and six strategies: round robin, smooth
 //!   weighted round robin, least connections, p2c over peak EWMA, Maglev consistent hashing,
 //!   random.
 //! * `health`: rise/fall counting, ejection lengths, slow-start ramps.
-//! * `retry`: [`RequestState`], [`Action`], [`Decision`] (the routing trace), backoff, budget.
+//! * `retry`: [`RequestState`] (also a drop guard for its in-flight slot), [`Action`],
+//!   [`Decision`] (the routing trace), the retry decision as a pure function, backoff, budget.
 //! * `outcome`: the inputs: [`RequestInfo`], [`Outcome`], [`Completion`], [`ProbeResult`].
 //! * [`Event`]: state changes for logs and metrics. [`ConfigError`]: the only error.
 //!

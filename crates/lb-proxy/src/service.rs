@@ -189,8 +189,7 @@ pub(crate) async fn handle(
                     tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
                 }
                 action = balancer.handle_outcome(st, outcome, now());
-                // After a retry the trace has grown: the decision is on this attempt's entry.
-                if let Some(decision) = st.attempts().get(this_attempt).and_then(|a| a.decision()) {
+                if let Some(decision) = st.last_decision() {
                     shared.observer.decision(decision);
                 }
                 if action == Action::Relay {

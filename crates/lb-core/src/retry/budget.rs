@@ -85,12 +85,11 @@ impl Budget {
         b
     }
 
-    /// Counts one client request in second `sec`; returns how many this thread's stripe
-    /// counted before it in that second (a cheap per-request nonce).
-    pub(crate) fn deposit(&self, sec: u64) -> u64 {
+    /// Counts one client request in second `sec`.
+    pub(crate) fn deposit(&self, sec: u64) {
         self.bucket(sec).requests[stripe()]
             .0
-            .fetch_add(1, Ordering::Relaxed)
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry in second `sec` if the window allows it; returns whether it did.

@@ -1,7 +1,8 @@
 //! One request's attempts: what the core decided, and why.
 //!
-//! The decisions themselves are made by [`Balancer::handle_outcome`](crate::Balancer::handle_outcome);
-//! this module holds what flows in and out of it: the per-request [`RequestState`], the
+//! Whether to retry is decided by a pure function (`decide.rs`), which
+//! [`Balancer::handle_outcome`](crate::Balancer::handle_outcome) feeds and carries out; this
+//! module holds what flows in and out of it: the per-request [`RequestState`], the
 //! [`Action`] to carry out, and the routing trace ([`Attempt`], [`Decision`]) that explains
 //! each step without recomputing anything.
 //!
@@ -17,12 +18,14 @@
 
 pub(crate) mod backoff;
 pub(crate) mod budget;
+pub(crate) mod decide;
 mod resend;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::BackendId;
+use crate::backend::{BackendId, BackendState};
 use crate::config::MAX_ATTEMPTS;
 use crate::outcome::{Outcome, RequestInfo};
 use crate::rng::Rng;
@@ -238,10 +241,12 @@ impl Attempt {
     };
 }
 
-/// The attempt in flight: what `finish`, `abandon` and the next outcome need.
+/// The attempt in flight: what `finish`, `abandon` and the next outcome need. Holding the
+/// backend's counters (not only its id) is what lets a dropped [`RequestState`] give its
+/// in-flight slot back without the balancer.
 #[derive(Debug)]
 pub(crate) struct Open {
-    pub(crate) id: BackendId,
+    pub(crate) state: Arc<BackendState>,
     pub(crate) generation: u64,
     pub(crate) index: usize,
     pub(crate) sent_ns: u64,
@@ -253,6 +258,11 @@ pub(crate) struct Open {
 /// Obtained from [`Balancer::start`](crate::Balancer::start); pass it back to every
 /// `handle_outcome`, then to exactly one of `finish` (after `Relay`) or `abandon` (the client
 /// left). A `Fail` ends it with nothing in flight.
+///
+/// It is also a drop guard: dropped with an attempt in flight (a cancelled future, a panic,
+/// a forgotten `finish`), it gives the attempt's in-flight slot back, so a backend's
+/// `active_requests` always returns to zero. Dropping counts nothing against the backend
+/// (as `abandon`); `finish` remains the way to report how a relayed response ended.
 #[derive(Debug)]
 pub struct RequestState {
     pub(crate) info: RequestInfo,
@@ -262,6 +272,7 @@ pub struct RequestState {
     pub(crate) len: usize,
     pub(crate) open: Option<Open>,
     pub(crate) failure: Option<Failure>,
+    pub(crate) last: Option<Decision>,
     pub(crate) finished: bool,
     /// The attempt whose pooled connection died and was re-sent (at most one per request).
     pub(crate) resent: Option<u8>,
@@ -279,6 +290,7 @@ impl RequestState {
             len: 0,
             open: None,
             failure: None,
+            last: None,
             finished: false,
             resent: None,
         }
@@ -316,10 +328,17 @@ impl RequestState {
         self.resent.map(usize::from)
     }
 
+    /// The decision `handle_outcome` made last (the one behind the [`Action`] it returned),
+    /// or `None` before any outcome was reported.
+    #[must_use]
+    pub const fn last_decision(&self) -> Option<Decision> {
+        self.last
+    }
+
     /// The backend of the attempt in flight, if any.
     #[must_use]
     pub fn in_flight(&self) -> Option<BackendId> {
-        self.open.as_ref().map(|o| o.id)
+        self.open.as_ref().map(|o| o.state.id)
     }
 
     pub(crate) fn tried(&self) -> &[BackendId] {
@@ -340,9 +359,18 @@ impl RequestState {
     }
 
     pub(crate) fn record(&mut self, outcome: Outcome, decision: Decision) {
+        self.last = Some(decision);
         if let Some(a) = self.len.checked_sub(1).map(|i| &mut self.attempts[i]) {
             a.outcome = Some(outcome);
             a.decision = Some(decision);
+        }
+    }
+}
+
+impl Drop for RequestState {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.state.release();
         }
     }
 }

@@ -65,33 +65,53 @@ impl MaglevTable {
             .collect();
         let weights: Vec<u64> = candidates
             .iter()
-            .map(|c| u64::from(c.configured_weight()))
+            .map(|c| u64::from(c.configured_weight().max(1)))
             .collect();
-        let max_w = weights.iter().copied().max().unwrap_or(1).max(1);
-        let mut next = vec![0u64; n];
-        let mut credit = vec![0u64; n];
+        let max_w = weights.iter().copied().max().unwrap_or(1);
+        // Where each backend's permutation is: `(offset + j·skip) mod m`, stepped by one
+        // addition instead of a multiplication and a division per probe.
+        let mut pos: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
         let mut slots = vec![u32::MAX; m as usize];
         let mut filled = 0u64;
-        'fill: loop {
-            for i in 0..n {
-                // A backend of weight w takes a turn in w of every max_w rounds.
-                credit[i] += weights[i];
-                if credit[i] < max_w {
+        // One turn: backend i takes the next free slot of its permutation.
+        let mut turn = |i: usize| {
+            let skip = perm[i].1;
+            loop {
+                let slot = pos[i] as usize;
+                pos[i] += skip;
+                if pos[i] >= m {
+                    pos[i] -= m;
+                }
+                if slots[slot] == u32::MAX {
+                    slots[slot] = i as u32;
+                    filled += 1;
+                    return filled == m;
+                }
+            }
+        };
+        // A backend of weight w takes a turn in w of every max_w rounds (Envoy's weighted
+        // Maglev): in round r iff ⌊r·w / max_w⌋ > ⌊(r−1)·w / max_w⌋. Scanning every backend
+        // each round costs O(n) per round, and with mixed weights most of them skip most
+        // rounds; backends of one weight take their turns in the same rounds, so a round
+        // visits each distinct weight once and only the backends whose turn it is: O(turns +
+        // rounds × distinct weights). With equal weights this is the paper's loop.
+        let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
+        for (i, &w) in weights.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == w) {
+                Some(g) => g.1.push(i),
+                None => groups.push((w, vec![i])),
+            }
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.0));
+        'fill: for r in 1u64.. {
+            for (w, members) in &groups {
+                if r * w / max_w == (r - 1) * w / max_w {
                     continue;
                 }
-                credit[i] -= max_w;
-                let (offset, skip) = perm[i];
-                loop {
-                    let slot = ((offset + next[i] * skip) % m) as usize;
-                    next[i] += 1;
-                    if slots[slot] == u32::MAX {
-                        slots[slot] = i as u32;
-                        filled += 1;
-                        break;
+                for &i in members {
+                    if turn(i) {
+                        break 'fill;
                     }
-                }
-                if filled == m {
-                    break 'fill;
                 }
             }
         }
@@ -181,6 +201,86 @@ mod tests {
             let b = ConsistentHash.pick(&t, &c, &mut cx(&mut rng, &[], Some(key)));
             assert_eq!(a, b);
             assert_eq!(a, t.lookup(key));
+        }
+    }
+
+    /// The round-scanning fill this module used before the heap: the reference.
+    fn reference_fill(candidates: &[Candidate]) -> Vec<u32> {
+        let n = candidates.len();
+        let m = table_size(n);
+        let perm: Vec<(u64, u64)> = candidates
+            .iter()
+            .map(|c| {
+                let h = stable_hash(c.addr().as_bytes());
+                (
+                    mix64(h ^ 0x6d61_676c_6576_3031) % m,
+                    mix64(h ^ 0x736b_6970_7069_6e67) % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let weights: Vec<u64> = candidates
+            .iter()
+            .map(|c| u64::from(c.configured_weight()))
+            .collect();
+        let max_w = weights.iter().copied().max().unwrap_or(1).max(1);
+        let (mut next, mut credit) = (vec![0u64; n], vec![0u64; n]);
+        let mut slots = vec![u32::MAX; m as usize];
+        let mut filled = 0u64;
+        'fill: loop {
+            for i in 0..n {
+                credit[i] += weights[i];
+                if credit[i] < max_w {
+                    continue;
+                }
+                credit[i] -= max_w;
+                let (offset, skip) = perm[i];
+                loop {
+                    let slot = ((offset + next[i] * skip) % m) as usize;
+                    next[i] += 1;
+                    if slots[slot] == u32::MAX {
+                        slots[slot] = i as u32;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        slots
+    }
+
+    #[test]
+    fn fill_matches_the_round_scan_for_equal_weights_and_shares_for_mixed() {
+        for weights in [vec![1, 1, 1], vec![3; 50]] {
+            let c = candidates(&weights);
+            assert_eq!(
+                MaglevTable::build(&c).slots,
+                reference_fill(&c),
+                "{weights:?}"
+            );
+        }
+        for weights in [vec![1, 2, 3, 4], vec![7, 1, 100, 3, 3], vec![10_000, 1, 1]] {
+            let c = candidates(&weights);
+            let (ours, reference) = (MaglevTable::build(&c).slots, reference_fill(&c));
+            let share = |slots: &[u32]| {
+                let mut n = vec![0u64; weights.len()];
+                for &s in slots {
+                    n[s as usize] += 1;
+                }
+                n
+            };
+            // Same turns per round, taken by weight group rather than by index: the same
+            // shares to within a few slots, every slot filled.
+            let (a, b) = (share(&ours), share(&reference));
+            for i in 0..weights.len() {
+                assert!(
+                    a[i].abs_diff(b[i]) <= weights.len() as u64,
+                    "{weights:?}: {a:?} vs {b:?}"
+                );
+            }
+            assert!(ours.iter().all(|&s| (s as usize) < weights.len()));
         }
     }
 

@@ -13,7 +13,12 @@
 //!
 //! Load is `in_flight + recent_errors + 1` over the effective weight, compared by
 //! cross-multiplication (no division); ties go to the backend picked longest ago (a global
-//! pick stamp), which makes equal backends take turns, as HAProxy's leastconn does.
+//! pick stamp), which makes equal backends take turns, as HAProxy's leastconn does. The
+//! error weight fades with time (see [`Candidate::recent_errors`]), so a node compares its
+//! children as of the last update that passed through it; every pick or release on a
+//! sibling refreshes it, so a faded penalty stops counting as soon as traffic flows. A
+//! backend the balancer took out since the table was built (an ejection) counts as
+//! infinitely loaded and never wins the root while another candidate is left.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,11 +51,18 @@ impl LcTable {
         v.checked_sub(1).map(|i| i as usize)
     }
 
-    fn order(&self, c: &[Candidate], a: usize, b: usize) -> CmpOrdering {
-        let (la, lb) = (c[a].load(), c[b].load());
-        let (wa, wb) = (u64::from(c[a].weight()), u64::from(c[b].weight()));
+    fn order(&self, c: &[Candidate], a: usize, b: usize, now_ns: u64) -> CmpOrdering {
+        let load = |x: &Candidate| {
+            if x.is_hidden() {
+                f64::INFINITY
+            } else {
+                x.load(now_ns)
+            }
+        };
+        let (la, lb) = (load(&c[a]), load(&c[b]));
+        let (wa, wb) = (f64::from(c[a].weight()), f64::from(c[b].weight()));
         (la * wb)
-            .cmp(&(lb * wa))
+            .total_cmp(&(lb * wa))
             .then_with(|| {
                 let sa = self.stamps[a].load(Ordering::Relaxed);
                 let sb = self.stamps[b].load(Ordering::Relaxed);
@@ -59,10 +71,16 @@ impl LcTable {
             .then(a.cmp(&b))
     }
 
-    fn better(&self, c: &[Candidate], a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    fn better(
+        &self,
+        c: &[Candidate],
+        a: Option<usize>,
+        b: Option<usize>,
+        now_ns: u64,
+    ) -> Option<usize> {
         match (a, b) {
             (Some(x), Some(y)) if x < c.len() && y < c.len() => {
-                Some(if self.order(c, x, y) == CmpOrdering::Greater {
+                Some(if self.order(c, x, y, now_ns) == CmpOrdering::Greater {
                     y
                 } else {
                     x
@@ -74,23 +92,24 @@ impl LcTable {
         }
     }
 
-    fn compute(&self, c: &[Candidate], k: usize) -> u64 {
+    fn compute(&self, c: &[Candidate], k: usize, now_ns: u64) -> u64 {
         let w = self.better(
             c,
             self.winner(2 * k, c.len()),
             self.winner(2 * k + 1, c.len()),
+            now_ns,
         );
         w.map_or(0, |i| i as u64 + 1)
     }
 
     /// Recomputes every node from leaf `i` to the root.
-    fn update(&self, c: &[Candidate], i: usize) {
+    fn update(&self, c: &[Candidate], i: usize, now_ns: u64) {
         let mut k = (self.size + i) / 2;
         while k >= 1 {
             let node = &self.nodes[k];
             let mut old = node.load(Ordering::Acquire);
             loop {
-                let new = ((old >> 32).wrapping_add(1) << 32) | self.compute(c, k);
+                let new = ((old >> 32).wrapping_add(1) << 32) | self.compute(c, k, now_ns);
                 match node.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => break,
                     Err(actual) => old = actual,
@@ -116,7 +135,9 @@ impl Select for LeastConnections {
             stamps: (0..candidates.len()).map(|_| AtomicU64::new(0)).collect(),
         };
         for k in (1..size).rev() {
-            table.nodes[k].store(table.compute(candidates, k), Ordering::Relaxed);
+            // Built off the request path with no clock: errors count at full weight until
+            // the balancer's first update (it refreshes every leaf once the table is live).
+            table.nodes[k].store(table.compute(candidates, k, 0), Ordering::Relaxed);
         }
         table
     }
@@ -133,7 +154,7 @@ impl Select for LeastConnections {
             _ => (0..candidates.len())
                 .filter(|&i| !cx.is_excluded(&candidates[i]))
                 .reduce(|a, b| {
-                    if table.order(candidates, a, b) == CmpOrdering::Greater {
+                    if table.order(candidates, a, b, cx.now_ns()) == CmpOrdering::Greater {
                         b
                     } else {
                         a
@@ -145,9 +166,9 @@ impl Select for LeastConnections {
         Some(chosen)
     }
 
-    fn load_changed(&self, table: &LcTable, candidates: &[Candidate], index: usize) {
+    fn load_changed(&self, table: &LcTable, candidates: &[Candidate], index: usize, now_ns: u64) {
         if index < candidates.len() && index < table.stamps.len() {
-            table.update(candidates, index);
+            table.update(candidates, index, now_ns);
         }
     }
 
@@ -166,7 +187,7 @@ mod tests {
     fn start(s: &LeastConnections, t: &LcTable, c: &[Candidate], rng: &mut Rng) -> usize {
         let i = s.pick(t, c, &mut cx(rng, &[], None)).unwrap();
         c[i].state.in_flight.fetch_add(1, Ordering::Relaxed);
-        s.load_changed(t, c, i);
+        s.load_changed(t, c, i, 0);
         i
     }
 
@@ -180,7 +201,7 @@ mod tests {
         for _ in 0..6 {
             let i = start(&s, &t, &c, &mut rng);
             c[i].state.release();
-            s.load_changed(&t, &c, i);
+            s.load_changed(&t, &c, i, 0);
             got.push(i);
         }
         assert_eq!(got, [0, 1, 2, 0, 1, 2]);
@@ -201,7 +222,7 @@ mod tests {
         for _ in 0..2 {
             c[1].state.release();
         }
-        s.load_changed(&t, &c, 1);
+        s.load_changed(&t, &c, 1, 0);
         assert_eq!(start(&s, &t, &c, &mut rng), 1);
     }
 
@@ -210,8 +231,10 @@ mod tests {
         let s = LeastConnections::default();
         let c = candidates(&[1, 1]);
         let t = s.build(&c);
-        c[0].state.recent_errors.store(5, Ordering::Relaxed);
-        s.load_changed(&t, &c, 0);
+        for _ in 0..5 {
+            c[0].state.add_error(1_000_000);
+        }
+        s.load_changed(&t, &c, 0, 1_000_000);
         let mut rng = Rng::from_seed(0);
         assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &[], None)), Some(1));
         let tried = [BackendId(1)];
@@ -241,15 +264,15 @@ mod tests {
                                 |n| n.checked_sub(1),
                             );
                         }
-                        s.load_changed(t, c, i);
+                        s.load_changed(t, c, i, 0);
                     }
                 });
             }
         });
         let root = t.winner(1, c.len()).unwrap();
-        let min = c.iter().map(Candidate::load).min().unwrap();
+        let min = c.iter().map(|c| c.load(0)).fold(f64::INFINITY, f64::min);
         assert_eq!(
-            c[root].load(),
+            c[root].load(0),
             min,
             "root is a least-loaded candidate once updates settle"
         );

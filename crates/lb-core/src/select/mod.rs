@@ -14,6 +14,16 @@
 //! A strategy only ranks. So no strategy, present or future, can pick a down backend while
 //! an up one exists: that invariant lives in one place. The balancer also checks every
 //! answer and falls back to a scan if a strategy ever returned an excluded candidate.
+//! A backend taken out on the request path (an ejection) before the timer rebuilt the table
+//! is excluded the same way, so every strategy skips it from the next pick on.
+//!
+//! # Why failures fade
+//! Load-aware strategies count a backend's recent errors as load, so one that fails fast
+//! never looks idle. That weight fades: each error counts one in-flight request's worth when
+//! it happens and fades linearly to nothing over five seconds after the latest one, and a
+//! good response clears it. A backend that failed once is not starved by its own penalty
+//! (nothing would ever send it the request that clears it): it gets its share back within
+//! seconds even if no request reaches it meanwhile.
 
 mod consistent_hash;
 mod least_conn;
@@ -48,12 +58,12 @@ pub struct Candidate {
 
 impl Candidate {
     /// A candidate with counters of its own, outside any [`Balancer`](crate::Balancer): for
-    /// testing or benchmarking a [`Select`] implementation on its own. Its weight is used as
-    /// both the configured and the effective weight.
+    /// testing or benchmarking a [`Select`] implementation on its own. It is not ramping:
+    /// its effective weight is the configured one at 100 %.
     #[must_use]
     pub fn detached(id: BackendId, addr: impl Into<String>, weight: u32) -> Self {
         Self {
-            weight: weight.max(1),
+            weight: weight.max(1).saturating_mul(100),
             base_weight: weight.max(1),
             state: Arc::new(BackendState::new(id, addr.into())),
         }
@@ -91,18 +101,32 @@ impl Candidate {
         self.state.in_flight()
     }
 
-    /// Consecutive recent errors (connect failures, resets, timeouts, 5xx), reset by a good
-    /// response. Load-aware strategies add it to the load so a fast-failing backend never
-    /// looks idle.
+    /// Its slow-start share in percent (10 to 100; 100 when not ramping).
     #[must_use]
-    pub fn recent_errors(&self) -> u32 {
-        self.state.recent_errors()
+    pub const fn slow_start_percent(&self) -> u32 {
+        self.weight / self.base_weight
     }
 
-    /// In-flight plus recent errors plus one: the load least-connections and p2c compare.
+    /// The weight of recent errors (connect failures, resets, timeouts, 5xx) at `now_ns`:
+    /// each counts 1 when it happens and fades linearly to 0 within five seconds of the
+    /// latest one; a good response clears it. Load-aware strategies add it to the load so
+    /// a fast-failing backend never looks idle, and never starve one that failed once.
     #[must_use]
-    pub fn load(&self) -> u64 {
-        u64::from(self.in_flight()) + u64::from(self.recent_errors()) + 1
+    pub fn recent_errors(&self, now_ns: u64) -> f64 {
+        self.state.error_weight(now_ns)
+    }
+
+    /// In-flight plus recent errors plus one, at `now_ns`: the load least-connections and
+    /// p2c compare (see [`PickCx::now_ns`]).
+    #[must_use]
+    pub fn load(&self, now_ns: u64) -> f64 {
+        f64::from(self.in_flight()) + self.recent_errors(now_ns) + 1.0
+    }
+
+    /// Returns true if and only if the balancer took this backend out after the table was
+    /// built (ejected, or down): it must not be picked.
+    pub(crate) fn is_hidden(&self) -> bool {
+        self.state.is_hidden()
     }
 }
 
@@ -144,11 +168,17 @@ impl<'a> PickCx<'a> {
         self.rng
     }
 
-    /// Returns true if and only if this request already tried `candidate` (a strategy must
-    /// not return it).
+    /// The time, as the monotonic nanosecond count latency and error samples use.
+    #[must_use]
+    pub const fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    /// Returns true if and only if `candidate` must not be returned: this request already
+    /// tried it, or the balancer took it out (an ejection) since the table was built.
     #[must_use]
     pub fn is_excluded(&self, candidate: &Candidate) -> bool {
-        !self.tried.is_empty() && self.tried.contains(&candidate.id())
+        candidate.is_hidden() || (!self.tried.is_empty() && self.tried.contains(&candidate.id()))
     }
 
     /// Returns true if and only if any candidate may be excluded (the request is a retry).
@@ -157,10 +187,18 @@ impl<'a> PickCx<'a> {
         !self.tried.is_empty()
     }
 
-    /// The candidate's peak-EWMA latency estimate now, in nanoseconds.
+    /// The candidate's latency estimate now, in nanoseconds: its peak EWMA, but at least the
+    /// configured failure penalty while its latest error fades (linearly, to nothing within
+    /// five seconds, or at once on a good response).
     #[must_use]
     pub fn latency_ns(&self, candidate: &Candidate) -> f64 {
-        self.latency.estimate_at(&candidate.state, self.now_ns)
+        let ewma = self.latency.estimate_at(&candidate.state, self.now_ns);
+        let fade = candidate.state.error_fade(self.now_ns);
+        if fade > 0.0 {
+            ewma.max(self.latency.penalty_ns * fade)
+        } else {
+            ewma
+        }
     }
 }
 
@@ -204,10 +242,17 @@ pub trait Select: Send + Sync + 'static {
         cx: &mut PickCx<'_>,
     ) -> Option<usize>;
 
-    /// Told after the load of `candidates[index]` changed (an attempt started or ended), for
-    /// strategies that index load. The default does nothing.
-    fn load_changed(&self, table: &Self::Table, candidates: &[Candidate], index: usize) {
-        let _ = (table, candidates, index);
+    /// Told after the load of `candidates[index]` changed at `now_ns` (an attempt started or
+    /// ended, an error was counted, the balancer took the backend out), for strategies that
+    /// index load. The default does nothing.
+    fn load_changed(
+        &self,
+        table: &Self::Table,
+        candidates: &[Candidate],
+        index: usize,
+        now_ns: u64,
+    ) {
+        let _ = (table, candidates, index, now_ns);
     }
 
     /// Returns true if and only if `load_changed` does something (lets the balancer skip the
@@ -220,6 +265,14 @@ pub trait Select: Send + Sync + 'static {
     /// latency bookkeeping on every response).
     fn uses_latency(&self) -> bool {
         false
+    }
+
+    /// Returns true if and only if slow start applies (every built-in strategy but
+    /// consistent hashing, where ramping a weight would move keys at every step). When it
+    /// does not, a returning backend gets its full weight at once and the balancer
+    /// schedules no ramp steps, so no table is rebuilt for them.
+    fn slow_start(&self) -> bool {
+        true
     }
 }
 
@@ -322,8 +375,10 @@ pub enum AnySelect {
 /// The table of whichever strategy an [`AnySelect`] holds.
 #[derive(Debug)]
 pub enum AnyTable {
-    /// No table (round robin, p2c).
+    /// No table (p2c).
     None,
+    /// Round robin's slow-start sequence, while a backend ramps.
+    RoundRobin(<RoundRobin as Select>::Table),
     /// Smooth WRR sequence.
     Wrr(<SmoothWrr as Select>::Table),
     /// Least-connections tournament tree.
@@ -373,7 +428,8 @@ impl Select for AnySelect {
 
     fn build(&self, candidates: &[Candidate]) -> AnyTable {
         match self {
-            Self::RoundRobin(_) | Self::P2cEwma(_) => AnyTable::None,
+            Self::P2cEwma(_) => AnyTable::None,
+            Self::RoundRobin(s) => AnyTable::RoundRobin(s.build(candidates)),
             Self::WeightedRoundRobin(s) => AnyTable::Wrr(s.build(candidates)),
             Self::LeastConnections(s) => AnyTable::LeastConnections(s.build(candidates)),
             Self::ConsistentHash(s) => AnyTable::ConsistentHash(s.build(candidates)),
@@ -388,7 +444,7 @@ impl Select for AnySelect {
         cx: &mut PickCx<'_>,
     ) -> Option<usize> {
         match (self, table) {
-            (Self::RoundRobin(s), _) => s.pick(&(), candidates, cx),
+            (Self::RoundRobin(s), AnyTable::RoundRobin(t)) => s.pick(t, candidates, cx),
             (Self::P2cEwma(s), _) => s.pick(&(), candidates, cx),
             (Self::WeightedRoundRobin(s), AnyTable::Wrr(t)) => s.pick(t, candidates, cx),
             (Self::LeastConnections(s), AnyTable::LeastConnections(t)) => s.pick(t, candidates, cx),
@@ -399,9 +455,9 @@ impl Select for AnySelect {
         }
     }
 
-    fn load_changed(&self, table: &AnyTable, candidates: &[Candidate], index: usize) {
+    fn load_changed(&self, table: &AnyTable, candidates: &[Candidate], index: usize, now_ns: u64) {
         if let (Self::LeastConnections(s), AnyTable::LeastConnections(t)) = (self, table) {
-            s.load_changed(t, candidates, index);
+            s.load_changed(t, candidates, index, now_ns);
         }
     }
 
@@ -411,6 +467,10 @@ impl Select for AnySelect {
 
     fn uses_latency(&self) -> bool {
         matches!(self, Self::P2cEwma(_))
+    }
+
+    fn slow_start(&self) -> bool {
+        !matches!(self, Self::ConsistentHash(_))
     }
 }
 

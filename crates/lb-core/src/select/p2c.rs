@@ -2,7 +2,11 @@
 //! in Randomized Load Balancing", 2001; Finagle's `P2CPeakEwma`, linkerd, tower's `p2c`).
 //!
 //! Two distinct candidates are drawn at random and the cheaper one wins, where cost =
-//! latency estimate × (in-flight + recent errors + 1) / weight. Sampling two instead of
+//! latency estimate × (in-flight + recent errors + 1) / weight. A failure weighs twice,
+//! and both weights fade within seconds: it counts as load (see
+//! [`Candidate::recent_errors`]) and lifts the latency estimate to at least the configured
+//! failure penalty, fading with it (see [`PickCx::latency_ns`]); the moving average itself
+//! only ever sees real response times. Sampling two instead of
 //! scanning all keeps the pick O(1) and avoids the herd that "always the global minimum"
 //! causes when many pickers see the same stale minimum at once.
 
@@ -13,7 +17,7 @@ use super::{Candidate, PickCx, Select};
 pub struct P2cEwma;
 
 fn cost(c: &Candidate, cx: &PickCx<'_>) -> f64 {
-    cx.latency_ns(c).max(1.0) * c.load() as f64 / f64::from(c.weight().max(1))
+    cx.latency_ns(c).max(1.0) * c.load(cx.now_ns()) / f64::from(c.weight().max(1))
 }
 
 impl Select for P2cEwma {

@@ -144,6 +144,28 @@ fn stride_period(w: &[u64], total: u64) -> Vec<u32> {
     seq
 }
 
+/// The next entry of a precomputed period (`next` is the shared turn counter); a retry keeps
+/// the weighted order: the next entries of the period that are not excluded.
+pub(crate) fn pick_in_sequence(
+    seq: &[u32],
+    next: &AtomicUsize,
+    candidates: &[Candidate],
+    cx: &PickCx<'_>,
+) -> Option<usize> {
+    let len = seq.len();
+    if len == 0 || candidates.is_empty() {
+        return None;
+    }
+    let i = next.fetch_add(1, Ordering::Relaxed) % len;
+    for k in 0..len.min(64) {
+        let c = seq[(i + k) % len] as usize;
+        if c < candidates.len() && !cx.is_excluded(&candidates[c]) {
+            return Some(c);
+        }
+    }
+    scan_from(candidates, seq[i] as usize % candidates.len(), cx)
+}
+
 impl Select for SmoothWrr {
     type Table = WrrTable;
 
@@ -164,19 +186,7 @@ impl Select for SmoothWrr {
         candidates: &[Candidate],
         cx: &mut PickCx<'_>,
     ) -> Option<usize> {
-        let len = table.seq.len();
-        if len == 0 || candidates.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % len;
-        // A retry keeps the weighted order: the next entries of the period that were not tried.
-        for k in 0..len.min(64) {
-            let c = table.seq[(i + k) % len] as usize;
-            if c < candidates.len() && !cx.is_excluded(&candidates[c]) {
-                return Some(c);
-            }
-        }
-        scan_from(candidates, table.seq[i] as usize, cx)
+        pick_in_sequence(&table.seq, &self.next, candidates, cx)
     }
 }
 

@@ -1,40 +1,60 @@
 //! The [`Balancer`]: shared by every request, it owns the backend set, its health, the
 //! strategy's table and the retry budget, and turns inputs into [`Action`]s and [`Event`]s.
 //!
+//! # Layout
+//! As quinn-proto splits its connection, by concern:
+//! * this module: the type, its inputs and outputs, and the request path (`start`,
+//!   `handle_outcome`, `finish`, `abandon`), which carries out the retry decision made by a
+//!   pure function (`retry::decide`);
+//! * `pool`: membership, eligibility (snapshot and lock-free hidden flags), panic mode, the
+//!   rebuild of the snapshot and the strategy's table;
+//! * `ejection`: passive ejection, its expiry, probe verdicts;
+//! * `timer`: the enum-indexed deadlines behind `poll_timeout`/`handle_timeout`.
+//!
 //! # Concurrency
 //! A quinn `Connection` is owned by one task; a `Balancer` is shared by every request on
-//! every worker thread. So the request path (`start`, `handle_outcome`, `finish`,
-//! `abandon`) takes `&self` and no lock: it reads an immutable [`Snapshot`] through
-//! `arc-swap` and touches per-backend atomics. Everything that changes membership or
-//! eligibility (a reload, a probe flip, an ejection, a slow-start step) is rare; it takes a
-//! short mutex, rebuilds the snapshot and the strategy's table, and swaps it in. The only
-//! request-path lock is the retry budget's, taken when a retry is about to happen.
+//! every worker thread. So the request path takes `&self` and no lock in the common case: it
+//! reads an immutable snapshot through `arc-swap` and touches per-backend atomics. What
+//! changes membership or eligibility is rare and takes a short mutex. An ejection (the one
+//! such change made on the request path) only marks the backend, hides it from picks with
+//! an atomic flag, and leaves the snapshot and table rebuild to the timer's next
+//! `handle_timeout`; reloads and probe flips rebuild in the caller's task, outside the
+//! mutex. Tables are rebuilt only when the strategy's input changed: slow-start steps do not
+//! rebuild consistent hashing, which ignores them. The other request-path locks are the
+//! retry budget's, taken when a retry is about to happen, and the control mutex for the
+//! O(1) bookkeeping of an ejection.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{Backend, BackendId, BackendState, Weight};
+use crate::backend::{Backend, BackendId};
 use crate::config::Config;
 use crate::error::ConfigError;
 use crate::event::Event;
-use crate::health::{ejection_duration, slow_start_next_step, slow_start_percent, RiseFall};
+use crate::health::slow_start_next_step;
 use crate::latency::LatencyParams;
-use crate::outcome::{Completion, Outcome, ProbeFailure, ProbeResult, RequestInfo};
+use crate::outcome::{Completion, Outcome, RequestInfo};
 use crate::retry::backoff::backoff;
 use crate::retry::budget::Budget;
-use crate::retry::{
-    Action, Decision, Failure, Open, PickTrace, RequestState, RetryReason, StopReason,
-};
+use crate::retry::decide::{decide, failure, Facts};
+use crate::retry::{Action, Decision, Failure, Open, PickTrace, RequestState};
 use crate::rng::{mix64, Rng};
-use crate::select::{scan_from, AnySelect, Candidate, PickCx, Select};
+use crate::select::{scan_from, AnySelect, PickCx, Select};
+
+mod ejection;
+mod pool;
+mod timer;
+
+pub use pool::BackendStatus;
+use pool::{Control, Snapshot};
+use timer::{Deadline, Timer};
 
 /// Events kept for `poll_event` before the oldest are dropped (nobody is draining).
 const EVENT_QUEUE: usize = 4096;
-const NO_TIMEOUT: u64 = u64::MAX;
 
 /// Decides where each request attempt goes and when to stop. Performs no I/O and never reads
 /// a clock: every input carries `now`.
@@ -84,81 +104,23 @@ pub struct Balancer<S: Select = AnySelect> {
     budget: Budget,
     snapshot: ArcSwap<Snapshot<S::Table>>,
     control: Mutex<Control>,
+    /// Serializes snapshot rebuilds, which run outside `control`.
+    rebuilding: Mutex<()>,
     epoch: OnceLock<Instant>,
-    next_timeout_ns: AtomicU64,
+    deadline: Deadline,
     seed: u64,
+    requests: RequestCounter,
 }
 
-/// What the request path reads: the candidates, the strategy's table, and how to find a
-/// backend among them. Immutable once published.
-#[derive(Debug)]
-struct Snapshot<T> {
-    generation: u64,
-    candidates: Vec<Candidate>,
-    /// Every member (candidate or not) and its index among the candidates, if it is one.
-    members: HashMap<BackendId, (Arc<BackendState>, Option<usize>)>,
-    panic: bool,
-    table: T,
-}
-
-impl<T> Snapshot<T> {
-    /// The state of the backend of an attempt that started in some snapshot, and its index
-    /// among this snapshot's candidates. `None` once the backend was removed.
-    fn locate(&self, open: &Open) -> Option<(&BackendState, Option<usize>)> {
-        if self.generation == open.generation {
-            return Some((&self.candidates[open.index].state, Some(open.index)));
-        }
-        self.members.get(&open.id).map(|(s, i)| (&**s, *i))
-    }
-}
+/// Numbers requests in the order they start, on a cache line of its own: request `n` draws
+/// its random stream from `(seed, n)`, so every request's stream differs from every other's
+/// (whatever thread it runs on) and a run is reproducible from `rng_seed`.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct RequestCounter(AtomicU64);
 
 /// A pick: the snapshot it was made in, and the candidate's index there.
-type Picked<T> = (arc_swap::Guard<Arc<Snapshot<T>>>, usize);
-
-/// The rare-path state, behind the control mutex.
-#[derive(Debug, Default)]
-struct Control {
-    members: Vec<Member>,
-    by_id: HashMap<BackendId, usize>,
-    next_id: u32,
-    generation: u64,
-    panic: bool,
-    events: VecDeque<Event>,
-}
-
-#[derive(Debug)]
-struct Member {
-    state: Arc<BackendState>,
-    weight: Weight,
-    health: RiseFall,
-    ejected_until: Option<Instant>,
-    ramp_start: Option<Instant>,
-}
-
-/// One backend as `/status` shows it. Fields are added as the core learns more about a
-/// backend, hence `non_exhaustive`: read them, never build one.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendStatus {
-    /// Its id.
-    pub id: BackendId,
-    /// Its address as configured.
-    pub addr: String,
-    /// Configured weight.
-    pub weight: u32,
-    /// Current slow-start share of that weight, in percent (100 when not ramping).
-    pub weight_percent: u32,
-    /// Up by active probes.
-    pub healthy: bool,
-    /// Passively ejected until then.
-    pub ejected_until: Option<Instant>,
-    /// Attempts in flight now.
-    pub active_requests: u32,
-    /// Attempts sent to it so far.
-    pub requests_total: u64,
-    /// Connection-level failures so far (refused, timed out, reset, broken bodies).
-    pub failures_total: u64,
-}
+type Picked<T> = (arc_swap::Guard<std::sync::Arc<Snapshot<T>>>, usize);
 
 // === impl Balancer ===
 
@@ -179,17 +141,13 @@ impl<S: Select> Balancer<S> {
                 config.retry.budget_percent,
                 config.retry.min_retries_per_second,
             ),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                generation: 0,
-                candidates: Vec::new(),
-                members: HashMap::new(),
-                panic: false,
-                table,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty(table)),
             control: Mutex::new(Control::default()),
+            rebuilding: Mutex::new(()),
             epoch: OnceLock::new(),
-            next_timeout_ns: AtomicU64::new(NO_TIMEOUT),
+            deadline: Deadline::new(),
             seed,
+            requests: RequestCounter::default(),
             select,
             config,
         })
@@ -222,7 +180,8 @@ impl<S: Select> Balancer<S> {
 
     /// Replaces the backend set. Backends whose address stays keep their id, health,
     /// ejection and load; new ones start healthy (with slow start, unless this is the first
-    /// set); removed ones are never picked again. Returns the ids in the order given.
+    /// set or the strategy is consistent hashing); removed ones are never picked again, from
+    /// the moment this is called. Returns the ids in the order given.
     ///
     /// # Errors
     /// [`ConfigError::DuplicateBackend`] if an address appears twice; nothing changes then.
@@ -232,45 +191,18 @@ impl<S: Select> Balancer<S> {
         now: Instant,
     ) -> Result<Vec<BackendId>, ConfigError> {
         let backends: Vec<Backend> = backends.into_iter().collect();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         if let Some(dup) = backends.iter().find(|b| !seen.insert(b.addr())) {
             return Err(ConfigError::DuplicateBackend(dup.addr().to_owned()));
         }
         self.ticks(now);
-        let mut ctl = self.control();
-        let first = ctl.members.is_empty();
-        let mut old: HashMap<String, Member> = ctl
-            .members
-            .drain(..)
-            .map(|m| (m.state.addr.clone(), m))
-            .collect();
-        let mut ids = Vec::with_capacity(backends.len());
-        for b in backends {
-            let member = if let Some(mut m) = old.remove(b.addr()) {
-                m.weight = b.weight();
-                m
-            } else {
-                let id = BackendId(ctl.next_id);
-                ctl.next_id += 1;
-                Member {
-                    state: Arc::new(BackendState::new(id, b.addr().to_owned())),
-                    weight: b.weight(),
-                    health: RiseFall::new(true),
-                    ejected_until: None,
-                    ramp_start: (!first && !self.config.passive.slow_start.is_zero())
-                        .then_some(now),
-                }
-            };
-            ids.push(member.state.id);
-            ctl.members.push(member);
-        }
-        ctl.by_id = ctl
-            .members
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.state.id, i))
-            .collect();
-        self.rebuild(&mut ctl, now);
+        let ids = {
+            let mut ctl = self.control();
+            let ids = self.replace_members(&mut ctl, backends, now);
+            self.schedule(&mut ctl, now);
+            ids
+        };
+        self.rebuild(now);
         Ok(ids)
     }
 
@@ -280,12 +212,9 @@ impl<S: Select> Balancer<S> {
     /// Returns `Fail(NoBackend)` at once when no backend is eligible.
     pub fn start(&self, info: RequestInfo, now: Instant) -> (RequestState, Action) {
         let now_ns = self.ticks(now);
-        let sec = now_ns / 1_000_000_000;
-        let nonce = self.budget.deposit(sec);
-        let mut st = RequestState::new(
-            info,
-            Rng::from_seed(mix64(self.seed ^ mix64(nonce ^ (sec << 40)))),
-        );
+        self.budget.deposit(now_ns / 1_000_000_000);
+        let n = self.requests.0.fetch_add(1, Ordering::Relaxed);
+        let mut st = RequestState::new(info, Rng::from_seed(mix64(self.seed ^ mix64(n))));
         if info.deadline.is_some_and(|d| d <= now) {
             st.failure = Some(Failure::GatewayTimeout);
             return (st, Action::Fail(Failure::GatewayTimeout));
@@ -301,8 +230,9 @@ impl<S: Select> Balancer<S> {
     }
 
     /// Reports how the attempt in flight ended and returns what to do next: relay the
-    /// response, retry elsewhere, or fail. Calling it with no attempt in flight returns the
-    /// request's last decision again and changes nothing.
+    /// response, retry elsewhere, or fail. The decision behind it (and its reason) is then
+    /// [`RequestState::last_decision`]. Calling it with no attempt in flight returns the
+    /// request's last action again and changes nothing.
     pub fn handle_outcome(&self, st: &mut RequestState, outcome: Outcome, now: Instant) -> Action {
         if st.finished || st.attempts().last().is_some_and(|a| a.decision.is_some()) {
             return st.failure.map_or(Action::Relay, Action::Fail);
@@ -312,82 +242,80 @@ impl<S: Select> Balancer<S> {
         };
         let now_ns = self.ticks(now);
         let snap = self.snapshot.load();
-        let located = snap.locate(&open);
+        let idx = snap.index_of(&open);
+        let s = &*open.state;
         if let Outcome::Response { status } = outcome {
-            if let Some((s, idx)) = located {
-                if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                    s.consecutive_failures.store(0, Ordering::Relaxed);
-                }
-                if status >= 500 {
-                    s.recent_errors.fetch_add(1, Ordering::Relaxed);
-                } else if s.recent_errors.load(Ordering::Relaxed) != 0 {
-                    s.recent_errors.store(0, Ordering::Relaxed);
-                }
-                if self.select.uses_latency() {
-                    self.latency
-                        .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
-                }
-                if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
-                    self.end_ejection_row(s.id);
-                }
-                self.load_changed(&snap, idx);
+            if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                s.consecutive_failures.store(0, Ordering::Relaxed);
             }
+            if status >= 500 {
+                s.add_error(now_ns);
+            } else {
+                s.clear_errors();
+            }
+            if self.select.uses_latency() {
+                self.latency
+                    .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
+            }
+            if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
+                self.end_ejection_row(s.id);
+            }
+            self.load_changed(&snap, idx, now_ns);
             st.record(outcome, Decision::Relay);
             st.open = Some(open);
             return Action::Relay;
         }
 
-        if let Some((s, idx)) = located {
-            s.release();
-            if outcome.is_backend_failure() {
-                let _ = s
-                    .recent_errors
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| e.checked_add(1));
-                self.latency.observe(s, self.latency.penalty_ns, now_ns);
-                self.passive_failure(s, now);
-            }
-            self.load_changed(&snap, idx);
+        s.release();
+        if outcome.is_backend_failure() {
+            s.add_error(now_ns);
+            self.passive_failure(s, &snap, idx, now, now_ns);
         }
+        self.load_changed(&snap, idx, now_ns);
         drop(snap);
+        drop(open);
 
-        let fail = if outcome == Outcome::TimedOut {
-            Failure::GatewayTimeout
-        } else {
-            Failure::BadGateway
-        };
-        let reason = if outcome.was_sent() {
-            RetryReason::Idempotent
-        } else {
-            RetryReason::NotSent
-        };
-        let stop = |st: &mut RequestState, why: StopReason, fail: Failure| {
-            st.record(outcome, Decision::Stop(why));
-            st.failure = Some(fail);
-            Action::Fail(fail)
-        };
-        if outcome.was_sent() && !st.info.idempotent {
-            return stop(st, StopReason::NotIdempotent, fail);
-        }
-        if outcome.was_sent() && !st.info.replayable {
-            return stop(st, StopReason::NotReplayable, fail);
-        }
-        if st.len >= self.config.retry.attempts as usize {
-            return stop(st, StopReason::AttemptsExhausted, fail);
-        }
         let delay = backoff(self.config.retry.backoff, st.len as u32, &mut st.rng);
         let not_before = later(now, delay);
-        if st.info.deadline.is_some_and(|d| not_before >= d) {
-            return stop(st, StopReason::Deadline, Failure::GatewayTimeout);
-        }
-        let Some((snap, idx)) = self.pick(st, now_ns) else {
-            return stop(st, StopReason::NoUntriedBackend, fail);
+        let info = st.info;
+        let facts = Facts {
+            outcome,
+            info: &info,
+            attempts: st.len,
+            config: &self.config.retry,
+            not_before,
         };
-        if !self.budget.withdraw(now_ns / 1_000_000_000) {
-            return stop(st, StopReason::BudgetExhausted, fail);
+        let mut picked = None;
+        let decision = decide(
+            &facts,
+            || {
+                picked = self.pick(st, now_ns);
+                picked.is_some()
+            },
+            || self.budget.withdraw(now_ns / 1_000_000_000),
+        );
+        match (decision, picked) {
+            (Decision::Retry(_), Some((snap, idx))) => {
+                st.record(outcome, decision);
+                let sent_ns =
+                    now_ns.saturating_add(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
+                self.commit(st, &snap, idx, now, not_before, sent_ns)
+            }
+            (Decision::Stop(why), _) => {
+                let fail = failure(outcome, why);
+                st.record(outcome, decision);
+                st.failure = Some(fail);
+                Action::Fail(fail)
+            }
+            // `decide` retries only after a pick, and relays only responses (handled above).
+            _ => {
+                let why = crate::retry::StopReason::NoUntriedBackend;
+                let fail = failure(outcome, why);
+                st.record(outcome, Decision::Stop(why));
+                st.failure = Some(fail);
+                Action::Fail(fail)
+            }
         }
-        st.record(outcome, Decision::Retry(reason));
-        let sent_ns = now_ns.saturating_add(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
-        self.commit(st, &snap, idx, now, not_before, sent_ns)
     }
 
     /// Ends a request whose response was relayed: releases its in-flight slot and records a
@@ -395,99 +323,59 @@ impl<S: Select> Balancer<S> {
     pub fn finish(&self, mut st: RequestState, completion: Completion, now: Instant) {
         st.finished = true;
         let Some(open) = st.open.take() else { return };
-        let snap = self.snapshot.load();
-        let Some((s, idx)) = snap.locate(&open) else {
-            return;
-        };
+        let s = &*open.state;
         s.release();
+        let now_ns = self.ticks(now);
+        let snap = self.snapshot.load();
+        let idx = snap.index_of(&open);
         if completion == Completion::BackendFailed {
-            let _ = s
-                .recent_errors
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| e.checked_add(1));
-            self.passive_failure(s, now);
+            s.add_error(now_ns);
+            self.passive_failure(s, &snap, idx, now, now_ns);
         }
-        self.load_changed(&snap, idx);
+        self.load_changed(&snap, idx, now_ns);
     }
 
     /// The client went away (or the caller gave up) mid-request: releases the in-flight
-    /// slot. Never counts toward ejection, health or the retry budget.
+    /// slot. Never counts toward ejection, health or the retry budget. Dropping the
+    /// [`RequestState`] does the same (without telling a load-indexed strategy at once).
     pub fn abandon(&self, st: RequestState, now: Instant) {
         self.finish(st, Completion::ClientGone, now);
     }
 
     // --- inputs: the rare path ---
 
-    /// Records one active probe result; a backend flips after `rise`/`fall` in a row.
-    /// Results for unknown (removed) backends are ignored.
-    pub fn handle_probe(&self, backend: BackendId, result: ProbeResult, now: Instant) {
-        self.ticks(now);
-        let (rise, fall) = (self.config.health.rise, self.config.health.fall);
-        let mut ctl = self.control();
-        let Some(&i) = ctl.by_id.get(&backend) else {
-            return;
-        };
-        let m = &mut ctl.members[i];
-        let Some(up) = m.health.observe(result.is_success(), rise, fall) else {
-            return;
-        };
-        let addr = m.state.addr.clone();
-        let event = if up {
-            if !self.config.passive.slow_start.is_zero() {
-                m.ramp_start = Some(now);
-            }
-            Event::Up {
-                backend,
-                addr,
-                successes: rise,
-            }
-        } else {
-            let last = match result {
-                ProbeResult::Failure(f) => f,
-                ProbeResult::Success => ProbeFailure::Other,
-            };
-            m.ramp_start = None;
-            Event::Down {
-                backend,
-                addr,
-                failures: fall,
-                last,
-            }
-        };
-        push_event(&mut ctl, event);
-        self.rebuild(&mut ctl, now);
-    }
-
-    /// Expires ejections and advances slow-start ramps due by `now`. Spurious calls are no-ops.
+    /// Expires ejections, advances slow-start ramps and rebuilds the table after an
+    /// ejection, whatever is due by `now`. Spurious calls are no-ops. This is where table
+    /// rebuilds caused on the request path happen: call it from a timer task, never inline
+    /// in a request.
     pub fn handle_timeout(&self, now: Instant) {
         let now_ns = self.ticks(now);
-        if self.next_timeout_ns.load(Ordering::Acquire) > now_ns {
+        if self.deadline.load() > now_ns {
             return;
         }
-        let slow_start = self.config.passive.slow_start;
-        let mut ctl = self.control();
-        let mut restored = Vec::new();
-        for m in &mut ctl.members {
-            if m.ejected_until.is_some_and(|u| u <= now) {
-                m.ejected_until = None;
-                if !slow_start.is_zero() {
-                    m.ramp_start = Some(now);
+        {
+            let mut ctl = self.control();
+            if ctl.timers.is_due(Timer::Ejection, now) {
+                self.expire_ejections(&mut ctl, now);
+            }
+            if ctl.timers.is_due(Timer::SlowStart, now) {
+                // Ramps move weights at every step.
+                let window = self.config.passive.slow_start;
+                for m in &mut ctl.members {
+                    if m.ramp_start
+                        .is_some_and(|r| now.saturating_duration_since(r) >= window)
+                    {
+                        m.ramp_start = None;
+                    }
                 }
-                restored.push(Event::Restored {
-                    backend: m.state.id,
-                    addr: m.state.addr.clone(),
-                });
+                ctl.dirty = true;
             }
-            if m.ramp_start
-                .is_some_and(|r| now.saturating_duration_since(r) >= slow_start)
-            {
-                m.ramp_start = None;
-            }
+            ctl.recount();
+            ctl.update_panic(self.config.passive.panic_threshold_percent);
+            ctl.publish_flags();
+            self.schedule(&mut ctl, now);
         }
-        for e in restored {
-            push_event(&mut ctl, e);
-        }
-        // Ramps move weights at every step: rebuild whenever anything was due.
-        self.rebuild(&mut ctl, now);
+        self.rebuild(now);
     }
 
     // --- outputs ---
@@ -495,9 +383,9 @@ impl<S: Select> Balancer<S> {
     /// When `handle_timeout` should next be called, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let ns = self.next_timeout_ns.load(Ordering::Acquire);
+        let ns = self.deadline.load();
         let epoch = self.epoch.get()?;
-        (ns != NO_TIMEOUT).then(|| later(*epoch, Duration::from_nanos(ns)))
+        (ns != Deadline::NONE).then(|| later(*epoch, Duration::from_nanos(ns)))
     }
 
     /// The next state change to log or count, oldest first.
@@ -506,29 +394,33 @@ impl<S: Select> Balancer<S> {
         self.control().events.pop_front()
     }
 
-    // --- getters ---
+    // --- internals ---
 
-    /// Every backend's state, in configured order.
-    #[must_use]
-    pub fn backends(&self, now: Instant) -> Vec<BackendStatus> {
-        let ctl = self.control();
-        ctl.members
+    /// Recomputes the ejection and slow-start deadlines from every member (rare paths
+    /// only) and publishes the next one.
+    fn schedule(&self, ctl: &mut Control, now: Instant) {
+        let window = self.config.passive.slow_start;
+        let expiry = ctl.members.iter().filter_map(|m| m.ejected_until).min();
+        let step = ctl
+            .members
             .iter()
-            .map(|m| BackendStatus {
-                id: m.state.id,
-                addr: m.state.addr.clone(),
-                weight: m.weight.get(),
-                weight_percent: self.ramp_percent(m, now),
-                healthy: m.health.is_up(),
-                ejected_until: m.ejected_until.filter(|&u| u > now),
-                active_requests: m.state.in_flight(),
-                requests_total: m.state.requests_total.load(Ordering::Relaxed),
-                failures_total: m.state.failures_total.load(Ordering::Relaxed),
+            .filter_map(|m| {
+                let r = m.ramp_start?;
+                slow_start_next_step(now.saturating_duration_since(r), window).map(|d| later(r, d))
             })
-            .collect()
+            .min();
+        ctl.timers.set(Timer::Ejection, expiry);
+        ctl.timers.set(Timer::SlowStart, step);
+        if ctl.dirty {
+            ctl.timers.set_earlier(Timer::Rebuild, now);
+        }
+        self.publish_deadline(ctl);
     }
 
-    // --- internals ---
+    fn publish_deadline(&self, ctl: &Control) {
+        self.deadline
+            .store(ctl.timers.next().map(|t| self.ticks(t)));
+    }
 
     /// Asks the strategy for a candidate this request has not tried, and checks its answer.
     fn pick(&self, st: &mut RequestState, now_ns: u64) -> Option<Picked<S::Table>> {
@@ -563,11 +455,11 @@ impl<S: Select> Balancer<S> {
         let c = &snap.candidates[idx];
         c.state.in_flight.fetch_add(1, Ordering::Relaxed);
         c.state.requests_total.fetch_add(1, Ordering::Relaxed);
-        self.load_changed(snap, Some(idx));
+        self.load_changed(snap, Some(idx), sent_ns.min(self.ticks(now)));
         let excluded = if st.len == 0 {
             0
         } else {
-            let candidate = |id: &&BackendId| snap.members.get(id).is_some_and(|m| m.1.is_some());
+            let candidate = |id: &&BackendId| snap.members.get(id).is_some_and(Option::is_some);
             st.tried().iter().filter(candidate).count()
         };
         st.push(
@@ -579,7 +471,7 @@ impl<S: Select> Balancer<S> {
             },
         );
         st.open = Some(Open {
-            id: c.state.id,
+            state: std::sync::Arc::clone(&c.state),
             generation: snap.generation,
             index: idx,
             sent_ns,
@@ -596,160 +488,11 @@ impl<S: Select> Balancer<S> {
     }
 
     /// Tells the strategy that the load of candidate `idx` changed (if it cares).
-    fn load_changed(&self, snap: &Snapshot<S::Table>, idx: Option<usize>) {
+    fn load_changed(&self, snap: &Snapshot<S::Table>, idx: Option<usize>, now_ns: u64) {
         if let Some(i) = idx.filter(|_| self.select.tracks_load()) {
-            self.select.load_changed(&snap.table, &snap.candidates, i);
+            self.select
+                .load_changed(&snap.table, &snap.candidates, i, now_ns);
         }
-    }
-
-    /// Counts one connection-level failure; ejects the backend at the threshold if allowed.
-    fn passive_failure(&self, s: &BackendState, now: Instant) {
-        s.failures_total.fetch_add(1, Ordering::Relaxed);
-        let threshold = self.config.passive.consecutive_failures;
-        if threshold == 0 {
-            return;
-        }
-        let n = s
-            .consecutive_failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        if n < threshold {
-            return;
-        }
-        let p = self.config.passive;
-        let mut ctl = self.control();
-        let Some(&i) = ctl.by_id.get(&s.id) else {
-            return;
-        };
-        if ctl.members[i].ejected_until.is_some() {
-            return;
-        }
-        let total = ctl.members.len();
-        let ejected = ctl
-            .members
-            .iter()
-            .filter(|m| m.ejected_until.is_some())
-            .count();
-        if (ejected + 1) * 100 > p.max_ejected_percent as usize * total {
-            return; // Stays counted: the next failure asks again once others return.
-        }
-        let m = &mut ctl.members[i];
-        let row = m
-            .state
-            .ejection_row
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        let until = later(now, ejection_duration(p.ejection, p.max_ejection, row));
-        m.ejected_until = Some(until);
-        m.ramp_start = None;
-        m.state.consecutive_failures.store(0, Ordering::Relaxed);
-        let event = Event::Ejected {
-            backend: s.id,
-            addr: s.addr.clone(),
-            until,
-            failures: n,
-            ejections: row,
-        };
-        push_event(&mut ctl, event);
-        self.rebuild(&mut ctl, now);
-    }
-
-    /// A returned backend served a request well: its next ejection starts a new row.
-    fn end_ejection_row(&self, id: BackendId) {
-        let ctl = self.control();
-        if let Some(&i) = ctl.by_id.get(&id) {
-            let m = &ctl.members[i];
-            if m.ejected_until.is_none() {
-                m.state.ejection_row.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn ramp_percent(&self, m: &Member, now: Instant) -> u32 {
-        m.ramp_start.map_or(100, |r| {
-            slow_start_percent(
-                now.saturating_duration_since(r),
-                self.config.passive.slow_start,
-            )
-        })
-    }
-
-    /// Recomputes eligibility, panic mode and weights; publishes a new snapshot; re-arms the timer.
-    fn rebuild(&self, ctl: &mut Control, now: Instant) {
-        let live = |m: &&Member| m.ejected_until.is_none_or(|u| u <= now);
-        let total = ctl.members.len();
-        let eligible = ctl
-            .members
-            .iter()
-            .filter(|m| m.health.is_up())
-            .filter(live)
-            .count();
-        let threshold = self.config.passive.panic_threshold_percent as usize;
-        let panic = total > 0 && eligible * 100 < threshold * total;
-        if panic != ctl.panic {
-            ctl.panic = panic;
-            push_event(
-                ctl,
-                Event::Panic {
-                    on: panic,
-                    eligible,
-                    total,
-                },
-            );
-        }
-        // Panic mode overrides ejections, never probes: a backend that fails its health
-        // checks is not sent traffic, so "no healthy backend" is always a 503.
-        let candidates: Vec<Candidate> = ctl
-            .members
-            .iter()
-            .filter(|m| m.health.is_up() && (panic || live(m)))
-            .map(|m| Candidate {
-                weight: (m.weight.get() * self.ramp_percent(m, now)).max(1),
-                base_weight: m.weight.get(),
-                state: Arc::clone(&m.state),
-            })
-            .collect();
-        let table = self.select.build(&candidates);
-        ctl.generation += 1;
-        let mut members: HashMap<BackendId, (Arc<BackendState>, Option<usize>)> = ctl
-            .members
-            .iter()
-            .map(|m| (m.state.id, (Arc::clone(&m.state), None)))
-            .collect();
-        for (i, c) in candidates.iter().enumerate() {
-            if let Some(m) = members.get_mut(&c.id()) {
-                m.1 = Some(i);
-            }
-        }
-        self.snapshot.store(Arc::new(Snapshot {
-            generation: ctl.generation,
-            candidates,
-            members,
-            panic,
-            table,
-        }));
-        // Loads that changed while the table was built are folded in now that it is visible.
-        let snap = self.snapshot.load();
-        for i in 0..snap.candidates.len() {
-            self.load_changed(&snap, Some(i));
-        }
-
-        let slow_start = self.config.passive.slow_start;
-        let next = ctl
-            .members
-            .iter()
-            .flat_map(|m| {
-                let expiry = m.ejected_until;
-                let step = m.ramp_start.and_then(|r| {
-                    slow_start_next_step(now.saturating_duration_since(r), slow_start)
-                        .map(|d| later(r, d))
-                });
-                [expiry, step]
-            })
-            .flatten()
-            .min();
-        let ns = next.map_or(NO_TIMEOUT, |t| self.ticks(t).min(NO_TIMEOUT - 1));
-        self.next_timeout_ns.store(ns, Ordering::Release);
     }
 }
 
@@ -772,6 +515,9 @@ fn push_event(ctl: &mut Control, event: Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Weight;
+    use crate::outcome::{ProbeFailure, ProbeResult};
+    use crate::retry::StopReason;
     use crate::select::{RoundRobin, StrategyKind};
 
     fn ms(epoch: Instant, n: u64) -> Instant {
@@ -967,6 +713,9 @@ mod tests {
                 panic!()
             };
             assert_eq!(until, t + Duration::from_secs(expected));
+            // The table rebuild is the timer's, at once, off the request path.
+            assert_eq!(lb.poll_timeout(), Some(t));
+            lb.handle_timeout(t);
             t = until;
             assert_eq!(lb.poll_timeout(), Some(until));
             lb.handle_timeout(t);
