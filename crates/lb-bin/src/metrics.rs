@@ -254,19 +254,30 @@ impl Observer for Metrics {
         let attempts: Vec<Value> = c
             .state
             .map(|st| {
-                st.attempts()
-                    .iter()
-                    .map(|a| {
-                        json!({
-                            "backend": label_of(c.routes, a.backend(), &a.backend().to_string()),
-                            "outcome": a.outcome().map(|o| o.to_string()),
-                            "decision": a.decision().map(Decision::as_str),
-                            "candidates": a.pick().candidates(),
-                            "excluded_tried": a.pick().excluded(),
-                            "panic": a.pick().panic(),
-                        })
-                    })
-                    .collect()
+                let mut out = Vec::with_capacity(st.attempts().len() + 1);
+                for (i, a) in st.attempts().iter().enumerate() {
+                    let backend = label_of(c.routes, a.backend(), &a.backend().to_string());
+                    if st.resent() == Some(i) {
+                        // The send on a pooled connection that died before any response byte,
+                        // re-sent once on a fresh connection to the same backend (the entry
+                        // after this one): a send like any other, but not an attempt.
+                        out.push(json!({
+                            "backend": backend,
+                            "outcome": lb_core::Outcome::StaleConnection.to_string(),
+                            "decision": "resend",
+                            "resend": true,
+                        }));
+                    }
+                    out.push(json!({
+                        "backend": backend,
+                        "outcome": a.outcome().map(|o| o.to_string()),
+                        "decision": a.decision().map(Decision::as_str),
+                        "candidates": a.pick().candidates(),
+                        "excluded_tried": a.pick().excluded(),
+                        "panic": a.pick().panic(),
+                    }));
+                }
+                out
             })
             .unwrap_or_default();
         let entry = json!({
@@ -275,7 +286,8 @@ impl Observer for Metrics {
             "path": c.uri.path(),
             "status": c.status,
             "client_gone": c.how == Completion::ClientGone,
-            "duration_ms": c.elapsed.as_secs_f64() * 1000.0,
+            // Whole microseconds, so the value prints without float noise.
+            "duration_ms": c.elapsed.as_micros() as f64 / 1000.0,
             "attempts": attempts,
             "failure": c.state.and_then(lb_core::RequestState::failure).map(|f| f.status()),
         });

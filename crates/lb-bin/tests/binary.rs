@@ -1151,3 +1151,103 @@ fn localhost_and_127_0_0_1_are_different_backends() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("backends: 2"), "{text}");
 }
+
+/// A backend that answers the first request on each connection and keeps it alive, then
+/// reads the second request on it and closes without a word: the stale pooled connection.
+/// Counts the request heads it read.
+fn answer_once_then_close() -> (SocketAddr, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let h = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in [false, true] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    h.fetch_add(1, Ordering::SeqCst);
+                    buf.clear();
+                    if answered {
+                        return; // dropped: closed under the pooled request
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[test]
+fn a_transport_resend_shows_in_debug_requests_and_is_counted() {
+    let (backend, heads) = answer_once_then_close();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--backend".into(),
+        format!("http://{backend}"),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    // Each worker thread has its own pool: its first request opens a connection that is
+    // then pooled, and each later one takes it, the backend closes it under the request,
+    // and lb re-sends once on a fresh one. Ten requests over the workers: by pigeonhole at
+    // least eight reuse a pooled connection.
+    for i in 0..10 {
+        assert_eq!(
+            get(addr, &format!("/r{i}")).0,
+            200,
+            "one backend: resent, not 502"
+        );
+    }
+    let (_, recent) = get(admin, "/debug/requests");
+    let recent: serde_json::Value = serde_json::from_str(&recent).unwrap();
+    let mut resends = 0;
+    for r in recent.as_array().unwrap() {
+        let attempts = r["attempts"].as_array().unwrap();
+        if attempts[0]["decision"] == "resend" {
+            resends += 1;
+            assert_eq!(attempts.len(), 2, "the resend, then the attempt: {r}");
+            assert_eq!(attempts[0]["outcome"], "stale_connection", "{r}");
+            assert_eq!(attempts[1]["outcome"], "status 200", "{r}");
+        } else {
+            assert_eq!(attempts.len(), 1, "{r}");
+        }
+    }
+    assert!(resends >= 8, "{resends} resends shown: {recent}");
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        10 + resends,
+        "one resend per request at most"
+    );
+    let (_, metrics) = get(admin, "/metrics");
+    let sends: usize = metrics
+        .lines()
+        .filter(|l| l.starts_with("lb_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(
+        sends,
+        10 + resends,
+        "every send the backend saw is counted: {metrics}"
+    );
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}
