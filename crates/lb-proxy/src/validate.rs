@@ -106,6 +106,7 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
     }
     if version < Version::HTTP_2 {
         transfer_codings(headers)?;
+        upgrade_readable(headers)?;
         drop_h2c_upgrade(headers);
     } else {
         join_cookies(headers);
@@ -240,6 +241,21 @@ fn transfer_codings(headers: &HeaderMap) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// `Connection` and `Upgrade` decide what is hop-by-hop and whether the connection becomes a
+/// tunnel: a value with bytes outside visible ASCII (obs-text, which no token may hold, RFC
+/// 9110 §5.6.2) is refused rather than read one way here and another way by the backend.
+fn upgrade_readable(headers: &HeaderMap) -> Result<(), Rejection> {
+    let readable = |name| headers.get_all(name).iter().all(|v| v.to_str().is_ok());
+    if readable(header::CONNECTION) && readable(header::UPGRADE) {
+        Ok(())
+    } else {
+        Err(reject(
+            StatusCode::BAD_REQUEST,
+            "Connection or Upgrade not visible ASCII",
+        ))
+    }
+}
+
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Removes the `h2c` offer from `Upgrade` (and its `HTTP2-Settings`): lb speaks h2c by prior
@@ -255,6 +271,7 @@ fn drop_h2c_upgrade(headers: &mut HeaderMap) {
     let offers: Vec<String> = headers
         .get_all(header::UPGRADE)
         .iter()
+        // `upgrade_readable` has refused any value that is not visible ASCII.
         .map(|v| v.to_str().unwrap_or(""))
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -606,5 +623,27 @@ mod tests {
         assert_eq!(status(&mut r), 200);
         let cookies: Vec<_> = r.headers().get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn connection_or_upgrade_with_obs_text_is_refused() {
+        for (name, value) in [
+            ("upgrade", &b"h2c, \x80"[..]),
+            ("upgrade", b"h2c\x80"),
+            ("connection", b"x-secret, \xff"),
+        ] {
+            let mut r = h1("/", &[("host", "a"), ("connection", "upgrade")]);
+            r.headers_mut()
+                .append(name, HeaderValue::from_bytes(value).unwrap());
+            assert_eq!(status(&mut r), 400, "{name}: {value:?}");
+        }
+        let mut r = h1("/", &[("host", "a"), ("x-other", "x")]);
+        r.headers_mut()
+            .insert("x-other", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert_eq!(
+            status(&mut r),
+            200,
+            "obs-text elsewhere is the backend's business"
+        );
     }
 }

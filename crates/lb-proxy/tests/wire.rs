@@ -834,3 +834,75 @@ async fn a_request_framed_two_ways_is_forwarded_one_way_and_its_connection_close
     }
     assert!(!received.iter().any(|r| r.contains("/smuggled")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_or_upgrade_not_visible_ascii_is_refused() {
+    // A backend that would take any offer: were one forwarded, the client would get a tunnel.
+    let backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, \x80\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\x80\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, \xff\r\nUpgrade: h2c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret, \xff\r\nX-Secret: 1\r\n\r\n",
+    ] {
+        assert_rejected_by(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+}
+
+/// As [`assert_rejected`], for a backend whose own answer is not a 200: the next client
+/// is served by a request that reaches the backend, whatever it answers.
+async fn assert_rejected_by(lb: &Lb, backend: &RawBackend, request: &[u8], want: &str) {
+    let before = backend.received().len();
+    let resp = exchange(lb.addr, request).await;
+    let what = String::from_utf8_lossy(request);
+    assert_eq!(status(&resp), want, "{what:?} got {resp:?}");
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        1,
+        "one response: {resp:?}"
+    );
+    assert_eq!(
+        backend.received().len(),
+        before,
+        "{what:?} reached the backend: {:?}",
+        backend.received()
+    );
+    assert_eq!(lb.attempts(), 0, "{what:?} was charged to a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_to_a_protocol_the_client_did_not_offer_gets_502() {
+    let backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let resp = exchange(
+        lb.addr,
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
+    let (line, headers) = backend.only_head();
+    assert_eq!(line, "GET /ws HTTP/1.1");
+    assert_eq!(
+        headers,
+        header_lines(&[
+            "host: a",
+            "connection: upgrade",
+            "upgrade: websocket",
+            "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+            "sec-websocket-version: 13",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: a",
+        ])
+    );
+}
