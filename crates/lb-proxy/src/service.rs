@@ -194,8 +194,14 @@ pub(crate) async fn handle(
                     }
                 };
                 shared.observer.attempt(target, outcome);
-                if let Ok(Err(e)) = &result {
-                    tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
+                match &result {
+                    Ok(Err(e)) => {
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
+                    }
+                    Ok(Ok(_)) if outcome == Outcome::Reset => {
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, "response with a transfer coding other than chunked");
+                    }
+                    _ => {}
                 }
                 action = balancer.handle_outcome(st, outcome, now());
                 // After a retry the trace has grown: the decision is on this attempt's entry.

@@ -906,3 +906,33 @@ async fn a_101_to_a_protocol_the_client_did_not_offer_gets_502() {
         ])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_a_transfer_coding_other_than_chunked_gets_502() {
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ] {
+        let backend = RawBackend::start(response).await;
+        let lb = Lb::start(&[backend.url()]).await;
+        let resp = exchange(
+            lb.addr,
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
+        .await;
+        let what = String::from_utf8_lossy(response);
+        assert!(resp.starts_with("HTTP/1.1 502 "), "{what:?}: {resp}");
+        assert!(!resp.contains("hello"), "{what:?}: {resp}");
+        // Sent once, never replayed: the POST reached the backend exactly as the client sent it.
+        let received = backend.received();
+        assert_eq!(
+            received,
+            ["POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\nx-forwarded-for: 127.0.0.1\r\n\
+              x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\nhi"],
+            "{what:?}"
+        );
+        assert_eq!(lb.attempts(), 1, "{what:?}");
+    }
+}
