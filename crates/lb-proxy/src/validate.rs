@@ -109,6 +109,7 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
         upgrade_readable(headers)?;
         drop_h2c_upgrade(headers);
     } else {
+        h2_fields(headers)?;
         join_cookies(headers);
     }
     drop_look_alikes(headers);
@@ -292,6 +293,37 @@ fn drop_h2c_upgrade(headers: &mut HeaderMap) {
             headers.insert(header::UPGRADE, v);
         }
     }
+}
+
+/// What HTTP/2 framing lets through but an HTTP/1.1 backend would read its own way: a field
+/// value with leading or trailing whitespace is malformed (RFC 9113 §8.2.1), and
+/// `Content-Length` more than once is one length if they all agree (RFC 9110 §8.6: then sent
+/// once) and ambiguous if not (h2 checks the body against the first one only).
+fn h2_fields(headers: &mut HeaderMap) -> Result<(), Rejection> {
+    let padded = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        let ws = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
+        ws(b.first()) || ws(b.last())
+    };
+    if headers.values().any(padded) {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "field value with surrounding whitespace",
+        ));
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        if headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| *v != first)
+        {
+            return Err(reject(StatusCode::BAD_REQUEST, "differing Content-Length"));
+        }
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+    Ok(())
 }
 
 /// HTTP/2 may split `Cookie` into crumbs, one field each; HTTP/1.1 wants one field, joined
@@ -645,5 +677,32 @@ mod tests {
             200,
             "obs-text elsewhere is the backend's business"
         );
+    }
+
+    #[test]
+    fn http2_fields_padded_or_with_differing_lengths_are_refused() {
+        let h2 = |headers: &[(&str, &str)]| req(Version::HTTP_2, "POST", "http://a/", headers);
+        let mut r = h2(&[("content-length", "3"), ("content-length", "3")]);
+        assert_eq!(status(&mut r), 200);
+        let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["3"]);
+        for bad in [
+            &[("content-length", "3"), ("content-length", "4")][..],
+            &[("x-a", " 1")],
+            &[("x-a", "1 ")],
+            &[("x-a", "1\t")],
+            &[("content-length", "3 ")],
+        ] {
+            assert_eq!(status(&mut h2(bad)), 400, "{bad:?}");
+        }
+        assert_eq!(status(&mut h2(&[("x-a", "1 2")])), 200);
+        // HTTP/1 parsing has trimmed whatever surrounded a value already.
+        let mut r = req(
+            Version::HTTP_11,
+            "GET",
+            "/",
+            &[("host", "a"), ("x-a", " 1")],
+        );
+        assert_eq!(status(&mut r), 200);
     }
 }

@@ -936,3 +936,75 @@ async fn a_response_with_a_transfer_coding_other_than_chunked_gets_502() {
         assert_eq!(lb.attempts(), 1, "{what:?}");
     }
 }
+
+/// Sends `req` with `body` over HTTP/2 and returns the status, or the stream error.
+async fn h2_send_body(
+    client: &mut h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: &'static [u8],
+) -> Result<u16, h2::Error> {
+    let mut ready = client.clone().ready().await?;
+    let (resp, mut stream) = ready.send_request(req, false)?;
+    stream.send_data(Bytes::from_static(body), true)?;
+    let resp = tokio::time::timeout(WAIT, resp)
+        .await
+        .expect("h2 response")?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_repeated_lengths_collapse_and_padded_values_are_refused() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let mut h2 = h2_client(lb.addr).await;
+    let post = |lengths: &[&'static str], extra: Option<&'static str>| {
+        let mut b = http::Request::post("http://a/p");
+        for l in lengths {
+            b = b.header("content-length", *l);
+        }
+        if let Some(v) = extra {
+            b = b.header("x-a", v);
+        }
+        b.body(()).unwrap()
+    };
+    let ok = h2_send_body(&mut h2, post(&["3", "3"], None), b"abc").await;
+    assert_eq!(ok.unwrap(), 200);
+    assert_eq!(
+        backend.received(),
+        [
+            "POST /p HTTP/1.1\r\ncontent-length: 3\r\nhost: a\r\nx-forwarded-for: 127.0.0.1\r\n\
+          x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\nabc"
+        ]
+    );
+    for (lengths, extra) in [
+        (&["3", "4"][..], None),
+        (&["3"], Some(" 1")),
+        (&["3"], Some("1 ")),
+        (&["3"], Some("1\t")),
+    ] {
+        let got = h2_send_body(&mut h2, post(lengths, extra), b"abc").await;
+        match got {
+            Ok(status) => assert_eq!(status, 400, "{lengths:?} {extra:?}"),
+            // h2 itself resets a stream whose lengths differ (its body cannot match both).
+            Err(e) => assert!(
+                lengths.len() > 1 && e.reason() == Some(h2::Reason::PROTOCOL_ERROR),
+                "{lengths:?} {extra:?}: {e}"
+            ),
+        }
+        assert_eq!(
+            backend.received().len(),
+            1,
+            "{lengths:?} {extra:?} forwarded"
+        );
+    }
+    assert_eq!(lb.attempts(), 1);
+    let again = h2_send_body(&mut h2, post(&["3"], Some("1 2")), b"xyz").await;
+    assert_eq!(again.unwrap(), 200);
+    assert_eq!(backend.received().len(), 2);
+}
