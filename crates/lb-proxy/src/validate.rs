@@ -79,6 +79,11 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
         // lb is a reverse proxy: it has no tunnel to offer (RFC 9110 §9.3.6).
         return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "CONNECT"));
     }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        // Asterisk form is for a server-wide OPTIONS only (RFC 9112 §3.2.4); a backend
+        // reading `GET *` (or HTTP/2's `PRI *` preface as a request) its own way is the risk.
+        return Err(reject(StatusCode::BAD_REQUEST, "asterisk-form target"));
+    }
     let version = req.version();
     let target = match target_authority(req.uri())? {
         Some(a) => Some(
@@ -152,7 +157,8 @@ fn client_host(headers: &HeaderMap, version: Version) -> Result<Option<&HeaderVa
 }
 
 /// Returns true if and only if `v` is `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986
-/// §3.2.2) with a non-empty host: no userinfo, no path, no whitespace.
+/// §3.2.2) with a non-empty host and a port of at most 65535 ([`valid_port`]): no userinfo,
+/// no path, no whitespace.
 fn valid_host(v: &[u8]) -> bool {
     let (host_ok, rest) = if v.first() == Some(&b'[') {
         match v.iter().position(|&b| b == b']') {
@@ -165,10 +171,24 @@ fn valid_host(v: &[u8]) -> bool {
     };
     let port_ok = match rest.split_first() {
         None => true,
-        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some((b':', port)) => valid_port(port),
         Some(_) => false,
     };
     host_ok && port_ok
+}
+
+/// `port = *DIGIT` (RFC 3986 §3.2.3) that a TCP port can be: empty (the scheme's default,
+/// as RFC 3986 §6.2.3 reads `a:`), or a number up to 65535, leading zeros allowed.
+/// A larger one is refused: a backend would read it as some other port, or fail on it.
+fn valid_port(port: &[u8]) -> bool {
+    port.iter().all(u8::is_ascii_digit)
+        && port
+            .iter()
+            .try_fold(0u32, |n, &d| {
+                let n = n * 10 + u32::from(d - b'0');
+                (n <= u32::from(u16::MAX)).then_some(n)
+            })
+            .is_some()
 }
 
 const fn unreserved(b: u8) -> bool {
@@ -704,5 +724,47 @@ mod tests {
             &[("host", "a"), ("x-a", " 1")],
         );
         assert_eq!(status(&mut r), 200);
+    }
+
+    #[test]
+    fn asterisk_form_is_for_options_only() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let host: &[(&str, &str)] = &[("host", "a")];
+            for method in ["GET", "POST", "PRI", "HEAD", "DELETE"] {
+                let mut r = req(version, method, "*", host);
+                assert_eq!(status(&mut r), 400, "{method} * {version:?}");
+            }
+            let mut r = req(version, "OPTIONS", "*", host);
+            assert_eq!(status(&mut r), 200, "OPTIONS * {version:?}");
+        }
+        let mut r = req(Version::HTTP_2, "GET", "http://a/*", &[]);
+        assert_eq!(status(&mut r), 200, "a path named * is not asterisk form");
+    }
+
+    #[test]
+    fn ports_must_fit_a_tcp_port() {
+        for (host, want) in [
+            ("a:65535", 200),
+            ("a:0", 200),
+            ("a:00080", 200),
+            ("a:", 200),
+            ("[::1]:443", 200),
+            ("a:65536", 400),
+            ("a:99999", 400),
+            ("a:999999999999999999999999", 400),
+            ("[::1]:70000", 400),
+            ("a:8o", 400),
+        ] {
+            assert_eq!(
+                status(&mut h1("/", &[("host", host)])),
+                want,
+                "Host: {host}"
+            );
+        }
+        for (uri, want) in [("http://real:8080/p", 200), ("http://real:99999/p", 400)] {
+            assert_eq!(status(&mut h1(uri, &[("host", "a")])), want, "{uri}");
+            let mut r = req(Version::HTTP_2, "GET", uri, &[]);
+            assert_eq!(status(&mut r), want, "h2 {uri}");
+        }
     }
 }

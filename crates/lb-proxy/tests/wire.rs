@@ -1008,3 +1008,96 @@ async fn over_http2_repeated_lengths_collapse_and_padded_values_are_refused() {
     assert_eq!(again.unwrap(), 200);
     assert_eq!(backend.received().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_form_is_forwarded_for_options_only() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"PRI * HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        assert_rejected(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+    let resp = exchange(
+        lb.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp}");
+    let (line, headers) = backend.only_head();
+    assert_eq!(line, "OPTIONS * HTTP/1.1");
+    assert_eq!(
+        headers,
+        header_lines(&[
+            "host: a",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: a",
+        ])
+    );
+
+    let mut h2 = h2_client(lb.addr).await;
+    let asterisk = |method| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(http::uri::Authority::from_static("a"));
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+        http::Request::builder()
+            .method(method)
+            .uri(http::Uri::from_parts(parts).unwrap())
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(h2_send(&mut h2, asterisk("GET")).await.unwrap(), 400);
+    assert_eq!(backend.received().len(), 1, "GET * not forwarded");
+    assert_eq!(h2_send(&mut h2, asterisk("OPTIONS")).await.unwrap(), 200);
+    let received = backend.received();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received[1].starts_with("OPTIONS * HTTP/1.1\r\n"),
+        "{received:?}"
+    );
+    assert_eq!(lb.attempts(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_beyond_65535_gets_400() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a:999999999999999999999999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:99999\r\n\r\n",
+        b"GET http://real:99999/p HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://real/p HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+    ] {
+        assert_rejected(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+
+    let mut h2 = h2_client(lb.addr).await;
+    let get = |uri: &str| http::Request::get(uri).body(()).unwrap();
+    assert_eq!(h2_send(&mut h2, get("http://a:99999/")).await.unwrap(), 400);
+    assert!(backend.received().is_empty());
+
+    // Up to 65535, and an empty port (the scheme's default), are forwarded as sent.
+    let resp = exchange(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a:65535\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp}");
+    assert_eq!(h2_send(&mut h2, get("http://a:/")).await.unwrap(), 200);
+    let received = backend.received();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received[0].contains("\r\nhost: a:65535\r\n"),
+        "{received:?}"
+    );
+    assert!(received[1].contains("\r\nhost: a:\r\n"), "{received:?}");
+}
