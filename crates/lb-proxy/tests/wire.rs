@@ -149,12 +149,17 @@ async fn serve_raw(mut s: TcpStream, requests: Arc<Mutex<Vec<Vec<u8>>>>, respons
 }
 
 /// Counts what the proxy charges to backends (`lb_requests_total` is made of these).
+/// Also records the answers to heads refused before a request was seen.
 #[derive(Default)]
-struct Attempts(AtomicUsize);
+struct Attempts(AtomicUsize, Mutex<Vec<u16>>);
 
 impl Observer for Attempts {
     fn attempt(&self, _: &Target, _: Outcome) {
         self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn refused(&self, status: u16) {
+        self.1.lock().unwrap().push(status);
     }
 }
 
@@ -1100,4 +1105,60 @@ async fn a_port_beyond_65535_gets_400() {
         "{received:?}"
     );
     assert!(received[1].contains("\r\nhost: a:\r\n"), "{received:?}");
+}
+
+/// Waits (bounded) until the observer has been told of `n` refused heads, and returns them.
+async fn refusals(lb: &Lb, n: usize) -> Vec<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = lb.attempts.1.lock().unwrap().clone();
+        if got.len() >= n || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_hyper_gives_before_a_request_are_reported() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(ProxyConfig::default().max_header_bytes)
+    );
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n",
+            "400",
+        ),
+        (b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", "400"),
+        (huge.as_bytes(), "431"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            "400",
+        ),
+    ];
+    let mut want = Vec::new();
+    for (request, status_want) in cases {
+        let resp = exchange(lb.addr, request).await;
+        assert_eq!(status(&resp), status_want, "{resp}");
+        want.push(status_want.parse::<u16>().unwrap());
+        assert_eq!(refusals(&lb, want.len()).await, want);
+    }
+    // What lb answers itself, or forwards, is reported as a completed request instead.
+    let rejected = exchange(lb.addr, b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n").await;
+    assert_eq!(status(&rejected), "400");
+    let ok = exchange(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&ok), "200");
+    assert!(backend.received().len() == 1, "{:?}", backend.received());
+    // One more refused head: a wrong report of the two above would show before or beside it.
+    let last = exchange(lb.addr, b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n").await;
+    assert_eq!(status(&last), "400", "{last}");
+    want.push(400);
+    assert_eq!(refusals(&lb, want.len()).await, want);
 }
