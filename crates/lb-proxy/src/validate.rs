@@ -279,15 +279,16 @@ fn upgrade_readable(headers: &HeaderMap) -> Result<(), Rejection> {
 
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// Removes the `h2c` offer from `Upgrade` (and its `HTTP2-Settings`): lb speaks h2c by prior
+/// Removes the `h2c` offer (and its drafts', and `h2`'s) from `Upgrade` (and its `HTTP2-Settings`): lb speaks h2c by prior
 /// knowledge only, and a backend's `101` to it would open a raw tunnel past lb. What is left
 /// (a WebSocket offer beside it, say) still upgrades; with nothing left the request goes on
 /// as plain HTTP/1.1 (RFC 9110 §7.8: the server may ignore an upgrade).
 fn drop_h2c_upgrade(headers: &mut HeaderMap) {
     headers.remove(&HTTP2_SETTINGS);
+    // Its drafts (`h2c-14`) and `h2`, which is for TLS only (RFC 9113 §3.2), alike.
     let is_h2c = |p: &str| {
-        let name = p.split('/').next().unwrap_or(p).trim();
-        name.eq_ignore_ascii_case("h2c")
+        let name = p.split('/').next().unwrap_or(p).trim().to_ascii_lowercase();
+        name == "h2c" || name == "h2" || name.starts_with("h2c-")
     };
     let offers: Vec<String> = headers
         .get_all(header::UPGRADE)
@@ -603,6 +604,19 @@ mod tests {
         assert_eq!(status(&mut r), 200);
         assert_eq!(r.headers()["upgrade"], "websocket");
         assert!(crate::headers::is_upgrade(r.headers()));
+
+        let mut r = h1(
+            "/",
+            &[
+                ("host", "a"),
+                ("connection", "upgrade"),
+                ("upgrade", "h2c-14, H2, foo/1"),
+                ("upgrade", "h2c/1"),
+            ],
+        );
+        assert_eq!(status(&mut r), 200);
+        let left: Vec<_> = r.headers().get_all("upgrade").iter().collect();
+        assert_eq!(left, ["foo/1"]);
     }
 
     #[test]

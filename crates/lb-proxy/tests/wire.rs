@@ -555,6 +555,29 @@ async fn an_h2c_upgrade_is_never_forwarded() {
         "no Upgrade, no HTTP2-Settings"
     );
 
+    // Nor its drafts, nor `h2` (TLS only), nor an offer on a second line.
+    for upgrade in [
+        "Upgrade: h2c-14",
+        "Upgrade: H2",
+        "Upgrade: H2C",
+        "Upgrade: h2c\r\nUpgrade: h2",
+    ] {
+        let before = backend.received().len();
+        let request = format!(
+            "GET /d HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\n{upgrade}\r\n\r\n"
+        );
+        let resp = exchange(lb.addr, request.as_bytes()).await;
+        assert_eq!(status(&resp), "502", "{upgrade}: {resp}");
+        let received = backend.received();
+        assert_eq!(received.len(), before + 1, "{upgrade}");
+        assert_eq!(
+            received[before],
+            "GET /d HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n",
+            "{upgrade}"
+        );
+    }
+
     // A normal backend: the request goes on as plain HTTP/1.1.
     let plain = RawBackend::start(OK).await;
     let lb = Lb::start(&[plain.url()]).await;
