@@ -78,6 +78,8 @@ impl ClientIo {
         }
         self.armed = word;
         self.head.clear();
+        // Whatever was written belonged to an earlier head.
+        self.refusal.store(0, Ordering::Relaxed);
         self.deadline = match word & 0xff {
             IDLE => Instant::now().checked_add(self.idle),
             HEAD => Instant::now().checked_add(self.header_read),
