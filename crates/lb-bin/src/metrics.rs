@@ -244,6 +244,14 @@ impl Observer for Metrics {
         }
     }
 
+    fn refused(&self, status: u16) {
+        self.responses
+            .get_or_create(&Code {
+                code: status.to_string(),
+            })
+            .inc();
+    }
+
     fn completed(&self, c: &Completed<'_>) {
         self.responses
             .get_or_create(&Code {

@@ -1251,3 +1251,57 @@ fn a_transport_resend_shows_in_debug_requests_and_is_counted() {
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
+
+/// Sends `raw` on a new connection and returns what came back until the proxy closed it.
+fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The proxy may answer (and close) before it has read all of `raw`.
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn heads_refused_before_a_request_are_counted_in_lb_responses_total() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    lb.wait_listening(admin);
+    let bad = raw_exchange(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n",
+    );
+    assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    // Just over the default `limits.max_header_bytes` (32 KiB).
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(32 * 1024)
+    );
+    let huge = raw_exchange(addr, huge.as_bytes());
+    assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
+    assert_eq!(get(addr, "/fine").0, 200);
+    wait_until("refused heads in /metrics", || {
+        let (code, metrics) = get(admin, "/metrics");
+        code == 200
+            && metrics.contains("lb_responses_total{code=\"400\"} 1")
+            && metrics.contains("lb_responses_total{code=\"431\"} 1")
+            && metrics.contains("lb_responses_total{code=\"200\"} 1")
+    });
+    assert_eq!(backend.hits(), 1, "only the good request was forwarded");
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+}

@@ -57,16 +57,19 @@ pub(crate) enum Verdict {
 pub(crate) const NOT_SENT_HERE: Outcome = Outcome::StaleConnection;
 
 /// `TimedOut` ⇒ `TimedOut`; connect failures ⇒ `ConnectRefused`/`ConnectTimeout`; any other
-/// failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`.
+/// failure ⇒ `Reset` (the request may have been sent); a response ⇒ `Response { status }`,
+/// but a response framed by a transfer coding lb cannot relay ⇒ `Reset` (see
+/// [`relayable_codings`]).
 /// A failure while the client's body had failed (`client`) is the client's, whatever the
 /// socket said: the backend only saw a request cut short.
 pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>) -> Verdict {
     let outcome = match result {
-        Ok(Ok((resp, _))) => {
+        Ok(Ok((resp, _))) if relayable_codings(resp.headers()) => {
             return Verdict::Backend(Outcome::Response {
                 status: resp.status().as_u16(),
             })
         }
+        Ok(Ok(_)) => Outcome::Reset,
         Err(TimedOut) => Outcome::TimedOut,
         Ok(Err(SendError::ConnectRefused(_))) => Outcome::ConnectRefused,
         Ok(Err(SendError::ConnectTimeout)) => Outcome::ConnectTimeout,
@@ -75,6 +78,30 @@ pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>
     match client {
         Some(fault) => Verdict::Client(fault),
         None => Verdict::Backend(outcome),
+    }
+}
+
+/// Returns true if and only if a backend response's `Transfer-Encoding` (if any) is one
+/// `chunked`, the only coding lb can relay.
+///
+/// # Why
+/// hyper takes the chunked framing off and the client gets the body re-framed, but any other
+/// coding (`gzip, chunked`, or `gzip` alone, which hyper reads to the connection's end)
+/// would stay applied to the bytes while `Transfer-Encoding`, hop-by-hop, is dropped: the
+/// client would take gzip for the content. Such a response is the backend's protocol error
+/// and the client gets 502, as from NGINX ("upstream sent unknown Transfer-Encoding"); it
+/// is an attempt that failed after the request was sent (`Reset`): charged to the backend,
+/// and retried only if the request is idempotent.
+pub(crate) fn relayable_codings(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => !headers.contains_key(http::header::TRANSFER_ENCODING),
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     }
 }
 
@@ -104,4 +131,37 @@ pub(crate) fn is_stale_connection(e: &SendError) -> bool {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
                 )
             })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_chunked_coding_is_relayable() {
+        let codings = |lines: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for l in lines {
+                h.append(
+                    http::header::TRANSFER_ENCODING,
+                    http::HeaderValue::from_str(l).unwrap(),
+                );
+            }
+            relayable_codings(&h)
+        };
+        assert!(codings(&[]));
+        assert!(codings(&["chunked"]));
+        assert!(codings(&["Chunked "]));
+        for bad in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["gzip"],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["chunked;x=1"],
+            &[""],
+        ] {
+            assert!(!codings(bad), "{bad:?}");
+        }
+    }
 }

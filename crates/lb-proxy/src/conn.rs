@@ -24,6 +24,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -63,6 +64,9 @@ struct ClientIo {
     head: HeadCopy,
     /// Whether hyper has written bytes it has not flushed yet (1xx must not go in between).
     unflushed: bool,
+    /// The status of what was written while a head was read (hyper's own answer to a head
+    /// it refused), 0 if nothing was: `serve` reports it if hyper says it refused a head.
+    refusal: Arc<AtomicU16>,
 }
 
 impl ClientIo {
@@ -74,6 +78,8 @@ impl ClientIo {
         }
         self.armed = word;
         self.head.clear();
+        // Whatever was written belonged to an earlier head.
+        self.refusal.store(0, Ordering::Relaxed);
         self.deadline = match word & 0xff {
             IDLE => Instant::now().checked_add(self.idle),
             HEAD => Instant::now().checked_add(self.header_read),
@@ -107,9 +113,13 @@ impl ClientIo {
         if self.phase.load() & 0xff != HEAD {
             return false;
         }
+        if let Some(status) = status_line(out) {
+            self.refusal.store(status, Ordering::Relaxed);
+        }
         let Some(fix) = self.head.correct(out) else {
             return false;
         };
+        self.refusal.store(400, Ordering::Relaxed);
         let _ = self.stream.try_write(fix);
         true
     }
@@ -221,6 +231,24 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+/// The status of `out`, if it begins with an HTTP/1 status line.
+fn status_line(out: &[u8]) -> Option<u16> {
+    let rest = out
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| out.strip_prefix(b"HTTP/1.0 "))?;
+    let code = rest.get(..3)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+/// Reports hyper's own answer to a head it refused (`refusal`), if the connection ended
+/// with hyper's parse error, after which hyper writes such an answer (if it can) and closes.
+fn report_refusal(shared: &Shared, result: &Result<(), hyper::Error>, refusal: &AtomicU16) {
+    let status = refusal.load(Ordering::Relaxed);
+    if status != 0 && result.as_ref().is_err_and(hyper::Error::is_parse) {
+        shared.observer.refused(status);
+    }
+}
+
 /// Reads just enough to tell an HTTP/2 prior-knowledge preface from an HTTP/1 request.
 async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
     let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
@@ -301,6 +329,7 @@ pub(crate) async fn serve(
         }
     };
     let phase = Arc::new(if h2 { Phase::http2() } else { Phase::http1() });
+    let refusal = Arc::new(AtomicU16::new(0));
     let mut io = ClientIo {
         stream,
         prefix,
@@ -313,12 +342,14 @@ pub(crate) async fn serve(
         idle: config.idle_timeout,
         head: HeadCopy::new(config.max_header_bytes),
         unflushed: false,
+        refusal: Arc::clone(&refusal),
     };
     if !h2 {
         // The first request's head is due `header_read` after accept, sniffing included.
         io.deadline = started.checked_add(config.header_read_timeout);
     }
     let service = {
+        let shared = Arc::clone(&shared);
         let phase = Arc::clone(&phase);
         // Formatted once per connection, not per request.
         let xff = crate::headers::client_value(peer.ip());
@@ -364,6 +395,7 @@ pub(crate) async fn serve(
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => {
+                report_refusal(&shared, &r, &refusal);
                 if let Err(e) = r {
                     tracing::debug!(target: "lb::conn", %peer, error = %e, "client connection error");
                 }
@@ -371,6 +403,7 @@ pub(crate) async fn serve(
             }
             _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
         }
-        let _ = conn.await;
+        let r = conn.await;
+        report_refusal(&shared, &r, &refusal);
     }
 }

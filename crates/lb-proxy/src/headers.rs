@@ -17,17 +17,52 @@ pub(crate) fn client_value(ip: IpAddr) -> HeaderValue {
 /// Returns true if and only if the request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// The comma-separated list elements of every `name` field, trimmed, on bytes: a value that
+/// is not UTF-8 must not hide its tokens (RFC 9110 §5.6.1).
+fn list_tokens<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    list_tokens(headers, &header::CONNECTION)
+}
+
+/// Returns true if and only if every protocol a `101` response switches to (its `Upgrade`,
+/// not empty) is one the client offered in `offered` (its `Upgrade` values): a server may
+/// only switch to one of those (RFC 9110 §7.8). Names compare case-insensitively; a
+/// version, when both sides give one, must match too.
+pub(crate) fn upgrade_accepted(offered: &[HeaderValue], response: &HeaderMap) -> bool {
+    let split = |p: &[u8]| -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut parts = p.splitn(2, |&b| b == b'/');
+        let name = parts.next().unwrap_or_default().trim_ascii();
+        let version = parts.next().map(|v| v.trim_ascii().to_ascii_lowercase());
+        (name.to_ascii_lowercase(), version)
+    };
+    let offers: Vec<_> = offered
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .map(split)
+        .collect();
+    let mut chosen = list_tokens(response, &header::UPGRADE).peekable();
+    chosen.peek().is_some()
+        && chosen.map(split).all(|(name, version)| {
+            offers
+                .iter()
+                .any(|(n, v)| *n == name && (v.is_none() || version.is_none() || *v == version))
+        })
 }
 
 /// Returns true if and only if lb sets or keeps `name` itself, so `Connection` cannot remove it.
@@ -57,7 +92,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         // `Connection` may name any field, but not the ones lb vouches for: `Connection: Host`
         // must not leave the backend guessing where the request was addressed.
         let named: Vec<HeaderName> = connection_tokens(headers)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .filter(|n| !is_vouched(n))
             .collect();
         let listed: Vec<HeaderName> = headers.keys().filter(|k| is_hop(k)).cloned().collect();
@@ -235,5 +270,50 @@ mod tests {
             !is_upgrade(&map(&[("upgrade", "websocket")])),
             "Upgrade without Connection: upgrade"
         );
+    }
+
+    #[test]
+    fn connection_tokens_are_read_on_bytes() {
+        let mut h = map(&[("x-secret", "1"), ("x-other", "2")]);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \xff").unwrap(),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"Upgrade\x80, x-other").unwrap(),
+        );
+        h.append(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&h), "`Upgrade\\x80` is not `upgrade`");
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = map(&[("upgrade", "websocket")]);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xfe, upgrade").unwrap(),
+        );
+        assert!(is_upgrade(&h));
+    }
+
+    #[test]
+    fn a_101_must_switch_to_an_offered_protocol() {
+        let offered = |v: &str| vec![HeaderValue::from_str(v).unwrap()];
+        let resp = |v: &str| map(&[("upgrade", v)]);
+        assert!(upgrade_accepted(&offered("websocket"), &resp("WebSocket")));
+        assert!(upgrade_accepted(
+            &offered("foo/2, websocket"),
+            &resp("websocket")
+        ));
+        assert!(upgrade_accepted(&offered("foo/2"), &resp("foo")));
+        assert!(upgrade_accepted(&offered("foo"), &resp("foo/2")));
+        assert!(!upgrade_accepted(&offered("foo/1"), &resp("foo/2")));
+        assert!(!upgrade_accepted(&offered("websocket"), &resp("h2c")));
+        assert!(!upgrade_accepted(
+            &offered("websocket"),
+            &resp("websocket, h2c")
+        ));
+        assert!(!upgrade_accepted(&offered("websocket"), &map(&[])));
+        assert!(!upgrade_accepted(&offered("websocket"), &resp(" ")));
+        assert!(!upgrade_accepted(&[], &resp("websocket")));
     }
 }

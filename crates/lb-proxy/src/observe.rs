@@ -44,6 +44,14 @@ pub trait Observer: Send + Sync + 'static {
     fn completed(&self, request: &Completed<'_>) {
         let _ = request;
     }
+
+    /// A request head was answered before the proxy saw a request: hyper's own answer to a
+    /// head it could not parse (400, 414, 431), or lb's 400 in its place for a huge
+    /// `Content-Length` (`lb_responses_total{code}`: what clients got). Called once the
+    /// connection, which such an answer closes, has ended.
+    fn refused(&self, status: u16) {
+        let _ = status;
+    }
 }
 
 /// Observes nothing.

@@ -92,7 +92,16 @@ pub(crate) async fn handle(
         return reply(ex, rejected.response(version), version);
     }
     let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // What the client offered, to hold a backend's 101 to (the headers move on below).
+    let client_upgrade = upgrade.then(|| {
+        let offered: Vec<http::HeaderValue> = req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .cloned()
+            .collect();
+        (offered, hyper::upgrade::on(&mut req))
+    });
     let hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
@@ -185,8 +194,14 @@ pub(crate) async fn handle(
                     }
                 };
                 shared.observer.attempt(target, outcome);
-                if let Ok(Err(e)) = &result {
-                    tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
+                match &result {
+                    Ok(Err(e)) => {
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
+                    }
+                    Ok(Ok(_)) if outcome == Outcome::Reset => {
+                        tracing::debug!(target: "lb::upstream", backend = %target.authority, "response with a transfer coding other than chunked");
+                    }
+                    _ => {}
                 }
                 action = balancer.handle_outcome(st, outcome, now());
                 if let Some(decision) = st.last_decision() {
@@ -257,12 +272,16 @@ fn relay(
     mut resp: Response<Incoming>,
     lease: Lease,
     version: Version,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<(Vec<http::HeaderValue>, hyper::upgrade::OnUpgrade)>,
 ) -> Response<ResponseBody> {
     let status = resp.status();
     ex.status = status.as_u16();
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
+        // A switch to a protocol the client did not offer would hand it a tunnel speaking
+        // something it never asked for (RFC 9110 §7.8): not relayed either.
+        let accepted = client_upgrade
+            .filter(|(offered, _)| headers::upgrade_accepted(offered, resp.headers()));
+        if let Some((_, client)) = accepted {
             let upstream = hyper::upgrade::on(&mut resp);
             ex.phase.free();
             let (mut parts, _) = resp.into_parts();
@@ -271,7 +290,7 @@ fn relay(
             tokio::spawn(tunnel(client, upstream, ex));
             return Response::from_parts(parts, ResponseBody::empty());
         }
-        // A 101 nobody asked for cannot be relayed.
+        // A 101 nobody asked for (or to another protocol) cannot be relayed.
         return reply(ex, respond::failure(Failure::BadGateway), version);
     }
     let (mut parts, body) = resp.into_parts();

@@ -79,6 +79,11 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
         // lb is a reverse proxy: it has no tunnel to offer (RFC 9110 §9.3.6).
         return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "CONNECT"));
     }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        // Asterisk form is for a server-wide OPTIONS only (RFC 9112 §3.2.4); a backend
+        // reading `GET *` (or HTTP/2's `PRI *` preface as a request) its own way is the risk.
+        return Err(reject(StatusCode::BAD_REQUEST, "asterisk-form target"));
+    }
     let version = req.version();
     let target = match target_authority(req.uri())? {
         Some(a) => Some(
@@ -106,8 +111,10 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
     }
     if version < Version::HTTP_2 {
         transfer_codings(headers)?;
+        upgrade_readable(headers)?;
         drop_h2c_upgrade(headers);
     } else {
+        h2_fields(headers)?;
         join_cookies(headers);
     }
     drop_look_alikes(headers);
@@ -150,7 +157,8 @@ fn client_host(headers: &HeaderMap, version: Version) -> Result<Option<&HeaderVa
 }
 
 /// Returns true if and only if `v` is `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986
-/// §3.2.2) with a non-empty host: no userinfo, no path, no whitespace.
+/// §3.2.2) with a non-empty host and a port of at most 65535 ([`valid_port`]): no userinfo,
+/// no path, no whitespace.
 fn valid_host(v: &[u8]) -> bool {
     let (host_ok, rest) = if v.first() == Some(&b'[') {
         match v.iter().position(|&b| b == b']') {
@@ -163,10 +171,24 @@ fn valid_host(v: &[u8]) -> bool {
     };
     let port_ok = match rest.split_first() {
         None => true,
-        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some((b':', port)) => valid_port(port),
         Some(_) => false,
     };
     host_ok && port_ok
+}
+
+/// `port = *DIGIT` (RFC 3986 §3.2.3) that a TCP port can be: empty (the scheme's default,
+/// as RFC 3986 §6.2.3 reads `a:`), or a number up to 65535, leading zeros allowed.
+/// A larger one is refused: a backend would read it as some other port, or fail on it.
+fn valid_port(port: &[u8]) -> bool {
+    port.iter().all(u8::is_ascii_digit)
+        && port
+            .iter()
+            .try_fold(0u32, |n, &d| {
+                let n = n * 10 + u32::from(d - b'0');
+                (n <= u32::from(u16::MAX)).then_some(n)
+            })
+            .is_some()
 }
 
 const fn unreserved(b: u8) -> bool {
@@ -240,21 +262,38 @@ fn transfer_codings(headers: &HeaderMap) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// `Connection` and `Upgrade` decide what is hop-by-hop and whether the connection becomes a
+/// tunnel: a value with bytes outside visible ASCII (obs-text, which no token may hold, RFC
+/// 9110 §5.6.2) is refused rather than read one way here and another way by the backend.
+fn upgrade_readable(headers: &HeaderMap) -> Result<(), Rejection> {
+    let readable = |name| headers.get_all(name).iter().all(|v| v.to_str().is_ok());
+    if readable(header::CONNECTION) && readable(header::UPGRADE) {
+        Ok(())
+    } else {
+        Err(reject(
+            StatusCode::BAD_REQUEST,
+            "Connection or Upgrade not visible ASCII",
+        ))
+    }
+}
+
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// Removes the `h2c` offer from `Upgrade` (and its `HTTP2-Settings`): lb speaks h2c by prior
+/// Removes the `h2c` offer (and its drafts', and `h2`'s) from `Upgrade` (and its `HTTP2-Settings`): lb speaks h2c by prior
 /// knowledge only, and a backend's `101` to it would open a raw tunnel past lb. What is left
 /// (a WebSocket offer beside it, say) still upgrades; with nothing left the request goes on
 /// as plain HTTP/1.1 (RFC 9110 §7.8: the server may ignore an upgrade).
 fn drop_h2c_upgrade(headers: &mut HeaderMap) {
     headers.remove(&HTTP2_SETTINGS);
+    // Its drafts (`h2c-14`) and `h2`, which is for TLS only (RFC 9113 §3.2), alike.
     let is_h2c = |p: &str| {
-        let name = p.split('/').next().unwrap_or(p).trim();
-        name.eq_ignore_ascii_case("h2c")
+        let name = p.split('/').next().unwrap_or(p).trim().to_ascii_lowercase();
+        name == "h2c" || name == "h2" || name.starts_with("h2c-")
     };
     let offers: Vec<String> = headers
         .get_all(header::UPGRADE)
         .iter()
+        // `upgrade_readable` has refused any value that is not visible ASCII.
         .map(|v| v.to_str().unwrap_or(""))
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -275,6 +314,37 @@ fn drop_h2c_upgrade(headers: &mut HeaderMap) {
             headers.insert(header::UPGRADE, v);
         }
     }
+}
+
+/// What HTTP/2 framing lets through but an HTTP/1.1 backend would read its own way: a field
+/// value with leading or trailing whitespace is malformed (RFC 9113 §8.2.1), and
+/// `Content-Length` more than once is one length if they all agree (RFC 9110 §8.6: then sent
+/// once) and ambiguous if not (h2 checks the body against the first one only).
+fn h2_fields(headers: &mut HeaderMap) -> Result<(), Rejection> {
+    let padded = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        let ws = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
+        ws(b.first()) || ws(b.last())
+    };
+    if headers.values().any(padded) {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "field value with surrounding whitespace",
+        ));
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        if headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| *v != first)
+        {
+            return Err(reject(StatusCode::BAD_REQUEST, "differing Content-Length"));
+        }
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+    Ok(())
 }
 
 /// HTTP/2 may split `Cookie` into crumbs, one field each; HTTP/1.1 wants one field, joined
@@ -534,6 +604,19 @@ mod tests {
         assert_eq!(status(&mut r), 200);
         assert_eq!(r.headers()["upgrade"], "websocket");
         assert!(crate::headers::is_upgrade(r.headers()));
+
+        let mut r = h1(
+            "/",
+            &[
+                ("host", "a"),
+                ("connection", "upgrade"),
+                ("upgrade", "h2c-14, H2, foo/1"),
+                ("upgrade", "h2c/1"),
+            ],
+        );
+        assert_eq!(status(&mut r), 200);
+        let left: Vec<_> = r.headers().get_all("upgrade").iter().collect();
+        assert_eq!(left, ["foo/1"]);
     }
 
     #[test]
@@ -606,5 +689,96 @@ mod tests {
         assert_eq!(status(&mut r), 200);
         let cookies: Vec<_> = r.headers().get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn connection_or_upgrade_with_obs_text_is_refused() {
+        for (name, value) in [
+            ("upgrade", &b"h2c, \x80"[..]),
+            ("upgrade", b"h2c\x80"),
+            ("connection", b"x-secret, \xff"),
+        ] {
+            let mut r = h1("/", &[("host", "a"), ("connection", "upgrade")]);
+            r.headers_mut()
+                .append(name, HeaderValue::from_bytes(value).unwrap());
+            assert_eq!(status(&mut r), 400, "{name}: {value:?}");
+        }
+        let mut r = h1("/", &[("host", "a"), ("x-other", "x")]);
+        r.headers_mut()
+            .insert("x-other", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert_eq!(
+            status(&mut r),
+            200,
+            "obs-text elsewhere is the backend's business"
+        );
+    }
+
+    #[test]
+    fn http2_fields_padded_or_with_differing_lengths_are_refused() {
+        let h2 = |headers: &[(&str, &str)]| req(Version::HTTP_2, "POST", "http://a/", headers);
+        let mut r = h2(&[("content-length", "3"), ("content-length", "3")]);
+        assert_eq!(status(&mut r), 200);
+        let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["3"]);
+        for bad in [
+            &[("content-length", "3"), ("content-length", "4")][..],
+            &[("x-a", " 1")],
+            &[("x-a", "1 ")],
+            &[("x-a", "1\t")],
+            &[("content-length", "3 ")],
+        ] {
+            assert_eq!(status(&mut h2(bad)), 400, "{bad:?}");
+        }
+        assert_eq!(status(&mut h2(&[("x-a", "1 2")])), 200);
+        // HTTP/1 parsing has trimmed whatever surrounded a value already.
+        let mut r = req(
+            Version::HTTP_11,
+            "GET",
+            "/",
+            &[("host", "a"), ("x-a", " 1")],
+        );
+        assert_eq!(status(&mut r), 200);
+    }
+
+    #[test]
+    fn asterisk_form_is_for_options_only() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let host: &[(&str, &str)] = &[("host", "a")];
+            for method in ["GET", "POST", "PRI", "HEAD", "DELETE"] {
+                let mut r = req(version, method, "*", host);
+                assert_eq!(status(&mut r), 400, "{method} * {version:?}");
+            }
+            let mut r = req(version, "OPTIONS", "*", host);
+            assert_eq!(status(&mut r), 200, "OPTIONS * {version:?}");
+        }
+        let mut r = req(Version::HTTP_2, "GET", "http://a/*", &[]);
+        assert_eq!(status(&mut r), 200, "a path named * is not asterisk form");
+    }
+
+    #[test]
+    fn ports_must_fit_a_tcp_port() {
+        for (host, want) in [
+            ("a:65535", 200),
+            ("a:0", 200),
+            ("a:00080", 200),
+            ("a:", 200),
+            ("[::1]:443", 200),
+            ("a:65536", 400),
+            ("a:99999", 400),
+            ("a:999999999999999999999999", 400),
+            ("[::1]:70000", 400),
+            ("a:8o", 400),
+        ] {
+            assert_eq!(
+                status(&mut h1("/", &[("host", host)])),
+                want,
+                "Host: {host}"
+            );
+        }
+        for (uri, want) in [("http://real:8080/p", 200), ("http://real:99999/p", 400)] {
+            assert_eq!(status(&mut h1(uri, &[("host", "a")])), want, "{uri}");
+            let mut r = req(Version::HTTP_2, "GET", uri, &[]);
+            assert_eq!(status(&mut r), want, "h2 {uri}");
+        }
     }
 }

@@ -149,12 +149,17 @@ async fn serve_raw(mut s: TcpStream, requests: Arc<Mutex<Vec<Vec<u8>>>>, respons
 }
 
 /// Counts what the proxy charges to backends (`lb_requests_total` is made of these).
+/// Also records the answers to heads refused before a request was seen.
 #[derive(Default)]
-struct Attempts(AtomicUsize);
+struct Attempts(AtomicUsize, Mutex<Vec<u16>>);
 
 impl Observer for Attempts {
     fn attempt(&self, _: &Target, _: Outcome) {
         self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn refused(&self, status: u16) {
+        self.1.lock().unwrap().push(status);
     }
 }
 
@@ -550,6 +555,29 @@ async fn an_h2c_upgrade_is_never_forwarded() {
         "no Upgrade, no HTTP2-Settings"
     );
 
+    // Nor its drafts, nor `h2` (TLS only), nor an offer on a second line.
+    for upgrade in [
+        "Upgrade: h2c-14",
+        "Upgrade: H2",
+        "Upgrade: H2C",
+        "Upgrade: h2c\r\nUpgrade: h2",
+    ] {
+        let before = backend.received().len();
+        let request = format!(
+            "GET /d HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\n{upgrade}\r\n\r\n"
+        );
+        let resp = exchange(lb.addr, request.as_bytes()).await;
+        assert_eq!(status(&resp), "502", "{upgrade}: {resp}");
+        let received = backend.received();
+        assert_eq!(received.len(), before + 1, "{upgrade}");
+        assert_eq!(
+            received[before],
+            "GET /d HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n",
+            "{upgrade}"
+        );
+    }
+
     // A normal backend: the request goes on as plain HTTP/1.1.
     let plain = RawBackend::start(OK).await;
     let lb = Lb::start(&[plain.url()]).await;
@@ -833,4 +861,327 @@ async fn a_request_framed_two_ways_is_forwarded_one_way_and_its_connection_close
         assert_eq!(body, "hello", "{r:?}");
     }
     assert!(!received.iter().any(|r| r.contains("/smuggled")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_or_upgrade_not_visible_ascii_is_refused() {
+    // A backend that would take any offer: were one forwarded, the client would get a tunnel.
+    let backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, \x80\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\x80\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, \xff\r\nUpgrade: h2c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret, \xff\r\nX-Secret: 1\r\n\r\n",
+    ] {
+        assert_rejected_by(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+}
+
+/// As [`assert_rejected`], for a backend whose own answer is not a 200: the next client
+/// is served by a request that reaches the backend, whatever it answers.
+async fn assert_rejected_by(lb: &Lb, backend: &RawBackend, request: &[u8], want: &str) {
+    let before = backend.received().len();
+    let resp = exchange(lb.addr, request).await;
+    let what = String::from_utf8_lossy(request);
+    assert_eq!(status(&resp), want, "{what:?} got {resp:?}");
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        1,
+        "one response: {resp:?}"
+    );
+    assert_eq!(
+        backend.received().len(),
+        before,
+        "{what:?} reached the backend: {:?}",
+        backend.received()
+    );
+    assert_eq!(lb.attempts(), 0, "{what:?} was charged to a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_to_a_protocol_the_client_did_not_offer_gets_502() {
+    let backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let resp = exchange(
+        lb.addr,
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
+    let (line, headers) = backend.only_head();
+    assert_eq!(line, "GET /ws HTTP/1.1");
+    assert_eq!(
+        headers,
+        header_lines(&[
+            "host: a",
+            "connection: upgrade",
+            "upgrade: websocket",
+            "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+            "sec-websocket-version: 13",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: a",
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_a_transfer_coding_other_than_chunked_gets_502() {
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ] {
+        let backend = RawBackend::start(response).await;
+        let lb = Lb::start(&[backend.url()]).await;
+        let resp = exchange(
+            lb.addr,
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
+        .await;
+        let what = String::from_utf8_lossy(response);
+        assert!(resp.starts_with("HTTP/1.1 502 "), "{what:?}: {resp}");
+        assert!(!resp.contains("hello"), "{what:?}: {resp}");
+        // Sent once, never replayed: the POST reached the backend exactly as the client sent it.
+        let received = backend.received();
+        assert_eq!(
+            received,
+            ["POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\nx-forwarded-for: 127.0.0.1\r\n\
+              x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\nhi"],
+            "{what:?}"
+        );
+        assert_eq!(lb.attempts(), 1, "{what:?}");
+    }
+}
+
+/// Sends `req` with `body` over HTTP/2 and returns the status, or the stream error.
+async fn h2_send_body(
+    client: &mut h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: &'static [u8],
+) -> Result<u16, h2::Error> {
+    let mut ready = client.clone().ready().await?;
+    let (resp, mut stream) = ready.send_request(req, false)?;
+    stream.send_data(Bytes::from_static(body), true)?;
+    let resp = tokio::time::timeout(WAIT, resp)
+        .await
+        .expect("h2 response")?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_repeated_lengths_collapse_and_padded_values_are_refused() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let mut h2 = h2_client(lb.addr).await;
+    let post = |lengths: &[&'static str], extra: Option<&'static str>| {
+        let mut b = http::Request::post("http://a/p");
+        for l in lengths {
+            b = b.header("content-length", *l);
+        }
+        if let Some(v) = extra {
+            b = b.header("x-a", v);
+        }
+        b.body(()).unwrap()
+    };
+    let ok = h2_send_body(&mut h2, post(&["3", "3"], None), b"abc").await;
+    assert_eq!(ok.unwrap(), 200);
+    assert_eq!(
+        backend.received(),
+        [
+            "POST /p HTTP/1.1\r\ncontent-length: 3\r\nhost: a\r\nx-forwarded-for: 127.0.0.1\r\n\
+          x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\nabc"
+        ]
+    );
+    for (lengths, extra) in [
+        (&["3", "4"][..], None),
+        (&["3"], Some(" 1")),
+        (&["3"], Some("1 ")),
+        (&["3"], Some("1\t")),
+    ] {
+        let got = h2_send_body(&mut h2, post(lengths, extra), b"abc").await;
+        match got {
+            Ok(status) => assert_eq!(status, 400, "{lengths:?} {extra:?}"),
+            // h2 itself resets a stream whose lengths differ (its body cannot match both).
+            Err(e) => assert!(
+                lengths.len() > 1 && e.reason() == Some(h2::Reason::PROTOCOL_ERROR),
+                "{lengths:?} {extra:?}: {e}"
+            ),
+        }
+        assert_eq!(
+            backend.received().len(),
+            1,
+            "{lengths:?} {extra:?} forwarded"
+        );
+    }
+    assert_eq!(lb.attempts(), 1);
+    let again = h2_send_body(&mut h2, post(&["3"], Some("1 2")), b"xyz").await;
+    assert_eq!(again.unwrap(), 200);
+    assert_eq!(backend.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_form_is_forwarded_for_options_only() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"PRI * HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        assert_rejected(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+    let resp = exchange(
+        lb.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp}");
+    let (line, headers) = backend.only_head();
+    assert_eq!(line, "OPTIONS * HTTP/1.1");
+    assert_eq!(
+        headers,
+        header_lines(&[
+            "host: a",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: a",
+        ])
+    );
+
+    let mut h2 = h2_client(lb.addr).await;
+    let asterisk = |method| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(http::uri::Authority::from_static("a"));
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+        http::Request::builder()
+            .method(method)
+            .uri(http::Uri::from_parts(parts).unwrap())
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(h2_send(&mut h2, asterisk("GET")).await.unwrap(), 400);
+    assert_eq!(backend.received().len(), 1, "GET * not forwarded");
+    assert_eq!(h2_send(&mut h2, asterisk("OPTIONS")).await.unwrap(), 200);
+    let received = backend.received();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received[1].starts_with("OPTIONS * HTTP/1.1\r\n"),
+        "{received:?}"
+    );
+    assert_eq!(lb.attempts(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_beyond_65535_gets_400() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a:999999999999999999999999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:99999\r\n\r\n",
+        b"GET http://real:99999/p HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://real/p HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+    ] {
+        assert_rejected(&lb, &backend, request, "400").await;
+    }
+    assert!(backend.received().is_empty());
+
+    let mut h2 = h2_client(lb.addr).await;
+    let get = |uri: &str| http::Request::get(uri).body(()).unwrap();
+    assert_eq!(h2_send(&mut h2, get("http://a:99999/")).await.unwrap(), 400);
+    assert!(backend.received().is_empty());
+
+    // Up to 65535, and an empty port (the scheme's default), are forwarded as sent.
+    let resp = exchange(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a:65535\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp}");
+    assert_eq!(h2_send(&mut h2, get("http://a:/")).await.unwrap(), 200);
+    let received = backend.received();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received[0].contains("\r\nhost: a:65535\r\n"),
+        "{received:?}"
+    );
+    assert!(received[1].contains("\r\nhost: a:\r\n"), "{received:?}");
+}
+
+/// Waits (bounded) until the observer has been told of `n` refused heads, and returns them.
+async fn refusals(lb: &Lb, n: usize) -> Vec<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = lb.attempts.1.lock().unwrap().clone();
+        if got.len() >= n || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_hyper_gives_before_a_request_are_reported() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(ProxyConfig::default().max_header_bytes)
+    );
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n",
+            "400",
+        ),
+        (b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", "400"),
+        (huge.as_bytes(), "431"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            "400",
+        ),
+    ];
+    let mut want = Vec::new();
+    for (request, status_want) in cases {
+        let resp = exchange(lb.addr, request).await;
+        assert_eq!(status(&resp), status_want, "{resp}");
+        want.push(status_want.parse::<u16>().unwrap());
+        assert_eq!(refusals(&lb, want.len()).await, want);
+    }
+    // What lb answers itself, or forwards, is reported as a completed request instead.
+    let rejected = exchange(lb.addr, b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n").await;
+    assert_eq!(status(&rejected), "400");
+    let ok = exchange(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&ok), "200");
+    assert!(backend.received().len() == 1, "{:?}", backend.received());
+    // One more refused head: a wrong report of the two above would show before or beside it.
+    let last = exchange(lb.addr, b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n").await;
+    assert_eq!(status(&last), "400", "{last}");
+    want.push(400);
+    assert_eq!(refusals(&lb, want.len()).await, want);
 }
