@@ -9,6 +9,14 @@
 //! moment the client has the whole response (see [`Lease`]). hyper's `try_send_request` hands
 //! back a request the connection never took, so a pooled connection that died idle costs
 //! nothing but a second try on the next one.
+//!
+//! # Only ready connections are pooled
+//! A backend may answer before it has read the whole request body (an early 200, or a 413):
+//! the client then has its whole response while the upload still runs on the connection, at
+//! whatever pace the client sends it. Such a connection goes back to the pool only once hyper
+//! is ready for a new request on it (the body sent, the response read): a small task waits
+//! for that, which is the rare case hyper-util pays for on every request. The pool never
+//! holds a busy connection, and a request never waits for one: it opens a new connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +34,23 @@ use crate::body::RequestBody;
 use crate::classify::{is_stale_connection, SendError};
 use crate::config::ProxyConfig;
 
-type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
+type Idle = Vec<(Conn, Instant)>;
+
+/// One upstream connection: hyper's sender and the task that drives the socket.
+#[derive(Debug)]
+struct Conn {
+    tx: SendRequest<RequestBody>,
+    /// Aborting the task closes the socket at once, whatever hyper is still writing.
+    task: tokio::task::AbortHandle,
+}
+
+impl Conn {
+    /// Closes the connection now: the backend sees the request end instead of getting the
+    /// rest of a body nobody waits on.
+    fn close(self) {
+        self.task.abort();
+    }
+}
 
 /// What a pooled connection leads to: the backend's address, not its lb-core id (ids are
 /// numbered afresh by a new balancer on reload, and an id must never reach a connection to
@@ -81,7 +105,21 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type Pool = HashMap<PoolKey, Idle, std::hash::BuildHasherDefault<KeyHasher>>;
+type KeySet = std::collections::HashSet<PoolKey, std::hash::BuildHasherDefault<KeyHasher>>;
+
+#[derive(Debug, Default)]
+struct Pool {
+    idle: HashMap<PoolKey, Idle, std::hash::BuildHasherDefault<KeyHasher>>,
+    /// The backends routed to, as of the last [`Upstream::retain`] (`None`: not told yet, the
+    /// routes the proxy started with): a connection to any other is closed, never pooled.
+    routed: Option<KeySet>,
+}
+
+impl Pool {
+    fn routes(&self, key: &PoolKey) -> bool {
+        self.routed.as_ref().is_none_or(|r| r.contains(key))
+    }
+}
 
 /// One worker's connections to every backend.
 #[derive(Debug)]
@@ -89,7 +127,7 @@ pub(crate) struct Upstream {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Pool>,
+    pool: Mutex<Pool>,
 }
 
 /// A connection in use. [`Lease::release`] puts it back in the pool (after the whole response
@@ -98,14 +136,39 @@ pub(crate) struct Upstream {
 pub(crate) struct Lease {
     upstream: Arc<Upstream>,
     key: PoolKey,
-    tx: SendRequest<RequestBody>,
+    conn: Conn,
 }
 
 impl Lease {
+    /// Gives the connection back once it is ready for another request: at once when it is,
+    /// or when the request body still being sent on it (the backend answered early) is done.
+    /// A connection to a backend no longer routed is closed instead.
     pub(crate) fn release(self) {
-        if !self.tx.is_closed() {
-            self.upstream.checkin(self.key, self.tx);
+        let Self {
+            upstream,
+            key,
+            mut conn,
+        } = self;
+        if conn.tx.is_closed() || !upstream.pool().routes(&key) {
+            conn.close();
+            return;
         }
+        if conn.tx.is_ready() {
+            upstream.checkin(key, conn);
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            conn.close();
+            return;
+        };
+        // Bounded: a connection busy longer than it may sit idle is not worth keeping.
+        let wait = upstream.idle_timeout;
+        rt.spawn(async move {
+            match tokio::time::timeout(wait, conn.tx.ready()).await {
+                Ok(Ok(())) => upstream.checkin(key, conn),
+                _ => conn.close(),
+            }
+        });
     }
 }
 
@@ -115,32 +178,41 @@ impl Upstream {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.upstream_idle_timeout,
             max_idle: config.upstream_max_idle,
-            idle: Mutex::new(Pool::default()),
+            pool: Mutex::new(Pool::default()),
         }
     }
 
     fn pool(&self) -> MutexGuard<'_, Pool> {
-        self.idle
+        self.pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<RequestBody>> {
+    /// The most recently used idle connection to `key`'s backend that is ready for a request
+    /// now; any other met on the way is closed (a request never waits on a connection).
+    fn checkout(&self, key: &PoolKey) -> Option<Conn> {
         let mut pool = self.pool();
-        let idle = pool.get_mut(key)?;
-        while let Some((tx, since)) = idle.pop() {
-            if !tx.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(tx);
+        let idle = pool.idle.get_mut(key)?;
+        while let Some((conn, since)) = idle.pop() {
+            if conn.tx.is_ready() && since.elapsed() < self.idle_timeout {
+                return Some(conn);
             }
+            conn.close();
         }
         None
     }
 
-    fn checkin(&self, key: PoolKey, tx: SendRequest<RequestBody>) {
+    fn checkin(&self, key: PoolKey, conn: Conn) {
         let mut pool = self.pool();
-        let idle = pool.entry(key).or_default();
+        if !pool.routes(&key) {
+            conn.close();
+            return;
+        }
+        let idle = pool.idle.entry(key).or_default();
         if idle.len() < self.max_idle {
-            idle.push((tx, Instant::now()));
+            idle.push((conn, Instant::now()));
+        } else {
+            conn.close();
         }
     }
 
@@ -148,26 +220,30 @@ impl Upstream {
     /// backend), and forgets backends with none left (removed ones among them).
     pub(crate) fn sweep(&self) {
         let mut pool = self.pool();
-        pool.retain(|_, idle| {
-            idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < self.idle_timeout);
+        pool.idle.retain(|_, idle| {
+            idle.retain(|(conn, since)| {
+                !conn.tx.is_closed() && since.elapsed() < self.idle_timeout
+            });
             !idle.is_empty()
         });
     }
 
-    /// Closes every pooled connection to a backend not in `keep` (after a reload).
+    /// Closes every pooled connection to a backend not in `keep` (after a reload), and every
+    /// one to them handed back later.
     pub(crate) fn retain<'a>(&self, keep: impl IntoIterator<Item = &'a PoolKey>) {
-        let keep: std::collections::HashSet<&PoolKey, std::hash::BuildHasherDefault<KeyHasher>> =
-            keep.into_iter().collect();
-        self.pool().retain(|key, _| keep.contains(key));
+        let keep: KeySet = keep.into_iter().cloned().collect();
+        let mut pool = self.pool();
+        pool.idle.retain(|key, _| keep.contains(key));
+        pool.routed = Some(keep);
     }
 
     /// Idle connections kept, over all backends.
     #[cfg(test)]
     pub(crate) fn idle_count(&self) -> usize {
-        self.pool().values().map(Vec::len).sum()
+        self.pool().idle.values().map(Vec::len).sum()
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<RequestBody>, SendError> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn, SendError> {
         let stream = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect(authority.as_str()),
@@ -186,12 +262,13 @@ impl Upstream {
                 error,
                 reused: false,
             })?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::trace!(target: "lb::upstream", error = %e, "upstream connection ended");
             }
-        });
-        Ok(tx)
+        })
+        .abort_handle();
+        Ok(Conn { tx, task })
     }
 
     /// Sends `req` over a pooled connection to `key`'s backend, or a new one. When a pooled
@@ -204,17 +281,14 @@ impl Upstream {
         mut req: Request<RequestBody>,
         resend: impl FnOnce() -> Option<Request<RequestBody>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let lease = |tx| Lease {
+        let lease = |conn| Lease {
             upstream: Arc::clone(self),
             key: key.clone(),
-            tx,
+            conn,
         };
-        while let Some(mut tx) = self.checkout(key) {
-            if tx.ready().await.is_err() {
-                continue; // closed while idle
-            }
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, lease(tx))),
+        while let Some(mut conn) = self.checkout(key) {
+            match conn.tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, lease(conn))),
                 Err(mut e) => match e.take_message() {
                     // Never written: the next connection (or a new one) gets it.
                     Some(back) => req = back,
@@ -236,9 +310,9 @@ impl Upstream {
                 },
             }
         }
-        let mut tx = self.connect(&key.authority).await?;
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, lease(tx))),
+        let mut conn = self.connect(&key.authority).await?;
+        match conn.tx.try_send_request(req).await {
+            Ok(resp) => Ok((resp, lease(conn))),
             Err(e) => Err(SendError::Failed {
                 error: e.into_error(),
                 reused: false,
@@ -325,6 +399,35 @@ mod tests {
         up.retain([]);
         assert_eq!(up.idle_count(), 0, "removed: closed");
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_connection_released_after_its_backend_was_removed_is_closed() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = c.read(&mut buf).await.unwrap();
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            // The proxy closing the connection ends this read.
+            tokio::time::timeout(Duration::from_secs(15), c.read(&mut buf)).await
+        });
+        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        let key = PoolKey::new(&authority);
+        let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+        up.retain([]); // the reload, while the response is still on its way
+        let _ = resp.into_body().collect().await.unwrap();
+        lease.release();
+        assert_eq!(up.idle_count(), 0, "not pooled");
+        assert!(
+            matches!(backend.await.unwrap(), Ok(Ok(0))),
+            "the backend sees the connection closed"
+        );
     }
 
     #[tokio::test]

@@ -456,3 +456,219 @@ async fn a_backend_that_stops_reading_the_body_still_gets_the_request_timeout() 
     writer.abort();
     held.abort();
 }
+
+/// Reads one request head from `c` (with what came after it in `buf`): its Content-Length.
+async fn read_head(c: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match c.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    buf.drain(..end);
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some(len)
+}
+
+/// A raw backend that answers `200 ok` as soon as it has a request head, then reads the
+/// request's body (by its Content-Length) and logs how much it got, then serves the next.
+struct EarlyBackend {
+    addr: std::net::SocketAddr,
+    bodies: Arc<Mutex<Vec<usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EarlyBackend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut c, _)) = listener.accept().await {
+                let b = b.clone();
+                conns.spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(len) = read_head(&mut c, &mut buf).await {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if c.write_all(ok).await.is_err() {
+                            break;
+                        }
+                        while buf.len() < len {
+                            let mut chunk = [0u8; 65536];
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let got = len.min(buf.len());
+                        buf.drain(..got);
+                        b.lock().unwrap().push(got);
+                        if got < len {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, bodies, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn bodies(&self) -> Vec<usize> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EarlyBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_uploading_after_an_early_answer_is_never_handed_to_another_request() {
+    let backend = EarlyBackend::start().await;
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(500));
+    let core = core.with_retry(retry);
+    let config = ProxyConfig {
+        body_read_timeout: Duration::from_secs(10),
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[backend.url()], core, config).await;
+
+    // A streamed upload (beyond the replay buffer) that the backend answers at once, and
+    // whose client then trickles its last bytes until the other requests are done.
+    const HEAD: usize = 100_000;
+    const TAIL: usize = 300;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (answered_tx, answered) = tokio::sync::oneshot::channel();
+    let addr = p.addr;
+    let d = done.clone();
+    let uploader = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            HEAD + TAIL
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b'a'; HEAD]).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(BOUND, async {
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"\r\n\r\nok") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let _ = answered_tx.send(String::from_utf8_lossy(&got).into_owned());
+        let mut sent = 0;
+        while sent < TAIL - 1 && !d.load(Ordering::SeqCst) {
+            s.write_all(b"a").await.unwrap();
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.write_all(&vec![b'a'; TAIL - sent]).await.unwrap();
+        s
+    });
+    let got = answered.await.unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "early answer: {got:?}");
+
+    // Meanwhile every other request is served, on another connection.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        statuses.push(get(&p.url(&format!("/g{i}"))).await);
+    }
+    let all_done = !done.swap(true, Ordering::SeqCst);
+    assert!(all_done);
+    assert!(
+        statuses.iter().all(|(s, b)| *s == 200 && b == "ok"),
+        "{statuses:?}"
+    );
+    let s = uploader.await.unwrap();
+    wait_for("the whole upload at the backend", || {
+        backend.bodies().contains(&(HEAD + TAIL))
+    })
+    .await;
+    assert_eq!(
+        backend.bodies().iter().filter(|&&n| n == 0).count(),
+        8,
+        "every GET reached the backend: {:?}",
+        backend.bodies()
+    );
+    assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_a_backend_removed_while_in_use_is_closed_not_pooled() {
+    // A raw backend that answers its first request once told to (so that request is in
+    // flight across the reload), then waits for the proxy to close the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}", listener.local_addr().unwrap());
+    let (go_tx, mut go_rx) = tokio::sync::watch::channel(false);
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let slow = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_head(&mut c, &mut buf).await.unwrap();
+        let _ = head_tx.send(());
+        let _ = go_rx.wait_for(|g| *g).await;
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            .await
+            .unwrap();
+        // Bounded: the connection the proxy keeps open fails the test instead of hanging it.
+        let closed = tokio::time::timeout(BOUND, async {
+            let mut b = [0u8; 1024];
+            loop {
+                match c.read(&mut b).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => return false, // another request: it should never come
+                }
+            }
+        })
+        .await;
+        closed == Ok(true)
+    });
+    let other = Backend::ok("other").await;
+    let p = proxy(&[slow_url], core_config(), ProxyConfig::default()).await;
+    let url = p.url("/in-flight");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    head_rx.await.unwrap();
+    let routes = Routes::new(
+        p.balancer(),
+        &[(other.url(), Weight::ONE)],
+        HashKey::ClientIp,
+        wall(),
+    )
+    .unwrap();
+    p.proxy.set_routes(routes);
+    // Past the proxy's next sweep (every 5 s), which closes what the pool held at the reload:
+    // the connection must not come back into the pool after it, to stay there until its
+    // idle timeout (90 s). A sweep late on a busy machine could only make this test pass.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    go_tx.send(true).unwrap();
+    assert_eq!(in_flight.await.unwrap(), (200, "slow".to_owned()));
+    assert!(
+        slow.await.unwrap(),
+        "the removed backend's connection is closed, not pooled"
+    );
+    assert_eq!(get(&p.url("/after")).await, (200, "other".to_owned()));
+}
