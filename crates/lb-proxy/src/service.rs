@@ -179,7 +179,10 @@ pub(crate) async fn handle(
                 }
                 let outcome = match classify(&result, outgoing.source.fault()) {
                     Verdict::Backend(outcome) => outcome,
-                    Verdict::Client(fault) => {
+                    Verdict::Client(fault, outcome) => {
+                        // The request reached the backend before the client's body failed:
+                        // a send like any other in `lb_requests_total` (and /status).
+                        shared.observer.attempt(target, outcome);
                         tracing::debug!(target: "lb::upstream", backend = %target.authority, fault = fault.as_str(), "the client's request body failed");
                         return client_fault(ex, fault, version);
                     }

@@ -672,3 +672,62 @@ async fn a_connection_to_a_backend_removed_while_in_use_is_closed_not_pooled() {
     );
     assert_eq!(get(&p.url("/after")).await, (200, "other".to_owned()));
 }
+
+/// A raw backend that counts request heads and never answers (it reads until the proxy
+/// closes the connection).
+async fn silent_backend() -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = Arc::new(AtomicUsize::new(0));
+    let h = heads.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut c, _)) = listener.accept().await {
+            let h = h.clone();
+            conns.spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut c, &mut buf).await.is_some() {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut b = [0u8; 4096];
+                while matches!(c.read(&mut b).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (url, heads, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_short_by_the_clients_body_still_counts_as_a_request_to_the_backend() {
+    let (url, heads, task) = silent_backend().await;
+    let seen = Arc::new(Seen::default());
+    let p = observed_proxy(&[url], core_config(), seen.clone()).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    wait_for("the request at the backend", || {
+        heads.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    s.write_all(b"zz\r\nhello\r\n0\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    wait_for("the attempt released", || p.active() == 0).await;
+    assert_eq!(
+        seen.attempts.load(Ordering::SeqCst),
+        1,
+        "the send is counted"
+    );
+    let backends = p.balancer().backends(wall());
+    assert_eq!(
+        (backends[0].requests_total, backends[0].failures_total),
+        (1, 0),
+        "/status agrees, and nothing is charged"
+    );
+    task.abort();
+}
