@@ -97,6 +97,17 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
+    if !http_body::Body::is_end_stream(&body) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // A body of unknown length (chunked, or HTTP/2 without a length): hyper frames one
+        // as chunked by itself only for methods that usually carry one, and silently sends
+        // none for GET or HEAD. Said outright, every method's body is sent, and read, so a
+        // fault in it is caught as the client's.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+    }
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)

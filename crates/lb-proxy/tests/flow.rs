@@ -731,3 +731,39 @@ async fn a_send_cut_short_by_the_clients_body_still_counts_as_a_request_to_the_b
     );
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_sent_whatever_the_method_and_its_faults_get_400() {
+    let backend = echo_len().await;
+    let p = proxy(&[backend.url()], core_config(), ProxyConfig::default()).await;
+    for method in ["GET", "OPTIONS", "DELETE", "POST"] {
+        let req = format!(
+            "{method} /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let got = exchange_raw(&p, req.as_bytes(), false).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("\r\n\r\n5"),
+            "{method}: the backend got the 5 bytes: {got:?}"
+        );
+    }
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.iter().all(|r| r
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .is_some_and(|v| v == "chunked")));
+    for _ in 0..5 {
+        let got = exchange_raw(
+            &p,
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        assert!(
+            got.starts_with("HTTP/1.1 400"),
+            "bad chunk framing: {got:?}"
+        );
+    }
+    wait_for("every attempt released", || p.active() == 0).await;
+    assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
+}
