@@ -30,11 +30,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
+use crate::body::{BodyWatch, RequestBody, Wire};
 use crate::classify::{is_stale_connection, SendError};
 use crate::config::ProxyConfig;
 
 type Idle = Vec<(Conn, Instant)>;
+
+/// `TCP_NOTSENT_LOWAT` of upstream sockets: small enough that a body's last socket write is
+/// close to its last byte read by the backend, large enough for few wake-ups per MiB.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NOT_SENT_LOW_WATER: u32 = 32 * 1024;
 
 /// One upstream connection: hyper's sender and the task that drives the socket.
 #[derive(Debug)]
@@ -42,6 +47,8 @@ struct Conn {
     tx: SendRequest<RequestBody>,
     /// Aborting the task closes the socket at once, whatever hyper is still writing.
     task: tokio::task::AbortHandle,
+    /// When its socket last took bytes (how far a streamed request body really got).
+    wire: Arc<Wire>,
 }
 
 impl Conn {
@@ -49,6 +56,95 @@ impl Conn {
     /// rest of a body nobody waits on.
     fn close(self) {
         self.task.abort();
+    }
+
+    /// Sends `req` and waits for the response head. Abandoned before it (the attempt timed
+    /// out, the client left), the connection is closed at once: otherwise its task would
+    /// go on sending the body to a backend whose answer nobody waits for, then pool nothing.
+    async fn request(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>> {
+        struct CloseOnDrop<'a>(Option<&'a tokio::task::AbortHandle>);
+        impl Drop for CloseOnDrop<'_> {
+            fn drop(&mut self) {
+                if let Some(task) = self.0 {
+                    task.abort();
+                }
+            }
+        }
+        let sent = self.tx.try_send_request(req);
+        let mut guard = CloseOnDrop(Some(&self.task));
+        let out = sent.await;
+        guard.0 = None;
+        out
+    }
+}
+
+/// The socket of an upstream connection, telling its [`Wire`] each time it takes bytes.
+#[derive(Debug)]
+struct Watched {
+    io: TcpStream,
+    wire: Arc<Wire>,
+}
+
+impl Watched {
+    fn wrote(&self, n: &std::task::Poll<std::io::Result<usize>>) {
+        if matches!(n, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            self.wire.wrote();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let n = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(&n);
+        n
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let n = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(&n);
+        n
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -255,8 +351,18 @@ impl Upstream {
             Err(_) => return Err(SendError::ConnectTimeout),
         };
         let _ = stream.set_nodelay(true);
+        // The kernel keeps at most this much of a request unsent: beyond it, the socket takes
+        // bytes only as the backend's receive window opens, which is to say as the backend
+        // reads (see `Wire`). Bytes in flight are not limited, so neither is throughput.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER);
+        let wire = Arc::new(Wire::new());
+        let io = Watched {
+            io: stream,
+            wire: Arc::clone(&wire),
+        };
         let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|error| SendError::Failed {
                 error,
@@ -268,26 +374,34 @@ impl Upstream {
             }
         })
         .abort_handle();
-        Ok(Conn { tx, task })
+        Ok(Conn { tx, task, wire })
     }
 
     /// Sends `req` over a pooled connection to `key`'s backend, or a new one. When a pooled
     /// connection fails under a request it took, before any response byte (the keep-alive
     /// race), and `resend` gives the request again (it is the caller's, and lb-core's, to
     /// allow: once per request, safe requests only), it is re-sent on a fresh connection.
+    /// `body`, a streamed body's watch, learns which connection it is sent on.
     pub(crate) async fn send(
         self: &Arc<Self>,
         key: &PoolKey,
         mut req: Request<RequestBody>,
+        body: Option<&Arc<BodyWatch>>,
         resend: impl FnOnce() -> Option<Request<RequestBody>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let watch = |conn: &Conn| {
+            if let Some(b) = body {
+                b.sent_on(&conn.wire);
+            }
+        };
         let lease = |conn| Lease {
             upstream: Arc::clone(self),
             key: key.clone(),
             conn,
         };
         while let Some(mut conn) = self.checkout(key) {
-            match conn.tx.try_send_request(req).await {
+            watch(&conn);
+            match conn.request(req).await {
                 Ok(resp) => return Ok((resp, lease(conn))),
                 Err(mut e) => match e.take_message() {
                     // Never written: the next connection (or a new one) gets it.
@@ -311,7 +425,8 @@ impl Upstream {
             }
         }
         let mut conn = self.connect(&key.authority).await?;
-        match conn.tx.try_send_request(req).await {
+        watch(&conn);
+        match conn.request(req).await {
             Ok(resp) => Ok((resp, lease(conn))),
             Err(e) => Err(SendError::Failed {
                 error: e.into_error(),
@@ -367,7 +482,7 @@ mod tests {
         let up = Arc::new(Upstream::new(&config));
         let key = PoolKey::new(&authority);
         for _ in 0..5 {
-            let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+            let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             lease.release();
             assert_eq!(up.idle_count(), 1, "one connection, reused");
@@ -391,7 +506,7 @@ mod tests {
         let (authority, task) = backend().await;
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         let key = PoolKey::new(&authority);
-        let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+        let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
         let _ = resp.into_body().collect().await.unwrap();
         lease.release();
         up.retain([&key]);
@@ -419,7 +534,7 @@ mod tests {
         });
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         let key = PoolKey::new(&authority);
-        let (resp, lease) = up.send(&key, get(), || None).await.unwrap();
+        let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
         up.retain([]); // the reload, while the response is still on its way
         let _ = resp.into_body().collect().await.unwrap();
         lease.release();
@@ -438,7 +553,7 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&ProxyConfig::default()));
         assert!(matches!(
-            up.send(&PoolKey::new(&closed), get(), || None).await,
+            up.send(&PoolKey::new(&closed), get(), None, || None).await,
             Err(SendError::ConnectRefused(_))
         ));
     }

@@ -767,3 +767,128 @@ async fn a_chunked_body_is_sent_whatever_the_method_and_its_faults_get_400() {
     wait_for("every attempt released", || p.active() == 0).await;
     assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reading_a_streamed_body_steadily_is_not_timed_out() {
+    // Reads the body at most 4 KiB at a time every 20 ms (5 s or more for 1 MiB, more than
+    // twice the request timeout), with a small receive buffer as a slow reader has; then
+    // answers. The proxy takes the whole body from the client at once: in hyper's buffer
+    // and the kernel's, it was all "sent" long before the backend read it.
+    const LEN: usize = 1 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let _ = socket2::SockRef::from(&c).set_recv_buffer_size(16 * 1024);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(len) = read_head(&mut c, &mut buf).await else {
+                    return;
+                };
+                let mut got = buf.len();
+                let mut chunk = vec![0u8; 4096];
+                while got < len {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let body = got.to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let core = core_config();
+    let retry = core.retry().with_attempt_timeout(Duration::from_secs(2));
+    let core = core.with_retry(retry);
+    let p = proxy(&[url], core, ProxyConfig::default()).await;
+    let mut req = format!(
+        "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(std::iter::repeat_n(b'a', LEN));
+    let got = tokio::time::timeout(Duration::from_secs(60), exchange_raw(&p, &req, false))
+        .await
+        .expect("bounded");
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with(&format!("\r\n\r\n{LEN}")),
+        "{got:?}"
+    );
+    assert_eq!(charged(&p), vec![(0, false)]);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_timed_out_closes_its_connection_instead_of_sending_the_rest() {
+    // Reads the request head and stalls (the upload backs up) until the client has its 504,
+    // then drains what it was sent until the proxy closes the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (answered_tx, answered) = tokio::sync::watch::channel(false);
+    let backend = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_head(&mut c, &mut buf).await.unwrap();
+        let mut answered = answered;
+        let _ = answered.wait_for(|a| *a).await;
+        let mut total = buf.len();
+        let mut chunk = vec![0u8; 65536];
+        let closed = tokio::time::timeout(BOUND, async {
+            loop {
+                match c.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (closed, total)
+    });
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(500));
+    let core = core.with_retry(retry);
+    let p = proxy(&[url], core, ProxyConfig::default()).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    const MIB: usize = 1 << 20;
+    let writer = tokio::spawn(async move {
+        let _ = wr
+            .write_all(b"PUT /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        // At most 512 MiB, as long as the proxy takes it.
+        let mut sent = 0;
+        while sent < 512 * MIB {
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 0x10000;
+        }
+        sent
+    });
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(BOUND, rd.read(&mut got))
+        .await
+        .expect("an answer while the upload is stalled")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got[..n]).into_owned();
+    assert!(got.starts_with("HTTP/1.1 504"), "{got:?}");
+    answered_tx.send(true).unwrap();
+    let (closed, total) = backend.await.unwrap();
+    assert!(closed, "the proxy closed the backend's connection");
+    // What the buffers between client and backend held at the 504, not the rest.
+    assert!(
+        total < 64 * MIB,
+        "the backend got {total} bytes after the 504"
+    );
+    drop(rd);
+    let _ = writer.await;
+}
