@@ -41,6 +41,9 @@ type Idle = Vec<(Conn, Instant)>;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const NOT_SENT_LOW_WATER: u32 = 32 * 1024;
 
+/// How often a connection whose request is still being sent is checked for being done.
+const POKE: Duration = Duration::from_millis(100);
+
 /// One upstream connection: hyper's sender and the task that drives the socket.
 #[derive(Debug)]
 struct Conn {
@@ -49,6 +52,8 @@ struct Conn {
     task: tokio::task::AbortHandle,
     /// When its socket last took bytes (how far a streamed request body really got).
     wire: Arc<Wire>,
+    /// Has the task poll hyper's connection again (see [`Lease::release`]).
+    poke: Arc<tokio::sync::Notify>,
 }
 
 impl Conn {
@@ -254,16 +259,29 @@ impl Lease {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            conn.close();
-            return;
+            return; // dropped: hyper closes it once the upload ends
         };
-        // Bounded: a connection busy longer than it may sit idle is not worth keeping.
-        let wait = upstream.idle_timeout;
+        // Bounded: a connection busy longer than it may sit idle is not worth keeping. Given
+        // up on, it is not cut off: without its sender, hyper closes it once the upload ends.
+        //
+        // hyper asks for the next request only when its connection is polled after its write
+        // buffer emptied; the last flush of a body it had buffered whole can end the poll
+        // before that, and nothing wakes it again until the backend sends something. So the
+        // wait pokes the connection's task now and then.
+        let until = Instant::now() + upstream.idle_timeout;
         rt.spawn(async move {
-            match tokio::time::timeout(wait, conn.tx.ready()).await {
-                Ok(Ok(())) => upstream.checkin(key, conn),
-                _ => conn.close(),
+            while Instant::now() < until {
+                let wait = POKE.min(until.saturating_duration_since(Instant::now()));
+                match tokio::time::timeout(wait, conn.tx.ready()).await {
+                    Ok(Ok(())) => return upstream.checkin(key, conn),
+                    Ok(Err(_)) => return,
+                    Err(_) => conn.poke.notify_one(),
+                }
             }
+            // Given up: without its sender, the polled connection closes when it is idle.
+            let Conn { tx, poke, .. } = conn;
+            drop(tx);
+            poke.notify_one();
         });
     }
 }
@@ -368,13 +386,27 @@ impl Upstream {
                 error,
                 reused: false,
             })?;
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let poked = Arc::clone(&poke);
         let task = tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
+            let mut conn = std::pin::pin!(conn.with_upgrades());
+            let ended = loop {
+                tokio::select! {
+                    ended = &mut conn => break ended,
+                    () = poked.notified() => {} // polls the connection again
+                }
+            };
+            if let Err(e) = ended {
                 tracing::trace!(target: "lb::upstream", error = %e, "upstream connection ended");
             }
         })
         .abort_handle();
-        Ok(Conn { tx, task, wire })
+        Ok(Conn {
+            tx,
+            task,
+            wire,
+            poke,
+        })
     }
 
     /// Sends `req` over a pooled connection to `key`'s backend, or a new one. When a pooled
@@ -543,6 +575,70 @@ mod tests {
             matches!(backend.await.unwrap(), Ok(Ok(0))),
             "the backend sees the connection closed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_is_pooled_only_once_it_is_done() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const LEN: usize = 8 << 20; // far beyond what socket buffers hold unread
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        // Answers the upload at once, reads its body only when told to, then answers
+        // every later request on the same connection; counts its connections.
+        let backend = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            let mut buf = vec![0u8; 65536];
+            let mut seen = 0;
+            while !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                seen += c.read(&mut buf[seen..]).await.unwrap();
+            }
+            c.write_all(ok).await.unwrap();
+            go.await.unwrap();
+            let head = buf[..seen]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap()
+                + 4;
+            let mut body = seen - head;
+            while body < LEN {
+                body += c.read(&mut buf).await.unwrap();
+            }
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => c.write_all(ok).await.unwrap(),
+                }
+            }
+        });
+        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        let key = PoolKey::new(&authority);
+        let mut put = Request::new(RequestBody::Full(Some(bytes::Bytes::from(vec![b'a'; LEN]))));
+        *put.method_mut() = http::Method::PUT;
+        put.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("x"));
+        let (resp, lease) = up.send(&key, put, None, || None).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        lease.release();
+        assert_eq!(up.idle_count(), 0, "still sending the upload: not pooled");
+        go_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while up.idle_count() == 0 {
+            assert!(Instant::now() < deadline, "pooled once the upload is done");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The backend accepts one connection only: a new one would never be answered.
+        let (resp, lease) =
+            tokio::time::timeout(Duration::from_secs(15), up.send(&key, get(), None, || None))
+                .await
+                .expect("answered on the pooled connection")
+                .unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        lease.release();
+        assert_eq!(up.idle_count(), 1, "the same connection, reused");
+        backend.abort();
     }
 
     #[tokio::test]
