@@ -173,19 +173,17 @@ pub(crate) async fn handle(
                 };
                 let this_attempt = st.attempt_count().saturating_sub(1);
                 let timeout = try_deadline.saturating_duration_since(now());
-                let send = shared
-                    .upstream
-                    .send(&target.key, req, outgoing.source.watch(), || {
-                        // The pool saw its connection die under the request: lb-core allows one
-                        // such resend per request, and records it in the trace.
-                        if balancer.handle_resend(st, now()) {
-                            outgoing.attempt(&target.authority).ok()
-                        } else {
-                            None
-                        }
-                    });
-                let result: AttemptResult<Lease> =
-                    within(try_deadline, timeout, outgoing.source.watch(), send).await;
+                let body = outgoing.source.watch();
+                let send = shared.upstream.send(&target.key, req, body, || {
+                    // The pool saw its connection die under the request: lb-core allows one
+                    // such resend per request, and records it in the trace.
+                    if balancer.handle_resend(st, now()) {
+                        outgoing.attempt(&target.authority).ok()
+                    } else {
+                        None
+                    }
+                });
+                let result: AttemptResult<Lease> = within(try_deadline, timeout, body, send).await;
                 if st.resent() == Some(this_attempt) {
                     // The dead pooled send, counted like every send (`lb_requests_total`).
                     shared.observer.attempt(target, Outcome::StaleConnection);
