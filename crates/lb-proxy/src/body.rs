@@ -48,7 +48,47 @@ impl ClientFault {
 /// How far the client's body got, shared by the attempt that streams it (which times the
 /// backend) and the exchange (which must not blame the backend for the client's fault).
 #[derive(Debug)]
-pub(crate) struct BodyWatch(Mutex<Progress>);
+pub(crate) struct BodyWatch(Mutex<Progress>, Mutex<Option<Arc<Wire>>>);
+
+/// When an upstream connection's socket last took bytes from hyper.
+///
+/// # Why the socket, not the body
+/// hyper takes the body's frames as fast as its write buffer (some 400 KiB, queued chunks
+/// and all) has room, so "handed to hyper" runs far ahead of a backend that reads slowly:
+/// the whole body may be in hyper's hands while the backend still has seconds of it to
+/// read. What moves only as the backend reads is the socket taking bytes; that is what
+/// `timeouts.request` is counted from (as NGINX counts `proxy_read_timeout` from its last
+/// write). The kernel's send buffer still lies between the two, so the tail of a body a
+/// backend reads slower than that buffer per `timeouts.request` can still time out.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    since: Instant,
+    /// Nanoseconds after `since` of the last write, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Wire {
+    pub(crate) fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The socket took some bytes.
+    pub(crate) fn wrote(&self) {
+        let n = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last
+            .store(n.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Option<Instant> {
+        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => self.since.checked_add(Duration::from_nanos(n - 1)),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -63,12 +103,28 @@ struct Progress {
 
 impl BodyWatch {
     fn new() -> Self {
-        Self(Mutex::new(Progress {
-            fault: None,
-            waiting: false,
-            moved: Instant::now(),
-            ended: None,
-        }))
+        Self(
+            Mutex::new(Progress {
+                fault: None,
+                waiting: false,
+                moved: Instant::now(),
+                ended: None,
+            }),
+            Mutex::new(None),
+        )
+    }
+
+    /// The body is being sent on the connection whose socket writes `wire` records.
+    pub(crate) fn sent_on(&self, wire: &Arc<Wire>) {
+        *self.1.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(wire));
+    }
+
+    fn wire(&self) -> Option<Instant> {
+        self.1
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|w| w.last())
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
@@ -85,9 +141,10 @@ impl BodyWatch {
     }
 
     /// When an attempt sending this body runs out of time, given `timeout` (`timeouts.request`):
-    /// `timeout` after the body was fully sent; while it is still being sent, `timeout` after
-    /// the backend last took some of it (a backend that stops reading), and never while the
-    /// body waits for the client (`body_read` bounds that).
+    /// `timeout` after the body was fully sent (its last byte written to the socket); while
+    /// it is still being sent, `timeout` after the backend last took some of it (the socket
+    /// took bytes: a backend that stops reading times out), and never while the body waits
+    /// for the client (`body_read` bounds that).
     pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
         let p = self.get();
         if p.fault.is_some() {
@@ -98,6 +155,7 @@ impl BodyWatch {
             None if p.waiting => Instant::now(),
             None => p.moved,
         };
+        let since = self.wire().map_or(since, |w| w.max(since));
         since.checked_add(timeout)
     }
 }

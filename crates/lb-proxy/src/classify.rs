@@ -47,8 +47,9 @@ pub(crate) enum Verdict {
     /// The backend's: report it to lb-core.
     Backend(Outcome),
     /// The client's own body failed (and no response head came): lb-core only releases the
-    /// attempt, as for a client that left; the client gets 400 or 408.
-    Client(ClientFault),
+    /// attempt, as for a client that left; the client gets 400 or 408. The outcome is what
+    /// the socket said: the send still counts in `lb_requests_total`, as every send does.
+    Client(ClientFault, Outcome),
 }
 
 /// An attempt the proxy could not start for a reason of its own (the backend was picked from
@@ -76,7 +77,7 @@ pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>
         Ok(Err(SendError::Failed { .. })) => Outcome::Reset,
     };
     match client {
-        Some(fault) => Verdict::Client(fault),
+        Some(fault) => Verdict::Client(fault, outcome),
         None => Verdict::Backend(outcome),
     }
 }

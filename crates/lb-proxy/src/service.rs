@@ -106,6 +106,17 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
+    if !http_body::Body::is_end_stream(&body) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // A body of unknown length (chunked, or HTTP/2 without a length): hyper frames one
+        // as chunked by itself only for methods that usually carry one, and silently sends
+        // none for GET or HEAD. Said outright, every method's body is sent, and read, so a
+        // fault in it is caught as the client's.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+    }
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -171,7 +182,8 @@ pub(crate) async fn handle(
                 };
                 let this_attempt = st.attempt_count().saturating_sub(1);
                 let timeout = try_deadline.saturating_duration_since(now());
-                let send = shared.upstream.send(&target.key, req, || {
+                let body = outgoing.source.watch();
+                let send = shared.upstream.send(&target.key, req, body, || {
                     // The pool saw its connection die under the request: lb-core allows one
                     // such resend per request, and records it in the trace.
                     if balancer.handle_resend(st, now()) {
@@ -180,15 +192,17 @@ pub(crate) async fn handle(
                         None
                     }
                 });
-                let result: AttemptResult<Lease> =
-                    within(try_deadline, timeout, outgoing.source.watch(), send).await;
+                let result: AttemptResult<Lease> = within(try_deadline, timeout, body, send).await;
                 if st.resent() == Some(this_attempt) {
                     // The dead pooled send, counted like every send (`lb_requests_total`).
                     shared.observer.attempt(target, Outcome::StaleConnection);
                 }
                 let outcome = match classify(&result, outgoing.source.fault()) {
                     Verdict::Backend(outcome) => outcome,
-                    Verdict::Client(fault) => {
+                    Verdict::Client(fault, outcome) => {
+                        // The request reached the backend before the client's body failed:
+                        // a send like any other in `lb_requests_total` (and /status).
+                        shared.observer.attempt(target, outcome);
                         tracing::debug!(target: "lb::upstream", backend = %target.authority, fault = fault.as_str(), "the client's request body failed");
                         return client_fault(ex, fault, version);
                     }

@@ -456,3 +456,435 @@ async fn a_backend_that_stops_reading_the_body_still_gets_the_request_timeout() 
     writer.abort();
     held.abort();
 }
+
+/// Reads one request head from `c` (with what came after it in `buf`): its Content-Length.
+async fn read_head(c: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match c.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    buf.drain(..end);
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some(len)
+}
+
+/// A raw backend that answers `200 ok` as soon as it has a request head, then reads the
+/// request's body (by its Content-Length) and logs how much it got, then serves the next.
+struct EarlyBackend {
+    addr: std::net::SocketAddr,
+    bodies: Arc<Mutex<Vec<usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EarlyBackend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut c, _)) = listener.accept().await {
+                let b = b.clone();
+                conns.spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(len) = read_head(&mut c, &mut buf).await {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if c.write_all(ok).await.is_err() {
+                            break;
+                        }
+                        while buf.len() < len {
+                            let mut chunk = [0u8; 65536];
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let got = len.min(buf.len());
+                        buf.drain(..got);
+                        b.lock().unwrap().push(got);
+                        if got < len {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, bodies, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn bodies(&self) -> Vec<usize> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EarlyBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_uploading_after_an_early_answer_is_never_handed_to_another_request() {
+    let backend = EarlyBackend::start().await;
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(500));
+    let core = core.with_retry(retry);
+    let config = ProxyConfig {
+        body_read_timeout: Duration::from_secs(10),
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[backend.url()], core, config).await;
+
+    // A streamed upload (beyond the replay buffer) that the backend answers at once, and
+    // whose client then trickles its last bytes until the other requests are done.
+    const HEAD: usize = 100_000;
+    const TAIL: usize = 300;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (answered_tx, answered) = tokio::sync::oneshot::channel();
+    let addr = p.addr;
+    let d = done.clone();
+    let uploader = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            HEAD + TAIL
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b'a'; HEAD]).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(BOUND, async {
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"\r\n\r\nok") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let _ = answered_tx.send(String::from_utf8_lossy(&got).into_owned());
+        let mut sent = 0;
+        while sent < TAIL - 1 && !d.load(Ordering::SeqCst) {
+            s.write_all(b"a").await.unwrap();
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.write_all(&vec![b'a'; TAIL - sent]).await.unwrap();
+        s
+    });
+    let got = answered.await.unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "early answer: {got:?}");
+
+    // Meanwhile every other request is served, on another connection.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        statuses.push(get(&p.url(&format!("/g{i}"))).await);
+    }
+    let all_done = !done.swap(true, Ordering::SeqCst);
+    assert!(all_done);
+    assert!(
+        statuses.iter().all(|(s, b)| *s == 200 && b == "ok"),
+        "{statuses:?}"
+    );
+    let s = uploader.await.unwrap();
+    wait_for("the whole upload at the backend", || {
+        backend.bodies().contains(&(HEAD + TAIL))
+    })
+    .await;
+    assert_eq!(
+        backend.bodies().iter().filter(|&&n| n == 0).count(),
+        8,
+        "every GET reached the backend: {:?}",
+        backend.bodies()
+    );
+    assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_a_backend_removed_while_in_use_is_closed_not_pooled() {
+    // A raw backend that answers its first request once told to (so that request is in
+    // flight across the reload), then waits for the proxy to close the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}", listener.local_addr().unwrap());
+    let (go_tx, mut go_rx) = tokio::sync::watch::channel(false);
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let slow = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_head(&mut c, &mut buf).await.unwrap();
+        let _ = head_tx.send(());
+        let _ = go_rx.wait_for(|g| *g).await;
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            .await
+            .unwrap();
+        // Bounded: the connection the proxy keeps open fails the test instead of hanging it.
+        let closed = tokio::time::timeout(BOUND, async {
+            let mut b = [0u8; 1024];
+            // Bytes would be another request: none should come.
+            matches!(c.read(&mut b).await, Ok(0) | Err(_))
+        })
+        .await;
+        closed == Ok(true)
+    });
+    let other = Backend::ok("other").await;
+    let p = proxy(&[slow_url], core_config(), ProxyConfig::default()).await;
+    let url = p.url("/in-flight");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    head_rx.await.unwrap();
+    let routes = Routes::new(
+        p.balancer(),
+        &[(other.url(), Weight::ONE)],
+        HashKey::ClientIp,
+        wall(),
+    )
+    .unwrap();
+    p.proxy.set_routes(routes);
+    // Past the proxy's next sweep (every 5 s), which closes what the pool held at the reload:
+    // the connection must not come back into the pool after it, to stay there until its
+    // idle timeout (90 s). A sweep late on a busy machine could only make this test pass.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    go_tx.send(true).unwrap();
+    assert_eq!(in_flight.await.unwrap(), (200, "slow".to_owned()));
+    assert!(
+        slow.await.unwrap(),
+        "the removed backend's connection is closed, not pooled"
+    );
+    assert_eq!(get(&p.url("/after")).await, (200, "other".to_owned()));
+}
+
+/// A raw backend that counts request heads and never answers (it reads until the proxy
+/// closes the connection).
+async fn silent_backend() -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = Arc::new(AtomicUsize::new(0));
+    let h = heads.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut c, _)) = listener.accept().await {
+            let h = h.clone();
+            conns.spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut c, &mut buf).await.is_some() {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut b = [0u8; 4096];
+                while matches!(c.read(&mut b).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (url, heads, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_short_by_the_clients_body_still_counts_as_a_request_to_the_backend() {
+    let (url, heads, task) = silent_backend().await;
+    let seen = Arc::new(Seen::default());
+    let p = observed_proxy(&[url], core_config(), seen.clone()).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    wait_for("the request at the backend", || {
+        heads.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    s.write_all(b"zz\r\nhello\r\n0\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    wait_for("the attempt released", || p.active() == 0).await;
+    assert_eq!(
+        seen.attempts.load(Ordering::SeqCst),
+        1,
+        "the send is counted"
+    );
+    let backends = p.balancer().backends(wall());
+    assert_eq!(
+        (backends[0].requests_total, backends[0].failures_total),
+        (1, 0),
+        "/status agrees, and nothing is charged"
+    );
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_sent_whatever_the_method_and_its_faults_get_400() {
+    let backend = echo_len().await;
+    let p = proxy(&[backend.url()], core_config(), ProxyConfig::default()).await;
+    for method in ["GET", "OPTIONS", "DELETE", "POST"] {
+        let req = format!(
+            "{method} /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let got = exchange_raw(&p, req.as_bytes(), false).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("\r\n\r\n5"),
+            "{method}: the backend got the 5 bytes: {got:?}"
+        );
+    }
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.iter().all(|r| r
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .is_some_and(|v| v == "chunked")));
+    for _ in 0..5 {
+        let got = exchange_raw(
+            &p,
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        assert!(
+            got.starts_with("HTTP/1.1 400"),
+            "bad chunk framing: {got:?}"
+        );
+    }
+    wait_for("every attempt released", || p.active() == 0).await;
+    assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reading_a_streamed_body_steadily_is_not_timed_out() {
+    // Reads the body at most 4 KiB at a time every 20 ms (5 s or more for 1 MiB, more than
+    // twice the request timeout), with a small receive buffer as a slow reader has; then
+    // answers. The proxy takes the whole body from the client at once: in hyper's buffer
+    // and the kernel's, it was all "sent" long before the backend read it.
+    const LEN: usize = 1 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let _ = socket2::SockRef::from(&c).set_recv_buffer_size(16 * 1024);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(len) = read_head(&mut c, &mut buf).await else {
+                    return;
+                };
+                let mut got = buf.len();
+                let mut chunk = vec![0u8; 4096];
+                while got < len {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let body = got.to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let core = core_config();
+    let retry = core.retry().with_attempt_timeout(Duration::from_secs(2));
+    let core = core.with_retry(retry);
+    let p = proxy(&[url], core, ProxyConfig::default()).await;
+    let mut req = format!(
+        "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(std::iter::repeat_n(b'a', LEN));
+    let got = tokio::time::timeout(Duration::from_secs(60), exchange_raw(&p, &req, false))
+        .await
+        .expect("bounded");
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with(&format!("\r\n\r\n{LEN}")),
+        "{got:?}"
+    );
+    assert_eq!(charged(&p), vec![(0, false)]);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_timed_out_closes_its_connection_instead_of_sending_the_rest() {
+    // Reads the request head and stalls (the upload backs up) until the client has its 504,
+    // then drains what it was sent until the proxy closes the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (answered_tx, answered) = tokio::sync::watch::channel(false);
+    let backend = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_head(&mut c, &mut buf).await.unwrap();
+        let mut answered = answered;
+        let _ = answered.wait_for(|a| *a).await;
+        let mut total = buf.len();
+        let mut chunk = vec![0u8; 65536];
+        let closed = tokio::time::timeout(BOUND, async {
+            loop {
+                match c.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (closed, total)
+    });
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(500));
+    let core = core.with_retry(retry);
+    let p = proxy(&[url], core, ProxyConfig::default()).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    const MIB: usize = 1 << 20;
+    let writer = tokio::spawn(async move {
+        let _ = wr
+            .write_all(b"PUT /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        // At most 512 MiB, as long as the proxy takes it.
+        let mut sent = 0;
+        while sent < 512 * MIB {
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 0x10000;
+        }
+        sent
+    });
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(BOUND, rd.read(&mut got))
+        .await
+        .expect("an answer while the upload is stalled")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got[..n]).into_owned();
+    assert!(got.starts_with("HTTP/1.1 504"), "{got:?}");
+    answered_tx.send(true).unwrap();
+    let (closed, total) = backend.await.unwrap();
+    assert!(closed, "the proxy closed the backend's connection");
+    // What the buffers between client and backend held at the 504, not the rest.
+    assert!(
+        total < 64 * MIB,
+        "the backend got {total} bytes after the 504"
+    );
+    drop(rd);
+    let _ = writer.await;
+}
