@@ -181,3 +181,435 @@ fn consistent_hash_used_directly_has_no_slow_start() {
     assert_eq!(st[1].weight_percent, 100, "no ramp under consistent-hash");
     assert_eq!(lb.poll_timeout(), None, "no slow-start steps scheduled");
 }
+
+// --- a state machine with many requests open at once ---
+
+use common::Model;
+use lb_core::{Event, PassiveConfig, ProbeFailure, ProbeResult};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// idempotent, replayable, key, deadline in ms (0: none)
+    Start(bool, bool, u64, u16),
+    /// request slot, outcome kind
+    Outcome(usize, u8),
+    Finish(usize, u8),
+    Abandon(usize),
+    Drop(usize),
+    Resend(usize),
+    Probe(usize, bool),
+    /// ms forward (or backward when negative)
+    Advance(i16),
+    Timer,
+    /// membership mask over 6 addresses, weight seed
+    Set(u8, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (any::<bool>(), any::<bool>(), any::<u64>(), 0u16..400).prop_map(|(i, r, k, d)| Op::Start(i, r, k, d)),
+        5 => (0usize..16, 0u8..8).prop_map(|(s, o)| Op::Outcome(s, o)),
+        1 => (0usize..16, 0u8..3).prop_map(|(s, c)| Op::Finish(s, c)),
+        1 => (0usize..16).prop_map(Op::Abandon),
+        1 => (0usize..16).prop_map(Op::Drop),
+        1 => (0usize..16).prop_map(Op::Resend),
+        2 => (0usize..6, any::<bool>()).prop_map(|(b, ok)| Op::Probe(b, ok)),
+        2 => (-2000i16..8000).prop_map(Op::Advance),
+        1 => Just(Op::Timer),
+        1 => (1u8..64, any::<u8>()).prop_map(|(m, w)| Op::Set(m, w)),
+    ]
+}
+
+fn outcome(k: u8) -> Outcome {
+    match k {
+        0 | 1 => Outcome::Response { status: 200 },
+        2 => Outcome::Response { status: 503 },
+        3 => Outcome::ConnectRefused,
+        4 => Outcome::ConnectTimeout,
+        5 => Outcome::Reset,
+        6 => Outcome::TimedOut,
+        _ => Outcome::StaleConnection,
+    }
+}
+
+struct Live {
+    st: lb_core::RequestState,
+    resends: u32,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Invariants 1, 4, 5, 6 and 9 with up to 16 requests open at once, ejections firing
+    /// between picks with no handle_timeout, membership changes (including removing and
+    /// re-adding an address) with requests in flight, clock jumps backwards, resends, and
+    /// requests ended by finish, abandon or drop. After every step each member's
+    /// `active_requests` equals the number of open requests whose attempt is on it.
+    #[test]
+    fn open_requests_reloads_and_clock_jumps(
+        kind in common::kind(),
+        seed in any::<u64>(),
+        ops in prop::collection::vec(op(), 1..250),
+    ) {
+        let mut clock = Clock::new();
+        clock.ms = 10_000;
+        let config = Config::default()
+            .with_rng_seed(Some(seed))
+            .with_passive(PassiveConfig::default().with_consecutive_failures(2).with_max_ejected_percent(60));
+        let attempts = config.retry().attempts() as usize;
+        let (rise, fall, threshold) = (config.health().rise(), config.health().fall(), config.passive().panic_threshold_percent());
+        let addrs: Vec<String> = (0..6).map(|i| format!("10.9.0.{i}:80")).collect();
+        let lb = Balancer::new(config, lb_core::select::AnySelect::new(kind)).unwrap();
+        let mut mask = 0b111u8;
+        let set = |mask: u8, w: u8| -> Vec<lb_core::Backend> {
+            (0..6).filter(|i| mask & (1 << i) != 0)
+                .map(|i| lb_core::Backend::new(addrs[i].clone(), lb_core::Weight::new(1 + u32::from((w >> i) & 3)).unwrap()))
+                .collect()
+        };
+        let mut ids = lb.set_backends(set(mask, 0), clock.now()).unwrap();
+        let mut by_addr: HashMap<usize, BackendId> = HashMap::new();
+        for (k, i) in (0..6).filter(|i| mask & (1 << i) != 0).enumerate() { by_addr.insert(i, ids[k]); }
+        let mut model = Model::new(&ids, rise, fall);
+        let mut live: Vec<Option<Live>> = (0..16).map(|_| None).collect();
+        let mut all_ever: Vec<BackendId> = ids.clone();
+
+        macro_rules! events { () => { while let Some(e) = lb.poll_event() { model.apply(&e); } } }
+        macro_rules! check_forward { ($a:expr, $st:expr, $now:expr) => {
+            if let Action::Forward { backend, not_before, try_deadline } = $a {
+                prop_assert!(model.members.contains(&backend), "removed backend {backend} picked ({kind})");
+                prop_assert!(model.up(backend), "probe-down backend {backend} picked ({kind})");
+                let eligible = model.eligible();
+                let tried: Vec<BackendId> = $st.attempts()[..$st.attempt_count() - 1].iter().map(|a| a.backend()).collect();
+                if !model.panic(threshold) && eligible.iter().any(|id| !tried.contains(id)) {
+                    prop_assert!(eligible.contains(&backend), "ejected {backend} picked, eligible {eligible:?} ({kind})");
+                }
+                prop_assert!(not_before >= $now && not_before < try_deadline, "invariant 5 ({kind})");
+                if let Some(d) = $st.info().deadline() { prop_assert!(try_deadline <= d); }
+                prop_assert!($st.attempt_count() <= attempts, "invariant 4");
+            }
+        } }
+
+        for op in ops {
+            let now = clock.now();
+            match op {
+                Op::Start(idem, rep, key, dl) => {
+                    if let Some(slot) = live.iter().position(Option::is_none) {
+                        let mut info = RequestInfo::new(idem, rep).with_hash_key(key);
+                        if dl > 0 { info = info.with_deadline(now + Duration::from_millis(u64::from(dl))); }
+                        let (st, a) = lb.start(info, now);
+                        check_forward!(a, st, now);
+                        events!();
+                        live[slot] = Some(Live { st, resends: 0 });
+                    }
+                }
+                Op::Outcome(slot, k) => {
+                    if let Some(l) = live[slot].as_mut() {
+                        let o = outcome(k);
+                        let had = l.st.in_flight().is_some() && l.st.last_decision().is_none_or(|d| !matches!(d, lb_core::Decision::Relay));
+                        let before = l.st.attempt_count();
+                        let a = lb.handle_outcome(&mut l.st, o, now);
+                        events!();
+                        check_forward!(a, l.st, now);
+                        if had && o.was_sent() && !matches!(o, Outcome::Response { .. }) && !(l.st.info().idempotent() && l.st.info().replayable()) {
+                            prop_assert!(!matches!(a, Action::Forward { .. }), "sent non-idempotent/non-replayable request replayed after {o}");
+                        }
+                        if !had { prop_assert_eq!(l.st.attempt_count(), before, "outcome with nothing in flight changed the trace"); }
+                        if matches!(a, Action::Fail(_)) { prop_assert!(l.st.in_flight().is_none()); }
+                    }
+                }
+                Op::Finish(slot, c) => {
+                    if let Some(l) = live[slot].take() {
+                        let c = [Completion::Done, Completion::BackendFailed, Completion::ClientGone][c as usize];
+                        lb.finish(l.st, c, now);
+                        events!();
+                    }
+                }
+                Op::Abandon(slot) => { if let Some(l) = live[slot].take() { lb.abandon(l.st, now); events!(); } }
+                Op::Drop(slot) => { drop(live[slot].take()); }
+                Op::Resend(slot) => {
+                    if let Some(l) = live[slot].as_mut() {
+                        let ok = lb.handle_resend(&mut l.st, now);
+                        if ok {
+                            l.resends += 1;
+                            prop_assert!(l.resends <= 1, "two resends for one request");
+                            prop_assert!(l.st.info().idempotent() && l.st.info().replayable(), "resend of a non-idempotent/non-replayable request");
+                            prop_assert!(l.st.in_flight().is_some());
+                        }
+                    }
+                }
+                Op::Probe(i, ok) => {
+                    if let Some(&id) = by_addr.get(&i) {
+                        let r = if ok { ProbeResult::Success } else { ProbeResult::Failure(ProbeFailure::TimedOut) };
+                        let flip = model.probe(id, ok);
+                        lb.handle_probe(id, r, now);
+                        let mut seen = None;
+                        while let Some(e) = lb.poll_event() {
+                            match &e {
+                                Event::Down { backend, .. } if *backend == id => seen = Some(false),
+                                Event::Up { backend, .. } if *backend == id => seen = Some(true),
+                                _ => {}
+                            }
+                            model.apply(&e);
+                        }
+                        prop_assert_eq!(seen, flip);
+                    }
+                }
+                Op::Advance(d) => {
+                    clock.ms = (clock.ms as i64 + i64::from(d)).max(0) as u64;
+                }
+                Op::Timer => {
+                    lb.handle_timeout(now);
+                    events!();
+                }
+                Op::Set(m, w) => {
+                    mask = m;
+                    ids = lb.set_backends(set(mask, w), now).unwrap();
+                    by_addr.clear();
+                    for (k, i) in (0..6).filter(|i| mask & (1 << i) != 0).enumerate() { by_addr.insert(i, ids[k]); }
+                    for id in &ids { if !all_ever.contains(id) { all_ever.push(*id); } }
+                    model.set_members(&ids);
+                    events!();
+                }
+            }
+            // Exact in-flight accounting for current members.
+            let status = lb.backends(clock.now());
+            for b in &status {
+                let open = live.iter().flatten().filter(|l| l.st.in_flight() == Some(b.id)).count() as u32;
+                prop_assert_eq!(b.active_requests, open, "active_requests of {} ({})", b.id, kind);
+            }
+        }
+        drop(live);
+        for b in lb.backends(clock.now()) {
+            prop_assert_eq!(b.active_requests, 0, "in-flight returns to 0");
+        }
+    }
+}
+
+// --- several threads sharing one Balancer ---
+
+/// Four request threads and a control thread (reloads that remove and re-add an address,
+/// probes, timers) share one balancer. A retired id (its address removed by a
+/// `set_backends` that returned) is never picked afterwards, and every in-flight count
+/// returns to exactly 0 once the threads are done, whatever mix of outcomes, finish,
+/// abandon and drop they used.
+#[test]
+fn threads_share_one_balancer_reloading_underneath() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    for kind in StrategyKind::ALL {
+        let clock = Clock::new();
+        let config = Config::default()
+            .with_rng_seed(Some(21))
+            .with_passive(PassiveConfig::default().with_consecutive_failures(3));
+        let (lb, _) = balancer(kind, config, &[1, 2, 1, 1], clock.now());
+        let retired: Mutex<Vec<BackendId>> = Mutex::new(Vec::new());
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (lb, retired, stop) = (&lb, &retired, &stop);
+                s.spawn(move || {
+                    let mut rng = lb_core::Rng::from_seed(t);
+                    let mut held = Vec::new();
+                    let mut ms = 0u64;
+                    while !stop.load(Ordering::Acquire) || ms < 2_000 {
+                        ms += 1;
+                        let now = clock.at(ms);
+                        let gone: Vec<BackendId> = retired.lock().unwrap().clone();
+                        let (mut st, mut a) = lb.start(RequestInfo::new(rng.below(4) != 0, true).with_hash_key(rng.next_u64()), now);
+                        while let Action::Forward { backend, .. } = a {
+                            assert!(!gone.contains(&backend), "{kind}: retired {backend} picked");
+                            let o = outcome(rng.below(8) as u8);
+                            a = lb.handle_outcome(&mut st, o, now);
+                        }
+                        match rng.below(4) {
+                            0 => lb.finish(st, Completion::Done, now),
+                            1 => lb.abandon(st, now),
+                            2 => drop(st),
+                            _ => held.push(st),
+                        }
+                        if held.len() > 20 {
+                            held.clear();
+                        }
+                    }
+                });
+            }
+            let (lb, retired, stop) = (&lb, &retired, &stop);
+            s.spawn(move || {
+                for round in 0..200u64 {
+                    let now = clock.at(round * 10);
+                    let with = round % 2 == 0;
+                    let w: &[u32] = if with { &[1, 2, 1, 1, 3] } else { &[1, 2, 1] };
+                    let before = lb.backends(now);
+                    let ids = lb.set_backends(backends(w), now).unwrap();
+                    let mut r = retired.lock().unwrap();
+                    for b in before {
+                        if !ids.contains(&b.id) {
+                            r.push(b.id);
+                        }
+                    }
+                    drop(r);
+                    lb.handle_probe(ids[(round % 3) as usize], ProbeResult::Failure(ProbeFailure::Refused), now);
+                    lb.handle_timeout(now);
+                    while lb.poll_event().is_some() {}
+                    std::thread::yield_now();
+                }
+                stop.store(true, Ordering::Release);
+            });
+        });
+        for b in lb.backends(clock.now()) {
+            assert_eq!(b.active_requests, 0, "{kind}: {} left {} in flight", b.addr, b.active_requests);
+        }
+    }
+}
+
+// --- fading failure weight ---
+
+/// One request to `target` (found by sending others elsewhere) answering `o`.
+fn hit_with(lb: &Balancer, clock: &mut Clock, target: BackendId, o: Outcome) {
+    for _ in 0..100_000 {
+        let (mut st, mut a) = lb.start(RequestInfo::new(true, true), clock.now());
+        let mut hit = false;
+        while let Action::Forward { backend, .. } = a {
+            clock.advance(1);
+            let out = if backend == target && !hit { hit = true; o } else { Outcome::Response { status: 200 } };
+            a = lb.handle_outcome(&mut st, out, clock.now());
+        }
+        lb.finish(st, Completion::Done, clock.now());
+        if hit {
+            return;
+        }
+        clock.advance(1);
+    }
+    panic!("never reached {target}");
+}
+
+/// SPEC: a backend that failed *and then serves well* gets its even share back within 10 s.
+/// A burst of failures (here 30 fast 503s, as a backend restarting would give) must fade
+/// as well as a single one does, under both load-aware strategies.
+#[test]
+fn a_burst_of_failures_fades_within_ten_seconds() {
+    let mut failures = Vec::new();
+    for kind in [StrategyKind::LeastConnections, StrategyKind::P2cEwma] {
+        for o in [Outcome::Response { status: 503 }, Outcome::Reset] {
+            let mut clock = Clock::new();
+            let config = no_ejection(no_slow_start(Config::default().with_rng_seed(Some(8))));
+            let (lb, ids) = balancer(kind, config, &[1, 1], clock.now());
+            for _ in 0..30 {
+                hit_with(&lb, &mut clock, ids[0], o);
+            }
+            let start = clock.ms;
+            // Seconds 5-10 after the burst: sequential traffic, even share expected.
+            let mut hits = 0;
+            let mut total = 0;
+            while clock.ms < start + 10_000 {
+                let at5 = clock.ms >= start + 5_000;
+                let h = sequential_share(&lb, &mut clock, ids[0], 1);
+                if at5 {
+                    hits += h;
+                    total += 1;
+                }
+            }
+            if !(total * 35 / 100..=total * 65 / 100).contains(&hits) {
+                failures.push(format!("{kind} after 30x {o}: {hits}/{total} in seconds 5-10"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// ... and a backend that keeps failing (every answer a fast 503, while the other answers
+/// 200 in 40 ms) must not be favoured: at most its even share, under concurrent load.
+#[test]
+fn a_backend_that_keeps_failing_is_not_favoured() {
+    let mut failures = Vec::new();
+    for kind in [StrategyKind::LeastConnections, StrategyKind::P2cEwma] {
+        let mut clock = Clock::new();
+        let config = no_ejection(no_slow_start(Config::default().with_rng_seed(Some(8))));
+        let (lb, ids) = balancer(kind, config, &[1, 1], clock.now());
+        let bad = ids[0];
+        // (finish time, request) for the good backend's requests.
+        let mut open: Vec<(u64, lb_core::RequestState)> = Vec::new();
+        let mut to_bad = 0;
+        for _ in 0..3000 {
+            clock.advance(5);
+            let now = clock.now();
+            let mut k = 0;
+            while k < open.len() {
+                if open[k].0 <= clock.ms {
+                    let (_, mut st) = open.swap_remove(k);
+                    let _ = lb.handle_outcome(&mut st, Outcome::Response { status: 200 }, now);
+                    lb.finish(st, Completion::Done, now);
+                } else {
+                    k += 1;
+                }
+            }
+            let (mut st, a) = lb.start(RequestInfo::new(true, true), now);
+            let Action::Forward { backend, .. } = a else { panic!() };
+            if backend == bad {
+                to_bad += 1;
+                let a = lb.handle_outcome(&mut st, Outcome::Response { status: 503 }, now);
+                assert_eq!(a, Action::Relay);
+                lb.finish(st, Completion::Done, now);
+            } else {
+                open.push((clock.ms + 40, st));
+            }
+        }
+        if to_bad > 1500 {
+            failures.push(format!("{kind}: always-503 backend got {to_bad} of 3000"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+// --- consistent hashing ---
+
+/// About 1/N of keys move when a backend joins (the existing property checks a leave), and
+/// a new backend under consistent-hash gets its share at once (no slow start).
+#[test]
+fn consistent_hash_join_moves_about_one_nth() {
+    for n in [3usize, 5, 10, 24] {
+        let clock = Clock::new();
+        let (lb, _) = balancer(StrategyKind::ConsistentHash, Config::default(), &vec![1; n], clock.now());
+        let keys: Vec<u64> = (0..5000u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let pick = |k: u64| {
+            let (st, a) = lb.start(RequestInfo::new(true, true).with_hash_key(k), clock.now());
+            lb.abandon(st, clock.now());
+            match a { Action::Forward { backend, .. } => backend, other => panic!("{other:?}") }
+        };
+        let before: Vec<BackendId> = keys.iter().map(|&k| pick(k)).collect();
+        let ids = lb.set_backends(backends(&vec![1; n + 1]), clock.now()).unwrap();
+        let after: Vec<BackendId> = keys.iter().map(|&k| pick(k)).collect();
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let to_new = after.iter().filter(|&&a| a == ids[n]).count();
+        // Maglev is not minimally disruptive: a handful of keys may move between old backends.
+        assert!(moved - to_new <= keys.len() / 100, "n={n}: {} keys moved between old backends", moved - to_new);
+        let share = moved as f64 / keys.len() as f64;
+        let ideal = 1.0 / (n + 1) as f64;
+        assert!((share - ideal).abs() < 0.05, "n={n}: moved {share:.3}, ideal {ideal:.3}");
+    }
+}
+
+/// SPEC: "any lb processes given the same backends (in any order, from the config or from
+/// DNS) send each key to the same backend" -- weights included.
+#[test]
+fn consistent_hash_is_independent_of_backend_order() {
+    let clock = Clock::new();
+    let weights = [1u32, 3, 2, 1, 5, 1, 2];
+    let fwd = backends(&weights);
+    let mut rev = fwd.clone();
+    rev.reverse();
+    rev.swap(1, 4);
+    let a = Balancer::new(Config::default(), lb_core::select::AnySelect::new(StrategyKind::ConsistentHash)).unwrap();
+    let b = Balancer::new(Config::default(), lb_core::select::AnySelect::new(StrategyKind::ConsistentHash)).unwrap();
+    a.set_backends(fwd, clock.now()).unwrap();
+    b.set_backends(rev, clock.now()).unwrap();
+    let addr = |lb: &Balancer, k: u64| {
+        let (st, act) = lb.start(RequestInfo::new(true, true).with_hash_key(k), clock.now());
+        lb.abandon(st, clock.now());
+        let Action::Forward { backend, .. } = act else { panic!() };
+        lb.backends(clock.now()).into_iter().find(|s| s.id == backend).unwrap().addr
+    };
+    let differ = (0..3000u64).map(|k| k.wrapping_mul(0x2545_f491_4f6c_dd1d)).filter(|&k| addr(&a, k) != addr(&b, k)).count();
+    assert_eq!(differ, 0, "{differ} of 3000 keys map differently when the order differs");
+}
