@@ -643,3 +643,28 @@ fn budget_holds_in_every_sliding_ten_second_window() {
         .unwrap_or(0);
     assert!(worst <= 10, "{worst} retries in one 10 s window (at {times:?} ms), budget 10");
 }
+
+/// SPEC ("Retries are safe"): when a pooled connection fails before any response byte, "a
+/// request safe to retry (never sent, or idempotent and replayable) is re-sent once ... on
+/// a fresh connection to the same backend", shown in the routing trace; issue 9 §1: "With
+/// one backend, a stale pooled connection must lead to that resend, not to 502
+/// `no_untried_backend`". For a POST whose pooled connection died before it was written
+/// (`Outcome::StaleConnection`, documented "never sent"), the core offers neither road:
+/// `handle_resend` refuses it (it only knows idempotent+replayable), and reporting
+/// `StaleConnection` with one backend ends in 502 `no_untried_backend`.
+#[test]
+#[ignore = "defect: a never-sent POST on a stale pooled connection, one backend: handle_resend refuses (retry/resend.rs) and StaleConnection ends in 502 no_untried_backend (balancer/mod.rs handle_outcome)"]
+fn stale_pooled_connection_with_one_backend_is_resent_not_502() {
+    let clock = Clock::new();
+    let (lb, ids) = balancer(StrategyKind::RoundRobin, Config::default(), &[1], clock.now());
+    let (mut st, a) = lb.start(RequestInfo::new(false, true), clock.now());
+    assert!(matches!(a, Action::Forward { backend, .. } if backend == ids[0]));
+    if lb.handle_resend(&mut st, clock.now()) {
+        return; // the resend, recorded in the trace
+    }
+    let a = lb.handle_outcome(&mut st, Outcome::StaleConnection, clock.now());
+    assert!(
+        matches!(a, Action::Forward { backend, .. } if backend == ids[0]),
+        "{a:?}, trace: {st}"
+    );
+}
