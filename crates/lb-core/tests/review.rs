@@ -734,3 +734,62 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+/// SPEC (Dynamic backends): "Consistent hashing is instance-independent: any lb processes
+/// given the same backends (in any order, from the config or from DNS) send each key to
+/// the same backend". The Maglev fill takes turns in candidate order (the order given to
+/// `set_backends`), and when two backends' permutations want the same free slot the first
+/// in that order wins, so two instances given the same set in different orders disagree on
+/// some keys. (The weighted test above passed by luck of its 3,000 keys.)
+#[test]
+#[ignore = "defect: Maglev fill turn order follows set_backends order (select/consistent_hash.rs MaglevTable::build), so instances with the same backends in another order route some keys differently"]
+fn consistent_hash_order_independent_equal_weights_many_keys() {
+    let clock = Clock::new();
+    let mut bad = Vec::new();
+    for (n, weights) in [(5usize, vec![1u32; 5]), (8, vec![1; 8]), (40, vec![1; 40]), (6, vec![2, 1, 2, 1, 2, 1])] {
+        let fwd = backends(&weights);
+        let mut rev = fwd.clone();
+        rev.reverse();
+        let a = Balancer::new(Config::default(), lb_core::select::AnySelect::new(StrategyKind::ConsistentHash)).unwrap();
+        let b = Balancer::new(Config::default(), lb_core::select::AnySelect::new(StrategyKind::ConsistentHash)).unwrap();
+        a.set_backends(fwd, clock.now()).unwrap();
+        b.set_backends(rev, clock.now()).unwrap();
+        let addrs = |lb: &Balancer| lb.backends(clock.now()).into_iter().map(|s| (s.id, s.addr)).collect::<HashMap<_, _>>();
+        let (am, bm) = (addrs(&a), addrs(&b));
+        let pick = |lb: &Balancer, m: &HashMap<BackendId, String>, k: u64| {
+            let (st, act) = lb.start(RequestInfo::new(true, true).with_hash_key(k), clock.now());
+            lb.abandon(st, clock.now());
+            let Action::Forward { backend, .. } = act else { panic!() };
+            m[&backend].clone()
+        };
+        let differ = (0..50_000u64).map(|k| k.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 77).filter(|&k| pick(&a, &am, k) != pick(&b, &bm, k)).count();
+        if differ > 0 {
+            bad.push(format!("n={n} weights {weights:?}: {differ} of 50000 keys differ"));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// The same defect inside one instance: a DNS server that rotates its A records (round-robin
+/// DNS does, on every answer) makes each `refresh` a `set_backends` of the same set in
+/// another order, which rebuilds the Maglev table and moves keys although nothing changed.
+#[test]
+#[ignore = "defect: same backend set in rotated order moves consistent-hash keys (select/consistent_hash.rs MaglevTable::build turn order; balancer/pool.rs candidates in given order)"]
+fn consistent_hash_keys_stay_when_dns_rotates_the_same_set() {
+    let clock = Clock::new();
+    let mut set = backends(&[1; 16]);
+    let lb = Balancer::new(Config::default(), lb_core::select::AnySelect::new(StrategyKind::ConsistentHash)).unwrap();
+    lb.set_backends(set.clone(), clock.now()).unwrap();
+    let pick = |k: u64| {
+        let (st, act) = lb.start(RequestInfo::new(true, true).with_hash_key(k), clock.now());
+        lb.abandon(st, clock.now());
+        let Action::Forward { backend, .. } = act else { panic!() };
+        backend
+    };
+    let keys: Vec<u64> = (0..50_000u64).map(|k| k.wrapping_mul(0x2545_f491_4f6c_dd1d)).collect();
+    let before: Vec<BackendId> = keys.iter().map(|&k| pick(k)).collect();
+    set.rotate_left(5);
+    lb.set_backends(set, clock.now()).unwrap();
+    let moved = keys.iter().zip(&before).filter(|(&k, &b)| pick(k) != b).count();
+    assert_eq!(moved, 0, "{moved} of 50000 keys moved on a reordered, unchanged set");
+}
