@@ -284,6 +284,9 @@ proptest! {
                 if !model.panic(threshold) && eligible.iter().any(|id| !tried.contains(id)) {
                     prop_assert!(eligible.contains(&backend), "ejected {backend} picked, eligible {eligible:?} ({kind})");
                 }
+                if !model.panic(threshold) && eligible.iter().any(|id| !tried.contains(id)) {
+                    prop_assert!(!tried.contains(&backend), "retry on tried {backend}, eligible {eligible:?} tried {tried:?} ({kind})");
+                }
                 prop_assert!(not_before >= $now && not_before < try_deadline, "invariant 5 ({kind})");
                 if let Some(d) = $st.info().deadline() { prop_assert!(try_deadline <= d); }
                 prop_assert!($st.attempt_count() <= attempts, "invariant 4");
