@@ -856,3 +856,33 @@ fn least_connections_faded_backend_is_not_hidden_behind_a_stale_node() {
     assert!(hits * 5 >= total, "A got {hits} of {total} in seconds 6-10 and {hits_60} of 400 in seconds 56-60 (a third expected)");
     drop(streams);
 }
+
+/// SPEC: passive ejection counts "resets"; `Completion::BackendFailed` ("the backend broke
+/// off the response body (reset, truncated): counts toward ejection"). But every response
+/// head resets the backend's consecutive-failure count first (handle_outcome, `Response`),
+/// so a backend that sends a head and then resets every single body never gets past one
+/// failure in a row and is never ejected, whatever the threshold.
+#[test]
+#[ignore = "defect: a response head zeroes consecutive_failures before finish(BackendFailed) counts one (balancer/mod.rs handle_outcome Response arm), so a backend that breaks every body is never ejected"]
+fn backend_that_breaks_every_body_is_ejected() {
+    let clock = Clock::new();
+    let config = no_slow_start(Config::default().with_rng_seed(Some(1)));
+    let (lb, ids) = balancer(StrategyKind::RoundRobin, config, &[1, 1, 1], clock.now());
+    let bad = ids[0];
+    let mut broken = 0;
+    for i in 0..300u64 {
+        let now = clock.at(i * 10);
+        drive(&lb, now);
+        let (mut st, a) = lb.start(RequestInfo::new(true, true), now);
+        let Action::Forward { backend, .. } = a else { panic!("{a:?}") };
+        assert_eq!(lb.handle_outcome(&mut st, Outcome::Response { status: 200 }, now), Action::Relay);
+        if backend == bad {
+            broken += 1;
+            lb.finish(st, Completion::BackendFailed, now);
+        } else {
+            lb.finish(st, Completion::Done, now);
+        }
+    }
+    let ejected = std::iter::from_fn(|| lb.poll_event()).any(|e| matches!(e, Event::Ejected { backend, .. } if backend == bad));
+    assert!(ejected, "{broken} broken bodies in a row from {bad}, never ejected (threshold 5)");
+}
