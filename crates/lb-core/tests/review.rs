@@ -635,6 +635,148 @@ fn consistent_hash_join_moves_about_one_nth() {
     }
 }
 
+/// SPEC fine print: "over the last 10 s, retries <= ... + min_retries_per_second x 10".
+/// With a monotonic clock, the window is ten whole-second buckets, so "the last 10 s" at
+/// t = 10.0 s forgets retries taken at t = 0.9 s: 20 retries fall inside the 9.1 s from
+/// 0.9 s to 10.0 s against a budget of 10.
+#[test]
+#[ignore = "defect: retry budget window is whole-second buckets (budget.rs withdraw), up to 2x the budget inside one 10 s window at a bucket boundary"]
+fn budget_holds_in_every_sliding_ten_second_window() {
+    let clock = Clock::new();
+    let retry = RetryConfig::default()
+        .with_budget_percent(0)
+        .with_min_retries_per_second(1)
+        .with_backoff(Duration::ZERO);
+    let config = no_ejection(Config::default().with_retry(retry).with_rng_seed(Some(1)));
+    let (lb, _) = balancer(StrategyKind::RoundRobin, config, &[1, 1], clock.now());
+    let mut times = Vec::new();
+    for ms in [900u64, 10_000] {
+        for _ in 0..20 {
+            if refused_once_retried(&lb, clock.at(ms)) {
+                times.push(ms);
+            }
+        }
+    }
+    let worst = times
+        .iter()
+        .map(|&t| times.iter().filter(|&&u| u >= t && u < t + 10_000).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= 10,
+        "{worst} retries in one 10 s window (at {times:?} ms), budget 10"
+    );
+}
+
+/// SPEC ("Retries are safe"): when a pooled connection fails before any response byte, "a
+/// request safe to retry (never sent, or idempotent and replayable) is re-sent once ... on
+/// a fresh connection to the same backend", shown in the routing trace; issue 9 §1: "With
+/// one backend, a stale pooled connection must lead to that resend, not to 502
+/// `no_untried_backend`". For a POST whose pooled connection died before it was written
+/// (`Outcome::StaleConnection`, documented "never sent"), the core offers neither road:
+/// `handle_resend` refuses it (it only knows idempotent+replayable), and reporting
+/// `StaleConnection` with one backend ends in 502 `no_untried_backend`.
+#[test]
+#[ignore = "defect: a never-sent POST on a stale pooled connection, one backend: handle_resend refuses (retry/resend.rs) and StaleConnection ends in 502 no_untried_backend (balancer/mod.rs handle_outcome)"]
+fn stale_pooled_connection_with_one_backend_is_resent_not_502() {
+    let clock = Clock::new();
+    let (lb, ids) = balancer(
+        StrategyKind::RoundRobin,
+        Config::default(),
+        &[1],
+        clock.now(),
+    );
+    let (mut st, a) = lb.start(RequestInfo::new(false, true), clock.now());
+    assert!(matches!(a, Action::Forward { backend, .. } if backend == ids[0]));
+    if lb.handle_resend(&mut st, clock.now()) {
+        return; // the resend, recorded in the trace
+    }
+    let a = lb.handle_outcome(&mut st, Outcome::StaleConnection, clock.now());
+    assert!(
+        matches!(a, Action::Forward { backend, .. } if backend == ids[0]),
+        "{a:?}, trace: {st}"
+    );
+}
+
+/// Invariant 9: the same seed and the same inputs give identical actions and events, for
+/// every strategy, with requests open at once, ejections, probes, reloads and timers.
+fn run_script(kind: StrategyKind, seed: u64, script: &[(u8, u64)], clock: Clock) -> Vec<String> {
+    let config = Config::default()
+        .with_rng_seed(Some(seed))
+        .with_passive(PassiveConfig::default().with_consecutive_failures(2));
+    let lb = Balancer::new(config, lb_core::select::AnySelect::new(kind)).unwrap();
+    let mut ids = lb
+        .set_backends(backends(&[1, 2, 3, 1]), clock.now())
+        .unwrap();
+    let mut log = Vec::new();
+    let mut open: Vec<lb_core::RequestState> = Vec::new();
+    let mut ms = 0u64;
+    for &(op, arg) in script {
+        let now = clock.at(ms);
+        match op % 7 {
+            0 | 1 => {
+                let (st, a) =
+                    lb.start(RequestInfo::new(arg % 3 != 0, true).with_hash_key(arg), now);
+                log.push(format!("start {a:?}"));
+                open.push(st);
+            }
+            2 | 3 if !open.is_empty() => {
+                let i = (arg as usize) % open.len();
+                let a = lb.handle_outcome(&mut open[i], outcome((arg >> 8) as u8 % 8), now);
+                log.push(format!("outcome {a:?} {}", open[i]));
+                if !matches!(a, Action::Forward { .. }) {
+                    let st = open.swap_remove(i);
+                    lb.finish(st, Completion::Done, now);
+                }
+            }
+            4 => ms += arg % 4000,
+            5 => {
+                lb.handle_timeout(now);
+                log.push(format!("timer {:?}", lb.poll_timeout()));
+            }
+            6 => {
+                let id = ids[(arg as usize) % ids.len()];
+                lb.handle_probe(
+                    id,
+                    if arg % 2 == 0 {
+                        ProbeResult::Success
+                    } else {
+                        ProbeResult::Failure(ProbeFailure::Refused)
+                    },
+                    now,
+                );
+                if arg % 11 == 0 {
+                    let w: Vec<u32> = (0..(2 + arg % 4))
+                        .map(|i| 1 + ((arg >> i) & 3) as u32)
+                        .collect();
+                    ids = lb.set_backends(backends(&w), now).unwrap();
+                }
+            }
+            _ => {}
+        }
+        while let Some(e) = lb.poll_event() {
+            log.push(format!("event {e:?}"));
+        }
+    }
+    log.push(format!("{:?}", lb.backends(clock.at(ms))));
+    log
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #[test]
+    fn same_seed_same_inputs_same_outputs(
+        kind in common::kind(),
+        seed in any::<u64>(),
+        script in prop::collection::vec((any::<u8>(), any::<u64>()), 1..200),
+    ) {
+        let clock = Clock::new();
+        let a = run_script(kind, seed, &script, clock);
+        let b = run_script(kind, seed, &script, clock);
+        prop_assert_eq!(a, b);
+    }
+}
+
 /// SPEC (Dynamic backends): "Consistent hashing is instance-independent: any lb processes
 /// given the same backends (in any order, from the config or from DNS) send each key to
 /// the same backend". The Maglev fill takes turns in candidate order (the order given to
