@@ -173,7 +173,6 @@ fn weighted_least_connections_does_not_starve_the_lighter_backend() {
 /// ramp steps are scheduled and each rebuilds the Maglev table (issue 9 §1: "at each of the
 /// 10 slow-start steps (which consistent hashing ignores)").
 #[test]
-#[ignore = "defect: ConsistentHash does not override Select::slow_start (select/consistent_hash.rs), only AnySelect does (select/mod.rs)"]
 fn consistent_hash_used_directly_has_no_slow_start() {
     let clock = Clock::new();
     let lb = Balancer::new(Config::default(), ConsistentHash).unwrap();
@@ -950,7 +949,6 @@ fn least_connections_faded_backend_is_not_hidden_behind_a_stale_node() {
 /// so a backend that sends a head and then resets every single body never gets past one
 /// failure in a row and is never ejected, whatever the threshold.
 #[test]
-#[ignore = "defect: a response head zeroes consecutive_failures before finish(BackendFailed) counts one (balancer/mod.rs handle_outcome Response arm), so a backend that breaks every body is never ejected"]
 fn backend_that_breaks_every_body_is_ejected() {
     let clock = Clock::new();
     let config = no_slow_start(Config::default().with_rng_seed(Some(1)));

@@ -245,9 +245,8 @@ impl<S: Select> Balancer<S> {
         let idx = snap.index_of(&open);
         let s = &*open.state;
         if let Outcome::Response { status } = outcome {
-            if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                s.consecutive_failures.store(0, Ordering::Relaxed);
-            }
+            // The failure row and ejection row end only in `finish(Done)`: a backend that
+            // sends heads and then breaks every body must still reach the threshold.
             if status >= 500 {
                 s.add_error(now_ns);
             } else {
@@ -256,9 +255,6 @@ impl<S: Select> Balancer<S> {
             if self.select.uses_latency() {
                 self.latency
                     .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
-            }
-            if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
-                self.end_ejection_row(s.id);
             }
             self.load_changed(&snap, idx, now_ns);
             st.record(outcome, Decision::Relay);
@@ -328,9 +324,25 @@ impl<S: Select> Balancer<S> {
         let now_ns = self.ticks(now);
         let snap = self.snapshot.load();
         let idx = snap.index_of(&open);
-        if completion == Completion::BackendFailed {
-            s.add_error(now_ns);
-            self.passive_failure(s, &snap, idx, now, now_ns);
+        match completion {
+            Completion::BackendFailed => {
+                s.add_error(now_ns);
+                self.passive_failure(s, &snap, idx, now, now_ns);
+            }
+            // Only a whole exchange is a success. A 5xx neither counts toward ejection nor
+            // ends an ejection row (SPEC), but it does end the row of transport failures.
+            Completion::Done => {
+                if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    s.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+                let good = st.attempts().last().is_some_and(|a| {
+                    matches!(a.outcome, Some(Outcome::Response { status }) if status < 500)
+                });
+                if good && s.ejection_row.load(Ordering::Relaxed) != 0 {
+                    self.end_ejection_row(s.id);
+                }
+            }
+            Completion::ClientGone => {}
         }
         self.load_changed(&snap, idx, now_ns);
     }
