@@ -883,7 +883,6 @@ fn consistent_hash_keys_stay_when_dns_rotates_the_same_set() {
 /// it while B's requests stay open, so A gets nothing: starved for as long as B's streams
 /// last, not 10 s.
 #[test]
-#[ignore = "defect: least-connections tree node over (A, B) is never refreshed while neither leaf changes (select/least_conn.rs LcTable::update only on load_changed), A starves after its penalty fades"]
 fn least_connections_faded_backend_is_not_hidden_behind_a_stale_node() {
     let mut clock = Clock::new();
     let config = no_ejection(no_slow_start(Config::default().with_rng_seed(Some(2))));

@@ -335,9 +335,9 @@ impl<S: Select> Balancer<S> {
                 if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
                     s.consecutive_failures.store(0, Ordering::Relaxed);
                 }
-                let good = st.attempts().last().is_some_and(|a| {
-                    matches!(a.outcome, Some(Outcome::Response { status }) if status < 500)
-                });
+                let good = st.attempts().last().is_some_and(
+                    |a| matches!(a.outcome, Some(Outcome::Response { status }) if status < 500),
+                );
                 if good && s.ejection_row.load(Ordering::Relaxed) != 0 {
                     self.end_ejection_row(s.id);
                 }
