@@ -199,7 +199,8 @@ enum Op {
     Finish(usize, u8),
     Abandon(usize),
     Drop(usize),
-    Resend(usize),
+    /// request slot, whether the dead pooled connection may have written the request
+    Resend(usize, bool),
     Probe(usize, bool),
     /// ms forward (or backward when negative)
     Advance(i16),
@@ -215,7 +216,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..16, 0u8..3).prop_map(|(s, c)| Op::Finish(s, c)),
         1 => (0usize..16).prop_map(Op::Abandon),
         1 => (0usize..16).prop_map(Op::Drop),
-        1 => (0usize..16).prop_map(Op::Resend),
+        1 => (0usize..16, any::<bool>()).prop_map(|(s, sent)| Op::Resend(s, sent)),
         2 => (0usize..6, any::<bool>()).prop_map(|(b, ok)| Op::Probe(b, ok)),
         2 => (-2000i16..8000).prop_map(Op::Advance),
         1 => Just(Op::Timer),
@@ -332,13 +333,14 @@ proptest! {
                 }
                 Op::Abandon(slot) => { if let Some(l) = live[slot].take() { lb.abandon(l.st, now); events!(); } }
                 Op::Drop(slot) => { drop(live[slot].take()); }
-                Op::Resend(slot) => {
+                Op::Resend(slot, sent) => {
                     if let Some(l) = live[slot].as_mut() {
-                        let ok = lb.handle_resend(&mut l.st, now);
+                        let how = if sent { Outcome::Reset } else { Outcome::StaleConnection };
+                        let ok = lb.handle_resend(&mut l.st, how, now);
                         if ok {
                             l.resends += 1;
                             prop_assert!(l.resends <= 1, "two resends for one request");
-                            prop_assert!(l.st.info().idempotent() && l.st.info().replayable(), "resend of a non-idempotent/non-replayable request");
+                            prop_assert!(!sent || (l.st.info().idempotent() && l.st.info().replayable()), "resend of a sent non-idempotent/non-replayable request");
                             prop_assert!(l.st.in_flight().is_some());
                         }
                     }
@@ -674,9 +676,10 @@ fn budget_holds_in_every_sliding_ten_second_window() {
 /// `no_untried_backend`". For a POST whose pooled connection died before it was written
 /// (`Outcome::StaleConnection`, documented "never sent"), the core offers neither road:
 /// `handle_resend` refuses it (it only knows idempotent+replayable), and reporting
-/// `StaleConnection` with one backend ends in 502 `no_untried_backend`.
+/// `StaleConnection` with one backend ends in 502 `no_untried_backend`. Fixed: the caller
+/// tells `handle_resend` the request was never written (`StaleConnection`), and any method
+/// may then be re-sent once.
 #[test]
-#[ignore = "defect: a never-sent POST on a stale pooled connection, one backend: handle_resend refuses (retry/resend.rs) and StaleConnection ends in 502 no_untried_backend (balancer/mod.rs handle_outcome)"]
 fn stale_pooled_connection_with_one_backend_is_resent_not_502() {
     let clock = Clock::new();
     let (lb, ids) = balancer(
@@ -687,8 +690,14 @@ fn stale_pooled_connection_with_one_backend_is_resent_not_502() {
     );
     let (mut st, a) = lb.start(RequestInfo::new(false, true), clock.now());
     assert!(matches!(a, Action::Forward { backend, .. } if backend == ids[0]));
-    if lb.handle_resend(&mut st, clock.now()) {
-        return; // the resend, recorded in the trace
+    if lb.handle_resend(&mut st, Outcome::StaleConnection, clock.now()) {
+        assert_eq!(st.resent(), Some(0), "the resend, recorded in the trace");
+        assert_eq!(
+            lb.handle_outcome(&mut st, Outcome::Response { status: 200 }, clock.now()),
+            Action::Relay
+        );
+        assert!(st.to_string().contains("stale_connection resend"), "{st}");
+        return;
     }
     let a = lb.handle_outcome(&mut st, Outcome::StaleConnection, clock.now());
     assert!(
