@@ -212,7 +212,7 @@ impl<S: Select> Balancer<S> {
     /// Returns `Fail(NoBackend)` at once when no backend is eligible.
     pub fn start(&self, info: RequestInfo, now: Instant) -> (RequestState, Action) {
         let now_ns = self.ticks(now);
-        self.budget.deposit(now_ns / 1_000_000_000);
+        self.budget.deposit(now_ns);
         let n = self.requests.0.fetch_add(1, Ordering::Relaxed);
         let mut st = RequestState::new(info, Rng::from_seed(mix64(self.seed ^ mix64(n))));
         if info.deadline.is_some_and(|d| d <= now) {
@@ -288,7 +288,7 @@ impl<S: Select> Balancer<S> {
                 picked = self.pick(st, now_ns);
                 picked.is_some()
             },
-            || self.budget.withdraw(now_ns / 1_000_000_000),
+            || self.budget.withdraw(now_ns),
         );
         match (decision, picked) {
             (Decision::Retry(_), Some((snap, idx))) => {
