@@ -129,7 +129,8 @@ pub(crate) struct BackendState {
     pub(crate) addr: String,
     /// Attempts sent and not yet finished.
     pub(crate) in_flight: AtomicU32,
-    /// Consecutive connection-level failures (refused, timed out, reset); reset by any response.
+    /// Consecutive connection-level failures (refused, timed out, reset, a broken body); reset
+    /// by any exchange that completes (`finish(Done)`), 5xx included.
     pub(crate) consecutive_failures: AtomicU32,
     /// Recent errors of any kind, 5xx included: the load penalty least-connections and p2c
     /// add so a backend that fails fast never looks idle. Packed in one word so readers never

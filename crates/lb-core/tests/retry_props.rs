@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{balancer, kind, Clock};
@@ -67,15 +67,15 @@ proptest! {
             .with_retry(RetryConfig::default().with_attempts(attempts).with_budget_percent(budget_percent).with_min_retries_per_second(min_rps))
             .with_passive(PassiveConfig::default().with_consecutive_failures(0)); // ejection is tested separately
         let (lb, ids) = balancer(kind, config, &vec![1; n], clock.now());
-        // (second, requests, retries) for the budget check.
-        let mut per_sec: HashMap<u64, (u64, u64)> = HashMap::new();
+        // ms -> (requests, retries) for the budget check.
+        let mut per_ms: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
 
         for r in reqs {
             clock.advance(u64::from(r.gap_ms));
             let deadline = clock.now() + Duration::from_millis(500);
             let info = RequestInfo::new(r.idempotent, r.replayable).with_hash_key(7).with_deadline(deadline);
             let (mut st, mut action) = lb.start(info, clock.now());
-            per_sec.entry(clock.ms / 1000).or_default().0 += 1;
+            per_ms.entry(clock.ms).or_default().0 += 1;
             let mut steps = 0;
             let mut last = None;
             let mut outcomes = r.outcomes.iter().cycle();
@@ -90,16 +90,16 @@ proptest! {
                         prop_assert!(clock.now() <= not_before && not_before < try_deadline, "now ≤ not_before < try_deadline");
                         prop_assert!(try_deadline <= deadline, "try_deadline ≤ deadline");
                         if steps > 1 {
-                            let sec = clock.ms / 1000;
-                            per_sec.entry(sec).or_default().1 += 1;
-                            // Invariant 7: when a retry is taken, the trailing 10 s hold at most
-                            // percent·requests + floor·10 retries, this one included.
-                            let (reqs, retries) = (sec.saturating_sub(9)..=sec)
-                                .filter_map(|x| per_sec.get(&x))
-                                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                            let t = clock.ms;
+                            per_ms.entry(t).or_default().1 += 1;
+                            // Invariant 7 (SPEC "over the last 10 s"): when a retry is taken at
+                            // t, the retries in [t - 10 s, t], this one included, are at most
+                            // percent·(requests in (t - 10 s, t]) + floor·10.
+                            let retries: u64 = per_ms.range(t.saturating_sub(10_000)..=t).map(|(_, c)| c.1).sum();
+                            let reqs: u64 = per_ms.range(t.saturating_sub(9_999)..=t).map(|(_, c)| c.0).sum();
                             prop_assert!(
                                 retries * 100 <= u64::from(budget_percent) * reqs + u64::from(min_rps) * 10 * 100,
-                                "second {}: {} retries for {} requests", sec, retries, reqs
+                                "at {} ms: {} retries for {} requests", t, retries, reqs
                             );
                             let prev = last.unwrap();
                             let was_response = matches!(prev, Outcome::Response { .. });

@@ -184,9 +184,10 @@ pub(crate) async fn handle(
                 let timeout = try_deadline.saturating_duration_since(now());
                 let body = outgoing.source.watch();
                 let send = shared.upstream.send(&target.key, req, body, || {
-                    // The pool saw its connection die under the request: lb-core allows one
-                    // such resend per request, and records it in the trace.
-                    if balancer.handle_resend(st, now()) {
+                    // The pool saw its connection die under a request it took, so it may have
+                    // been written (`Reset`; one never taken the pool sends on by itself): lb-core
+                    // allows one such resend per request, and records it in the trace.
+                    if balancer.handle_resend(st, Outcome::Reset, now()) {
                         outgoing.attempt(&target.authority).ok()
                     } else {
                         None

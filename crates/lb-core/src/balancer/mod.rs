@@ -212,7 +212,7 @@ impl<S: Select> Balancer<S> {
     /// Returns `Fail(NoBackend)` at once when no backend is eligible.
     pub fn start(&self, info: RequestInfo, now: Instant) -> (RequestState, Action) {
         let now_ns = self.ticks(now);
-        self.budget.deposit(now_ns / 1_000_000_000);
+        self.budget.deposit(now_ns);
         let n = self.requests.0.fetch_add(1, Ordering::Relaxed);
         let mut st = RequestState::new(info, Rng::from_seed(mix64(self.seed ^ mix64(n))));
         if info.deadline.is_some_and(|d| d <= now) {
@@ -245,9 +245,8 @@ impl<S: Select> Balancer<S> {
         let idx = snap.index_of(&open);
         let s = &*open.state;
         if let Outcome::Response { status } = outcome {
-            if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                s.consecutive_failures.store(0, Ordering::Relaxed);
-            }
+            // The failure row and ejection row end only in `finish(Done)`: a backend that
+            // sends heads and then breaks every body must still reach the threshold.
             if status >= 500 {
                 s.add_error(now_ns);
             } else {
@@ -256,9 +255,6 @@ impl<S: Select> Balancer<S> {
             if self.select.uses_latency() {
                 self.latency
                     .observe(s, now_ns.saturating_sub(open.sent_ns) as f64, now_ns);
-            }
-            if status < 500 && s.ejection_row.load(Ordering::Relaxed) != 0 {
-                self.end_ejection_row(s.id);
             }
             self.load_changed(&snap, idx, now_ns);
             st.record(outcome, Decision::Relay);
@@ -292,7 +288,7 @@ impl<S: Select> Balancer<S> {
                 picked = self.pick(st, now_ns);
                 picked.is_some()
             },
-            || self.budget.withdraw(now_ns / 1_000_000_000),
+            || self.budget.withdraw(now_ns),
         );
         match (decision, picked) {
             (Decision::Retry(_), Some((snap, idx))) => {
@@ -328,9 +324,25 @@ impl<S: Select> Balancer<S> {
         let now_ns = self.ticks(now);
         let snap = self.snapshot.load();
         let idx = snap.index_of(&open);
-        if completion == Completion::BackendFailed {
-            s.add_error(now_ns);
-            self.passive_failure(s, &snap, idx, now, now_ns);
+        match completion {
+            Completion::BackendFailed => {
+                s.add_error(now_ns);
+                self.passive_failure(s, &snap, idx, now, now_ns);
+            }
+            // Only a whole exchange is a success. A 5xx neither counts toward ejection nor
+            // ends an ejection row (SPEC), but it does end the row of transport failures.
+            Completion::Done => {
+                if s.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    s.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+                let good = st.attempts().last().is_some_and(
+                    |a| matches!(a.outcome, Some(Outcome::Response { status }) if status < 500),
+                );
+                if good && s.ejection_row.load(Ordering::Relaxed) != 0 {
+                    self.end_ejection_row(s.id);
+                }
+            }
+            Completion::ClientGone => {}
         }
         self.load_changed(&snap, idx, now_ns);
     }

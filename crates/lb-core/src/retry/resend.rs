@@ -5,23 +5,32 @@
 use std::time::Instant;
 
 use crate::balancer::Balancer;
+use crate::outcome::Outcome;
 use crate::retry::RequestState;
 use crate::select::Select;
 
 impl<S: Select> Balancer<S> {
     /// Asks to re-send the attempt in flight on a fresh connection to the same backend, after
-    /// its pooled connection failed before any response byte. Allowed (and recorded in the
-    /// routing trace, `true`) once per request, for a request safe to send twice (idempotent
-    /// with a replayable body); the resend counts toward neither `attempts`, the retry budget
-    /// nor ejection. A request whose connection never took it needs no permission: it was
-    /// not sent.
-    pub fn handle_resend(&self, st: &mut RequestState, now: Instant) -> bool {
+    /// its pooled connection failed before any response byte; `failed` says how:
+    /// [`Outcome::StaleConnection`] if the request was never written (any request may then
+    /// be re-sent), [`Outcome::Reset`] if it may have been (only a request safe to send twice,
+    /// idempotent with a replayable body, may). Allowed (and recorded in the routing trace,
+    /// `true`) once per request (SPEC: "a request safe to retry (never sent, or idempotent
+    /// and replayable) is re-sent once per request"); the resend counts toward neither
+    /// `attempts`, the retry budget nor ejection. Any other `failed` is not a dead pooled
+    /// connection: `false`.
+    pub fn handle_resend(&self, st: &mut RequestState, failed: Outcome, now: Instant) -> bool {
         let _ = now; // the resend is free: no budget, no backoff
-        if st.open.is_none()
+        let safe = match failed {
+            Outcome::StaleConnection => true,
+            Outcome::Reset => st.info.idempotent && st.info.replayable,
+            _ => false,
+        };
+        if !safe
+            || st.open.is_none()
             || st.finished
             || st.attempts().last().is_some_and(|a| a.decision.is_some())
             || st.resent.is_some()
-            || !(st.info.idempotent && st.info.replayable)
         {
             return false;
         }
@@ -36,6 +45,9 @@ mod tests {
     use crate::select::{AnySelect, StrategyKind};
     use crate::{Action, Backend, Balancer, Config, Outcome, RequestInfo, Weight};
 
+    const MAYBE_SENT: Outcome = Outcome::Reset;
+    const NEVER_SENT: Outcome = Outcome::StaleConnection;
+
     #[allow(clippy::disallowed_methods)]
     fn now() -> std::time::Instant {
         std::time::Instant::now()
@@ -48,8 +60,11 @@ mod tests {
             .unwrap();
         let (mut st, action) = b.start(RequestInfo::new(true, true), now());
         assert!(matches!(action, Action::Forward { .. }));
-        assert!(b.handle_resend(&mut st, now()));
-        assert!(!b.handle_resend(&mut st, now()), "at most one per request");
+        assert!(b.handle_resend(&mut st, MAYBE_SENT, now()));
+        assert!(
+            !b.handle_resend(&mut st, NEVER_SENT, now()),
+            "at most one per request"
+        );
         assert_eq!(st.resent(), Some(0));
         assert_eq!(st.attempt_count(), 1, "not an attempt");
         assert_eq!(
@@ -59,9 +74,25 @@ mod tests {
         assert!(st.to_string().contains("stale_connection resend"), "{st}");
         let (mut post, _) = b.start(RequestInfo::new(false, true), now());
         assert!(
-            !b.handle_resend(&mut post, now()),
-            "a POST is never re-sent"
+            !b.handle_resend(&mut post, MAYBE_SENT, now()),
+            "a POST that may have been sent is never re-sent"
         );
         assert_eq!(post.resent(), None);
+        assert!(
+            !b.handle_resend(&mut post, Outcome::TimedOut, now()),
+            "not a dead pooled connection"
+        );
+        assert!(
+            b.handle_resend(&mut post, NEVER_SENT, now()),
+            "a POST never written is re-sent"
+        );
+        assert_eq!(post.resent(), Some(0));
+        assert!(!b.handle_resend(&mut post, NEVER_SENT, now()));
+        let (mut stream, _) = b.start(RequestInfo::new(true, false), now());
+        assert!(
+            !b.handle_resend(&mut stream, MAYBE_SENT, now()),
+            "body gone"
+        );
+        assert!(b.handle_resend(&mut stream, NEVER_SENT, now()));
     }
 }

@@ -164,6 +164,12 @@ impl Select for ConsistentHash {
         }
         scan_from(candidates, table.slots[start] as usize, cx)
     }
+
+    /// Ramping a weight would rebuild the table and move keys at every step (SPEC: slow
+    /// start applies to every strategy but consistent-hash).
+    fn slow_start(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -15,15 +15,23 @@
 //! cross-multiplication (no division); ties go to the backend picked longest ago (a global
 //! pick stamp), which makes equal backends take turns, as HAProxy's leastconn does. The
 //! error weight fades with time (see [`Candidate::recent_errors`]), so a node compares its
-//! children as of the last update that passed through it; every pick or release on a
-//! sibling refreshes it, so a faded penalty stops counting as soon as traffic flows. A
-//! backend the balancer took out since the table was built (an ejection) counts as
-//! infinitely loaded and never wins the root while another candidate is left.
+//! children as of the last update that passed through it. A leaf whose penalty is still
+//! fading is marked with the time the fade ends at the latest; while any mark is set, a
+//! pick (one atomic load otherwise) refreshes the marked leaves' paths at most once per
+//! [`FADE_REFRESH_NS`], so a stale inner node cannot hide a faded backend behind a sibling
+//! whose load never changes (long-lived streams). The scan is O(N) but runs only while
+//! some penalty fades, at most ten times a second. A backend the balancer took out since
+//! the table was built (an ejection) counts as infinitely loaded and never wins the root
+//! while another candidate is left.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Candidate, PickCx, Select};
+use crate::backend::ERROR_FADE_MS;
+
+/// How often, at most, the paths of leaves whose error weight fades are recomputed.
+const FADE_REFRESH_NS: u64 = 100_000_000;
 
 /// Fewest in-flight requests per unit of weight; ties take turns.
 #[derive(Debug, Default)]
@@ -39,6 +47,11 @@ pub struct LcTable {
     nodes: Vec<AtomicU64>,
     /// When each candidate was last picked (a global counter), for fair ties.
     stamps: Vec<AtomicU64>,
+    /// Per candidate: 0, or a time (ns) by which its error weight has faded to 0; its path
+    /// needs refreshing until then.
+    fading: Vec<AtomicU64>,
+    /// When a pick should next refresh the fading leaves (`u64::MAX`: none fading).
+    next_refresh: AtomicU64,
 }
 
 impl LcTable {
@@ -102,8 +115,56 @@ impl LcTable {
         w.map_or(0, |i| i as u64 + 1)
     }
 
-    /// Recomputes every node from leaf `i` to the root.
+    /// Recomputes every node from leaf `i` to the root, and marks the leaf for refreshing
+    /// while its error weight fades.
     fn update(&self, c: &[Candidate], i: usize, now_ns: u64) {
+        self.mark_if_fading(c, i, now_ns);
+        self.update_path(i, c, now_ns);
+    }
+
+    /// Returns true if and only if leaf `i` still has an error weight, after marking it.
+    fn mark_if_fading(&self, c: &[Candidate], i: usize, now_ns: u64) -> bool {
+        if c[i].recent_errors(now_ns) <= 0.0 {
+            return false;
+        }
+        let end = now_ns.saturating_add(ERROR_FADE_MS * 1_000_000);
+        // Mark before scheduling: a refresh that takes the schedule then sees the mark.
+        self.fading[i].fetch_max(end, Ordering::SeqCst);
+        self.next_refresh
+            .fetch_min(now_ns.saturating_add(FADE_REFRESH_NS), Ordering::SeqCst);
+        true
+    }
+
+    /// If a refresh is due, takes it (one thread) and recomputes every marked leaf's path.
+    fn refresh_fading(&self, c: &[Candidate], now_ns: u64) {
+        let due = self.next_refresh.load(Ordering::SeqCst);
+        if now_ns < due
+            || self
+                .next_refresh
+                .compare_exchange(due, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        for (i, mark) in self.fading.iter().enumerate().take(c.len()) {
+            let m = mark.load(Ordering::SeqCst);
+            if m == 0 {
+                continue;
+            }
+            // Still fading: `update` re-marks it and schedules the next refresh.
+            if !self.mark_if_fading(c, i, now_ns)
+                && mark
+                    .compare_exchange(m, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                // An error that landed since the check is visible now: keep it marked.
+                self.mark_if_fading(c, i, now_ns);
+            }
+            self.update_path(i, c, now_ns);
+        }
+    }
+
+    fn update_path(&self, i: usize, c: &[Candidate], now_ns: u64) {
         let mut k = (self.size + i) / 2;
         while k >= 1 {
             let node = &self.nodes[k];
@@ -133,6 +194,8 @@ impl Select for LeastConnections {
             size,
             nodes: (0..size).map(|_| AtomicU64::new(0)).collect(),
             stamps: (0..candidates.len()).map(|_| AtomicU64::new(0)).collect(),
+            fading: (0..candidates.len()).map(|_| AtomicU64::new(0)).collect(),
+            next_refresh: AtomicU64::new(u64::MAX),
         };
         for k in (1..size).rev() {
             // Built off the request path with no clock: errors count at full weight until
@@ -148,6 +211,9 @@ impl Select for LeastConnections {
         candidates: &[Candidate],
         cx: &mut PickCx<'_>,
     ) -> Option<usize> {
+        if table.fading.len() == candidates.len() {
+            table.refresh_fading(candidates, cx.now_ns());
+        }
         let chosen = match table.winner(1, candidates.len()) {
             Some(i) if !cx.is_excluded(&candidates[i]) => Some(i),
             // A retry (or an empty tree): the least loaded of those not yet tried.
@@ -241,6 +307,29 @@ mod tests {
         assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &tried, None)), Some(0));
         let both = [BackendId(0), BackendId(1)];
         assert_eq!(s.pick(&t, &c, &mut cx(&mut rng, &both, None)), None);
+    }
+
+    #[test]
+    fn a_pick_refreshes_the_path_of_a_faded_penalty() {
+        let s = LeastConnections::default();
+        let c = candidates(&[1, 1, 1, 1]);
+        let t = s.build(&c);
+        let sec = 1_000_000_000;
+        for _ in 0..5 {
+            c[0].state.add_error(sec);
+        }
+        // 1 holds three long requests, 2 and 3 four each: nothing on 0 or 1 changes again.
+        for (i, n) in [(1, 3), (2, 4), (3, 4)] {
+            c[i].state.in_flight.store(n, Ordering::Relaxed);
+        }
+        for i in 0..4 {
+            s.load_changed(&t, &c, i, sec);
+        }
+        let mut rng = Rng::from_seed(0);
+        let mut at = |now_ns| s.pick(&t, &c, &mut PickCx::new(None, &mut rng, &[], now_ns));
+        assert_eq!(at(sec), Some(1), "0's penalty counts while fresh");
+        // Past the fade, 0 is the idlest, although the node over 0 and 1 saw no update.
+        assert_eq!(at(7 * sec), Some(0));
     }
 
     #[test]
