@@ -1,0 +1,242 @@
+//! Connection slots (`limits.max_connections`): a client that never reads its response, an
+//! idle WebSocket tunnel or an HTTP/2 client that ignores GOAWAY must not hold one forever.
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use lb_proxy::ProxyConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Every outcome here waits at most this long (the timeouts under test are far shorter).
+const BOUND: Duration = Duration::from_secs(20);
+
+fn short(max_connections: usize) -> ProxyConfig {
+    ProxyConfig {
+        idle_timeout: Duration::from_millis(300),
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        max_connections,
+        ..ProxyConfig::default()
+    }
+}
+
+/// A backend answering `/big` with 64 MiB (more than any socket buffer holds), else "ok".
+async fn big_backend() -> Backend {
+    let big = Bytes::from(vec![b'x'; 64 << 20]);
+    Backend::start(Arc::new(move |req: Request<hyper::body::Incoming>| {
+        let big = big.clone();
+        Box::pin(async move {
+            if req.uri().path() == "/big" {
+                Response::new(full(big))
+            } else {
+                ok("ok")
+            }
+        })
+    }))
+    .await
+}
+
+fn failures(p: &TestProxy) -> u64 {
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::Instant::now();
+    p.balancer()
+        .backends(now)
+        .iter()
+        .map(|b| b.failures_total)
+        .sum()
+}
+
+/// A connection with a small receive buffer that asks for `/big` and never reads.
+async fn deaf_h1(addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    s
+}
+
+/// Reads (and discards) until the peer closes; true if it did within `BOUND`.
+async fn closes(s: &mut TcpStream) -> bool {
+    let mut buf = vec![0u8; 1 << 16];
+    let until = tokio::time::Instant::now() + BOUND;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn served(p: &TestProxy) -> (u16, String) {
+    tokio::time::timeout(BOUND, get(&p.url("/")))
+        .await
+        .expect("a normal client is served once the slots free")
+}
+
+#[tokio::test]
+async fn http1_clients_that_never_read_lose_their_slot_uncharged() {
+    let backend = big_backend().await;
+    let p = proxy(&[backend.url()], core_config(), short(2)).await;
+    let mut deaf = vec![deaf_h1(p.addr).await, deaf_h1(p.addr).await];
+    wait_for("both requests at the backend", || backend.count() == 2).await;
+    // Both slots are taken by clients that stopped reading: the third is served only once
+    // the send timeout closes one of them.
+    assert_eq!(served(&p).await, (200, "ok".to_owned()));
+    for s in &mut deaf {
+        assert!(closes(s).await, "a client that never reads is closed");
+    }
+    wait_for("the requests released", || p.active() == 0).await;
+    assert_eq!(
+        failures(&p),
+        0,
+        "a client not reading is not the backend's fault"
+    );
+    assert_eq!(backend.count(), 3);
+}
+
+#[tokio::test]
+async fn http2_clients_that_grant_no_window_lose_their_slot_uncharged() {
+    let backend = big_backend().await;
+    let p = proxy(&[backend.url()], core_config(), short(2)).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(p.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = Request::get(p.url("/big")).body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        // The body is never read, so its window is never given back.
+        held.push((client, resp, conn));
+    }
+    assert_eq!(served(&p).await, (200, "ok".to_owned()));
+    for (_, _, conn) in held {
+        let ended = tokio::time::timeout(BOUND, conn).await;
+        assert!(ended.is_ok(), "the stalled connection is closed");
+    }
+    wait_for("the requests released", || p.active() == 0).await;
+    assert_eq!(
+        failures(&p),
+        0,
+        "a client not reading is not the backend's fault"
+    );
+    assert_eq!(backend.count(), 3);
+}
+
+/// A backend accepting every WebSocket upgrade and then saying nothing.
+async fn silent_ws_backend() -> Backend {
+    Backend::start(Arc::new(|mut req: Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            if req.headers().get("upgrade").is_none() {
+                return ok("ok");
+            }
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = hyper_util::rt::TokioIo::new(up);
+                    let mut buf = [0u8; 64];
+                    while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+                .body(full(""))
+                .unwrap()
+        })
+    }))
+    .await
+}
+
+async fn tunnel(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(BOUND, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+#[tokio::test]
+async fn silent_tunnels_hold_their_slot_until_the_idle_timeout() {
+    let backend = silent_ws_backend().await;
+    let p = proxy(&[backend.url()], core_config(), short(2)).await;
+    let mut tunnels = vec![tunnel(p.addr).await, tunnel(p.addr).await];
+    assert_eq!(served(&p).await, (200, "ok".to_owned()));
+    // The third connection got a place only after a tunnel closed its client side, which
+    // happens before its place is given back: the end of that tunnel is already here.
+    let ended = tunnels
+        .iter()
+        .filter(|s| matches!(s.try_read(&mut [0u8; 1]), Ok(0)))
+        .count();
+    assert!(
+        ended >= 1,
+        "a tunnel counts toward max_connections while open"
+    );
+    for s in &mut tunnels {
+        assert!(closes(s).await, "an idle tunnel is closed");
+    }
+    wait_for("the tunnels released", || p.active() == 0).await;
+    assert_eq!(failures(&p), 0);
+}
+
+#[tokio::test]
+async fn tunnel_with_traffic_outlives_the_idle_timeout() {
+    let backend = silent_ws_backend().await;
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_secs(2),
+        ..short(4)
+    };
+    let p = proxy(&[backend.url()], core_config(), config).await;
+    let mut s = tunnel(p.addr).await;
+    // Bytes every 100 ms for longer than the idle timeout: the tunnel stays open.
+    for _ in 0..25 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"x").await.unwrap();
+    }
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a tunnel with traffic is not idle"
+    );
+    assert!(closes(&mut s).await);
+}
+
+#[tokio::test]
+async fn http2_client_that_never_acknowledges_goaway_is_closed_soon() {
+    let backend = Backend::ok("ok").await;
+    let config = ProxyConfig {
+        // A GOAWAY grace of `idle` would outlast the test's bound.
+        idle_timeout: Duration::from_secs(600),
+        header_read_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[backend.url()], core_config(), config).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; then silence (no request, no PING ack).
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    assert!(closes(&mut s).await, "closed after GOAWAY without an ack");
+    assert_eq!(backend.count(), 0);
+}
