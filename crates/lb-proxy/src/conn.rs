@@ -23,7 +23,7 @@
 //! for a client that never acknowledges the GOAWAY's PING.
 //!
 //! # Clients that do not read
-//! In every phase, a write to the client that makes no progress for `timeouts.idle` closes
+//! In every phase, a write to the client that makes no progress for `timeouts.idle` resets
 //! the connection (NGINX's `send_timeout`): the request ends as the client's departure, never
 //! the backend's failure. An HTTP/2 client can stall a response without filling the socket, by
 //! granting no flow-control window; so an HTTP/2 connection with a stream open on which the
@@ -144,7 +144,11 @@ impl ClientIo {
                     .as_mut()
                     .is_some_and(|s| s.as_mut().poll(cx).is_ready());
                 if stuck {
-                    tracing::debug!(target: "lb::conn", "client not reading its response: closing");
+                    // Reset rather than close (NGINX's `reset_timedout_connection`): a FIN would
+                    // queue behind the unread bytes, which the kernel would keep, and keep
+                    // trying to send, for minutes.
+                    let _ = self.stream.set_zero_linger();
+                    tracing::debug!(target: "lb::conn", "client not reading its response: resetting");
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
                 Poll::Pending
