@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -234,10 +234,16 @@ impl AsyncWrite for ClientIo {
         }
         let this = &mut *self;
         if this.phase.interim.is_active() {
-            ready!(this
+            match this
                 .phase
                 .interim
-                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+                .poll_before_write(cx, &mut this.stream, this.unflushed)
+            {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // A client not reading its 1xx is not reading its response either.
+                Poll::Pending => return this.sent(cx, Poll::Pending),
+            }
         }
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
         this.sent(cx, r)
@@ -253,10 +259,16 @@ impl AsyncWrite for ClientIo {
         }
         let this = &mut *self;
         if this.phase.interim.is_active() {
-            ready!(this
+            match this
                 .phase
                 .interim
-                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+                .poll_before_write(cx, &mut this.stream, this.unflushed)
+            {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // A client not reading its 1xx is not reading its response either.
+                Poll::Pending => return this.sent(cx, Poll::Pending),
+            }
         }
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         this.sent(cx, r)
