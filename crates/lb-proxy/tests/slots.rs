@@ -255,3 +255,59 @@ async fn http2_client_that_never_acknowledges_goaway_is_closed_soon() {
     assert!(closes(&mut s).await, "closed after GOAWAY without an ack");
     assert_eq!(backend.count(), 0);
 }
+
+/// One HTTP/1.1 keep-alive exchange on `s`: true once the whole "ok" response is read.
+async fn exchange(s: &mut TcpStream) -> bool {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !(out.starts_with(b"HTTP/1.1 200") && out.ends_with(b"\r\n\r\nok")) {
+        match tokio::time::timeout(BOUND, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn workers_share_one_limit_and_a_freed_place_goes_to_the_waiting_connection() {
+    let backend = Backend::ok("ok").await;
+    let first = proxy(&[backend.url()], core_config(), short(1)).await;
+    let mut a = TcpStream::connect(first.addr).await.unwrap();
+    assert!(exchange(&mut a).await);
+    // A second worker on its own listener, under the same limit of one, started after the
+    // first worker went back to waiting for its next connection.
+    let second = first.proxy.for_worker();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second_addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = second
+            .serve(vec![listener], std::future::pending::<()>(), BOUND)
+            .await;
+    });
+    // The place is taken (a's connection stays open): b waits in the second worker, whose
+    // queue is the only one with a client, and gets the place when a closes, although the
+    // first worker is waiting to accept too.
+    let mut b = TcpStream::connect(second_addr).await.unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    drop(a);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !out.ends_with(b"\r\n\r\nok") {
+        match tokio::time::timeout(BOUND, b.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            r => panic!("the waiting connection was not served: {r:?}"),
+        }
+    }
+    assert!(out.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(backend.count(), 2);
+    task.abort();
+}
