@@ -8,8 +8,10 @@
 //! # Layout
 //! * [`Proxy`]: accepts on any number of listeners, serves until shutdown, drains.
 //! * `conn`: one client connection: protocol detection, request-head (408) and keep-alive
-//!   idle timers, graceful shutdown.
-//! * `phase`: what a connection is doing, so its timers know which deadline applies.
+//!   idle timers, the send timeout for clients that do not read, graceful shutdown, and the
+//!   splice of an upgraded tunnel (closed when idle).
+//! * `phase`: what a connection is doing, so its timers know which deadline applies; it holds
+//!   the connection's place under `max_connections`, so a tunnel keeps it.
 //! * `service`: one request: body read (replayable up to `replay_buffer`), attempts with
 //!   lb-core's deadlines, relay, WebSocket tunnels.
 //! * `exchange`: a request from head to end of response, ended once, and its access log;
