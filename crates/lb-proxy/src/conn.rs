@@ -26,8 +26,10 @@
 //! In every phase, a write to the client that makes no progress for `timeouts.idle` resets
 //! the connection (NGINX's `send_timeout`): the request ends as the client's departure, never
 //! the backend's failure. An HTTP/2 client can stall a response without filling the socket, by
-//! granting no flow-control window; so an HTTP/2 connection with a stream open on which the
-//! socket moved no byte either way for `idle` is closed too.
+//! granting no flow-control window; so an HTTP/2 connection is closed too when a response
+//! body waits for the client (hyper has its data and has not asked for more: see
+//! `Outgoing`) and the socket moved no byte either way for `idle`. A stream waiting for its
+//! backend, or for its request body, is not the client's stall.
 
 use std::future::Future;
 use std::io;
@@ -39,6 +41,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -410,21 +413,30 @@ enum H2Expiry {
 
 /// Resolves when an HTTP/2 connection has had no stream open for too long: until `first`
 /// (accept plus `header_read`) if it never opened one, else (or without `first`) `quiet`
-/// after the last one closed; or when streams are open but the socket moved no byte either
-/// way for `idle`.
+/// after the last one closed; or when a response waits for the client's window and the
+/// socket moved no byte either way for `idle`.
 async fn h2_expiry(phase: &Phase, first: Option<Instant>, quiet: Duration) -> H2Expiry {
     loop {
         let changed = phase.changed();
         let (open, served) = phase.streams();
         if open > 0 {
+            if !phase.held() {
+                // Waiting for backends (their own timeouts apply) or for request bodies
+                // (`body_read`), not for the client to take a response.
+                changed.await;
+                continue;
+            }
             let Some(at) = phase.last_progress().checked_add(phase.idle) else {
                 changed.await;
                 continue;
             };
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
-                    let moved = phase.last_progress().checked_add(phase.idle).is_some_and(|at| at > Instant::now());
-                    if !moved && phase.streams().0 > 0 {
+                    let moved = phase
+                        .last_progress()
+                        .checked_add(phase.idle)
+                        .is_some_and(|at| at > Instant::now());
+                    if !moved && phase.held() && phase.streams().0 > 0 {
                         return H2Expiry::Stalled;
                     }
                 }
@@ -443,6 +455,63 @@ async fn h2_expiry(phase: &Phase, first: Option<Instant>, quiet: Duration) -> H2
             () = tokio::time::sleep_until(at) => return H2Expiry::Quiet,
             () = changed => {}
         }
+    }
+}
+
+/// A response body on its way to an HTTP/2 client. hyper asks a body for data only when the
+/// client's flow-control window has room: a body that gave data and is not asked again is
+/// waiting for the client, one whose last answer was `Pending` for its backend.
+struct Outgoing<B> {
+    body: B,
+    phase: Arc<Phase>,
+    held: bool,
+}
+
+impl<B> Outgoing<B> {
+    fn new(body: B, phase: Arc<Phase>) -> Self {
+        // Not asked for anything yet: the client's window decides when it is.
+        phase.hold(true);
+        Self {
+            body,
+            phase,
+            held: true,
+        }
+    }
+
+    fn set_held(&mut self, held: bool) {
+        if self.held != held {
+            self.held = held;
+            self.phase.hold(held);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Outgoing<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        this.set_held(matches!(r, Poll::Ready(Some(Ok(_)))));
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Outgoing<B> {
+    fn drop(&mut self) {
+        self.set_held(false);
     }
 }
 
@@ -509,18 +578,14 @@ pub(crate) async fn serve(
         // The first request's head is due `header_read` after accept, sniffing included.
         io.deadline = started.checked_add(config.header_read_timeout);
     }
-    let service = {
+    let handle = {
         let phase = Arc::clone(&phase);
         // Formatted once per connection, not per request.
         let xff = crate::headers::client_value(peer.ip());
-        hyper::service::service_fn(move |req| {
+        move |req| {
             let (shared, phase, xff) = (Arc::clone(&shared), Arc::clone(&phase), xff.clone());
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    crate::service::handle(shared, req, peer, xff, phase).await,
-                )
-            }
-        })
+            crate::service::handle(shared, req, peer, xff, phase)
+        }
     };
     let io = TokioIo::new(io);
     if h2 {
@@ -528,6 +593,17 @@ pub(crate) async fn serve(
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        let service = {
+            let phase = Arc::clone(&phase);
+            hyper::service::service_fn(move |req| {
+                let (response, phase) = (handle(req), Arc::clone(&phase));
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        response.await.map(|body| Outgoing::new(body, phase)),
+                    )
+                }
+            })
+        };
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         let first = started.checked_add(config.header_read_timeout);
@@ -554,6 +630,10 @@ pub(crate) async fn serve(
             .timer(TokioTimer::new())
             .max_header_size(config.max_header_bytes)
             .keep_alive(true);
+        let service = hyper::service::service_fn(move |req| {
+            let response = handle(req);
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
+        });
         let conn = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

@@ -41,6 +41,9 @@ struct Streams {
     /// open while nothing moves for `idle` is a client that grants no flow-control window.
     progress: AtomicU64,
     since: Instant,
+    /// Response bodies that hyper has data of but has not asked for more: waiting for the
+    /// client's flow-control window, not for a backend.
+    held: AtomicU32,
 }
 
 impl Default for Streams {
@@ -51,6 +54,7 @@ impl Default for Streams {
             changed: Notify::new(),
             progress: AtomicU64::new(0),
             since: Instant::now(),
+            held: AtomicU32::new(0),
         }
     }
 }
@@ -93,6 +97,30 @@ impl Phase {
             let nanos = u64::try_from(s.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             s.progress.store(nanos, Ordering::Relaxed);
         }
+    }
+
+    /// HTTP/2: a response body now waits for the client (`true`) or no longer (`false`);
+    /// called only on changes.
+    pub(crate) fn hold(&self, held: bool) {
+        if let Some(s) = &self.streams {
+            if held {
+                if s.held.fetch_add(1, Ordering::AcqRel) == 0 {
+                    // The expiry may be parked on the open streams alone.
+                    s.changed.notify_one();
+                }
+            } else {
+                let _ = s
+                    .held
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+        }
+    }
+
+    /// HTTP/2: whether some response body waits for the client.
+    pub(crate) fn held(&self) -> bool {
+        self.streams
+            .as_ref()
+            .is_some_and(|s| s.held.load(Ordering::Acquire) > 0)
     }
 
     /// HTTP/2: when the socket last moved bytes (or the connection began).

@@ -311,3 +311,60 @@ async fn workers_share_one_limit_and_a_freed_place_goes_to_the_waiting_connectio
     assert_eq!(backend.count(), 2);
     task.abort();
 }
+
+#[tokio::test]
+async fn http2_stream_waiting_for_a_slow_backend_is_not_a_stalled_client() {
+    // The backend answers after several idle timeouts (within `request`), in two parts with
+    // as long a pause between: nothing moves on the client's socket meanwhile, but the client
+    // is not the one holding the response up.
+    let backend = Backend::start(Arc::new(|_req: Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from("one ")).await;
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let _ = tx.send(Bytes::from("two")).await;
+            });
+            Response::new(http_body_util::BodyExt::boxed(ChannelBody(rx)))
+        })
+    }))
+    .await;
+    let p = proxy(&[backend.url()], core_config(), short(4)).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(Request::get(p.url("/")).body(()).unwrap(), true)
+        .unwrap();
+    let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(BOUND, body.data()).await.unwrap() {
+        let chunk = chunk.expect("the connection stays open");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"one two");
+    assert_eq!(failures(&p), 0);
+    conn.abort();
+}
+
+/// A body of whatever arrives on a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
