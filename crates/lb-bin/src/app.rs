@@ -150,7 +150,7 @@ fn reuseport_listener(addr: SocketAddr, share: bool) -> std::io::Result<std::net
 
 /// Runs `lb` until SIGTERM/SIGINT, then drains and returns: one control thread (signals,
 /// reload, health checks, admin server) and one serving thread per core.
-pub(crate) fn start(cli: Cli, mut settings: Settings) -> Result<(), StartupError> {
+pub(crate) fn start(cli: Cli, settings: Settings) -> Result<(), StartupError> {
     let workers = worker_count(&settings);
     let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     for &addr in &settings.listen {
@@ -173,9 +173,7 @@ pub(crate) fn start(cli: Cli, mut settings: Settings) -> Result<(), StartupError
         }
         None => None,
     };
-    // The connection limit is the process's: each worker takes its share.
-    let max = settings.proxy.max_connections;
-    settings.proxy.max_connections = max.div_ceil(workers).max(1);
+    // The connection limit is the process's: the workers share one (`Proxy::for_worker`).
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

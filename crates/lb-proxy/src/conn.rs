@@ -12,29 +12,41 @@
 //!
 //! * `Head`: waiting for (the rest of) a request head: `header_read` from accept for the first
 //!   request, from its first byte for later ones; expiry writes a 408 and closes;
-//! * `Busy`: a request is being served: no deadline here (lb-core's per-attempt timeout rules);
+//! * `Busy`: a request is being served: no read deadline here (lb-core's per-attempt timeout
+//!   rules);
 //! * `Idle`: between keep-alive requests: `idle`; expiry closes quietly;
 //! * `Free`: HTTP/2 or an upgraded tunnel: no deadline on the socket.
 //!
 //! HTTP/2 multiplexes, so its deadlines are the connection's, not a read's: the preface and
 //! the first request's HEADERS within `header_read` of accept, and no stream open for `idle`
-//! at most; either expiry sends GOAWAY and closes.
+//! at most; either expiry sends GOAWAY and closes, after a grace of `min(idle, header_read)`
+//! for a client that never acknowledges the GOAWAY's PING.
+//!
+//! # Clients that do not read
+//! In every phase, a write to the client that makes no progress for `timeouts.idle` resets
+//! the connection (NGINX's `send_timeout`): the request ends as the client's departure, never
+//! the backend's failure. An HTTP/2 client can stall a response without filling the socket, by
+//! granting no flow-control window; so an HTTP/2 connection is closed too when a response
+//! body waits for the client (hyper has its data and has not asked for more: see
+//! `Outgoing`) and the socket moved no byte either way for `idle`. A stream waiting for its
+//! backend, or for its request body, is not the client's stall.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use crate::phase::{Phase, HEAD, IDLE};
@@ -67,6 +79,9 @@ struct ClientIo {
     /// The status of what was written while a head was read (hyper's own answer to a head
     /// it refused), 0 if nothing was: `serve` reports it if hyper says it refused a head.
     refusal: Arc<AtomicU16>,
+    /// The send timeout, armed when a write has to wait and disarmed when one progresses.
+    write_sleep: Option<Pin<Box<Sleep>>>,
+    write_waiting: bool,
 }
 
 impl ClientIo {
@@ -107,6 +122,49 @@ impl ClientIo {
 }
 
 impl ClientIo {
+    /// Applies the send timeout to the result of a write to the socket.
+    fn sent(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.unflushed = true;
+                self.write_waiting = false;
+                self.phase.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                if !self.write_waiting {
+                    self.write_waiting = true;
+                    let at = Instant::now().checked_add(self.idle);
+                    match (&mut self.write_sleep, at) {
+                        (_, None) => {}
+                        (Some(sleep), Some(at)) => sleep.as_mut().reset(at),
+                        (None, Some(at)) => {
+                            self.write_sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                        }
+                    }
+                }
+                let stuck = self
+                    .write_sleep
+                    .as_mut()
+                    .is_some_and(|s| s.as_mut().poll(cx).is_ready());
+                if stuck {
+                    // Reset rather than close (NGINX's `reset_timedout_connection`): a FIN would
+                    // queue behind the unread bytes, which the kernel would keep, and keep
+                    // trying to send, for minutes.
+                    let _ = self.stream.set_zero_linger();
+                    tracing::debug!(target: "lb::conn", "client not reading its response: resetting");
+                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
     /// Returns true if and only if `out` is hyper's automatic answer to a head it refused,
     /// and the right answer was sent instead (best effort, as the 408; see [`HeadCopy`]).
     fn corrected(&self, out: &[u8]) -> bool {
@@ -147,6 +205,9 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.phase.progressed();
+                }
                 if buf.filled().len() > before && this.armed & 0xff == IDLE {
                     // The first byte of the next request: its head must now arrive in time.
                     this.phase.set(HEAD);
@@ -185,14 +246,19 @@ impl AsyncWrite for ClientIo {
         }
         let this = &mut *self;
         if this.phase.interim.is_active() {
-            ready!(this
+            match this
                 .phase
                 .interim
-                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+                .poll_before_write(cx, &mut this.stream, this.unflushed)
+            {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // A client not reading its 1xx is not reading its response either.
+                Poll::Pending => return this.sent(cx, Poll::Pending),
+            }
         }
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
-        r
+        this.sent(cx, r)
     }
 
     fn poll_write_vectored(
@@ -205,14 +271,19 @@ impl AsyncWrite for ClientIo {
         }
         let this = &mut *self;
         if this.phase.interim.is_active() {
-            ready!(this
+            match this
                 .phase
                 .interim
-                .poll_before_write(cx, &mut this.stream, this.unflushed))?;
+                .poll_before_write(cx, &mut this.stream, this.unflushed)
+            {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // A client not reading its 1xx is not reading its response either.
+                Poll::Pending => return this.sent(cx, Poll::Pending),
+            }
         }
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.unflushed |= matches!(r, Poll::Ready(Ok(n)) if n > 0);
-        r
+        this.sent(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -249,6 +320,97 @@ fn report_refusal(shared: &Shared, result: &Result<(), hyper::Error>, refusal: &
     }
 }
 
+/// The client's side of a tunnel, noting when a byte last went either way.
+struct Noted<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+    since: Instant,
+}
+
+impl<T> Noted<T> {
+    fn note(&self) {
+        let nanos = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.note();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Noted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.note();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and its backend until either
+/// side closes, or until `idle` passes with no byte either way (every byte of a tunnel goes
+/// through the client's side, so that side alone is watched).
+pub(crate) async fn splice<C, U>(client: C, mut upstream: U, idle: Duration) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = Arc::new(AtomicU64::new(0));
+    let since = Instant::now();
+    let mut client = Noted {
+        io: client,
+        last: Arc::clone(&last),
+        since,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let at = since
+            .checked_add(Duration::from_nanos(last.load(Ordering::Relaxed)))
+            .and_then(|t| t.checked_add(idle));
+        let Some(at) = at else {
+            return copy.await.map(drop);
+        };
+        tokio::select! {
+            r = copy.as_mut() => return r.map(drop),
+            () = tokio::time::sleep_until(at) => {
+                let moved = since
+                    .checked_add(Duration::from_nanos(last.load(Ordering::Relaxed)))
+                    .and_then(|t| t.checked_add(idle))
+                    .is_some_and(|t| t > Instant::now());
+                if !moved {
+                    tracing::debug!(target: "lb::conn", "tunnel idle: closing");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Reads just enough to tell an HTTP/2 prior-knowledge preface from an HTTP/1 request.
 async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
     let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
@@ -266,42 +428,131 @@ async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
     }
 }
 
+/// Why an HTTP/2 connection is to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Expiry {
+    /// No stream open for too long: say GOAWAY.
+    Quiet,
+    /// Streams open, but the socket moved nothing for `idle`: the client is not taking its
+    /// responses (no flow-control window), so there is nobody to say GOAWAY to.
+    Stalled,
+}
+
 /// Resolves when an HTTP/2 connection has had no stream open for too long: until `first`
-/// (accept plus `header_read`) if it never opened one, else (or without `first`) `idle`
-/// after the last one closed.
-async fn h2_expiry(phase: &Phase, first: Option<Instant>, idle: Duration) {
+/// (accept plus `header_read`) if it never opened one, else (or without `first`) `quiet`
+/// after the last one closed; or when a response waits for the client's window and the
+/// socket moved no byte either way for `idle`.
+async fn h2_expiry(phase: &Phase, first: Option<Instant>, quiet: Duration) -> H2Expiry {
     loop {
         let changed = phase.changed();
         let (open, served) = phase.streams();
         if open > 0 {
-            changed.await;
+            if !phase.held() {
+                // Waiting for backends (their own timeouts apply) or for request bodies
+                // (`body_read`), not for the client to take a response.
+                changed.await;
+                continue;
+            }
+            let Some(at) = phase.last_progress().checked_add(phase.idle) else {
+                changed.await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {
+                    let moved = phase
+                        .last_progress()
+                        .checked_add(phase.idle)
+                        .is_some_and(|at| at > Instant::now());
+                    if !moved && phase.held() && phase.streams().0 > 0 {
+                        return H2Expiry::Stalled;
+                    }
+                }
+                () = changed => {}
+            }
             continue;
         }
         let at = match first {
             Some(first) if !served => Some(first),
-            _ => Instant::now().checked_add(idle),
+            _ => Instant::now().checked_add(quiet),
         };
         let Some(at) = at else {
             return std::future::pending().await;
         };
         tokio::select! {
-            () = tokio::time::sleep_until(at) => return,
+            () = tokio::time::sleep_until(at) => return H2Expiry::Quiet,
             () = changed => {}
         }
     }
 }
 
+/// A response body on its way to an HTTP/2 client. hyper asks a body for data only when the
+/// client's flow-control window has room: a body that gave data and is not asked again is
+/// waiting for the client, one whose last answer was `Pending` for its backend.
+struct Outgoing<B> {
+    body: B,
+    phase: Arc<Phase>,
+    held: bool,
+}
+
+impl<B> Outgoing<B> {
+    fn new(body: B, phase: Arc<Phase>) -> Self {
+        // Not asked for anything yet: the client's window decides when it is.
+        phase.hold(true);
+        Self {
+            body,
+            phase,
+            held: true,
+        }
+    }
+
+    fn set_held(&mut self, held: bool) {
+        if self.held != held {
+            self.held = held;
+            self.phase.hold(held);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Outgoing<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        this.set_held(matches!(r, Poll::Ready(Some(Ok(_)))));
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Outgoing<B> {
+    fn drop(&mut self) {
+        self.set_held(false);
+    }
+}
+
 /// After GOAWAY, the streams still open may finish (a drain), but a connection with none
-/// open may not linger: hyper waits for the client's PING acknowledgement before it closes,
-/// and a client that never sends one is cut off.
+/// open may not linger for long: hyper waits for the client's PING acknowledgement before it
+/// closes, and a client that never sends one is cut off after `grace`.
 async fn h2_expiry_after_goaway<F: Future>(
     conn: Pin<&mut F>,
     phase: &Phase,
-    idle: Duration,
-) -> Result<(), ()> {
+    grace: Duration,
+) -> Result<(), H2Expiry> {
     tokio::select! {
         _ = conn => Ok(()),
-        () = h2_expiry(phase, None, idle) => Err(()),
+        why = h2_expiry(phase, None, grace) => Err(why),
     }
 }
 
@@ -312,6 +563,7 @@ pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let config = shared.config;
@@ -328,7 +580,12 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let phase = Arc::new(if h2 { Phase::http2() } else { Phase::http1() });
+    let idle = config.idle_timeout;
+    let phase = Arc::new(if h2 {
+        Phase::http2(idle, slot)
+    } else {
+        Phase::http1(idle, slot)
+    });
     let refusal = Arc::new(AtomicU16::new(0));
     let mut io = ClientIo {
         stream,
@@ -343,24 +600,22 @@ pub(crate) async fn serve(
         head: HeadCopy::new(config.max_header_bytes),
         unflushed: false,
         refusal: Arc::clone(&refusal),
+        write_sleep: None,
+        write_waiting: false,
     };
     if !h2 {
         // The first request's head is due `header_read` after accept, sniffing included.
         io.deadline = started.checked_add(config.header_read_timeout);
     }
-    let service = {
+    let handle = {
         let shared = Arc::clone(&shared);
         let phase = Arc::clone(&phase);
         // Formatted once per connection, not per request.
         let xff = crate::headers::client_value(peer.ip());
-        hyper::service::service_fn(move |req| {
+        move |req| {
             let (shared, phase, xff) = (Arc::clone(&shared), Arc::clone(&phase), xff.clone());
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    crate::service::handle(shared, req, peer, xff, phase).await,
-                )
-            }
-        })
+            crate::service::handle(shared, req, peer, xff, phase)
+        }
     };
     let io = TokioIo::new(io);
     if h2 {
@@ -368,22 +623,36 @@ pub(crate) async fn serve(
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        let service = {
+            let phase = Arc::clone(&phase);
+            hyper::service::service_fn(move |req| {
+                let (response, phase) = (handle(req), Arc::clone(&phase));
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        response.await.map(|body| Outgoing::new(body, phase)),
+                    )
+                }
+            })
+        };
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         let first = started.checked_add(config.header_read_timeout);
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = shutdown.wait_for(|s| *s) => {}
-            () = h2_expiry(&phase, first, config.idle_timeout) => {
+            why = h2_expiry(&phase, first, idle) => {
+                if why == H2Expiry::Stalled {
+                    tracing::debug!(target: "lb::conn", %peer, "HTTP/2 client not taking its responses: closing");
+                    return;
+                }
                 tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection idle or without a request in time: closing");
             }
         }
         conn.as_mut().graceful_shutdown();
-        if h2_expiry_after_goaway(conn.as_mut(), &phase, config.idle_timeout)
-            .await
-            .is_err()
-        {
-            tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection did not close after GOAWAY");
+        // Short: the client has nothing open, or had `idle` to finish what it had.
+        let grace = idle.min(config.header_read_timeout);
+        if let Err(why) = h2_expiry_after_goaway(conn.as_mut(), &phase, grace).await {
+            tracing::debug!(target: "lb::conn", %peer, ?why, "HTTP/2 connection did not close after GOAWAY");
         }
     } else {
         let mut builder = http1::Builder::new();
@@ -391,6 +660,10 @@ pub(crate) async fn serve(
             .timer(TokioTimer::new())
             .max_header_size(config.max_header_bytes)
             .keep_alive(true);
+        let service = hyper::service::service_fn(move |req| {
+            let response = handle(req);
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
+        });
         let conn = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

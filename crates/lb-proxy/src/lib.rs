@@ -8,8 +8,10 @@
 //! # Layout
 //! * [`Proxy`]: accepts on any number of listeners, serves until shutdown, drains.
 //! * `conn`: one client connection: protocol detection, request-head (408) and keep-alive
-//!   idle timers, graceful shutdown.
-//! * `phase`: what a connection is doing, so its timers know which deadline applies.
+//!   idle timers, the send timeout for clients that do not read, graceful shutdown, and the
+//!   splice of an upgraded tunnel (closed when idle).
+//! * `phase`: what a connection is doing, so its timers know which deadline applies; it holds
+//!   the connection's place under `max_connections`, so a tunnel keeps it.
 //! * `service`: one request: body read (replayable up to `replay_buffer`), attempts with
 //!   lb-core's deadlines, relay, WebSocket tunnels.
 //! * `exchange`: a request from head to end of response, ended once, and its access log;
@@ -82,6 +84,9 @@ use service::Shared;
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// `limits.max_connections`, one for the process: every worker takes its connections'
+    /// permits from here, so no client waits while the process is below the limit.
+    permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -109,13 +114,16 @@ impl Proxy {
             observer,
             drive: true,
         };
+        let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             shared: Arc::new(shared),
+            permits: Arc::new(Semaphore::new(max)),
         }
     }
 
     /// A proxy for another worker thread: the same routes (a reload reaches both), the same
-    /// observer, its own upstream connection pool, and no second lb-core timer.
+    /// observer, the same `max_connections` (one limit for all workers), its own upstream
+    /// connection pool, and no second lb-core timer.
     ///
     /// # Why thread-per-core
     /// With one work-stealing runtime, a request's client connection, its upstream
@@ -135,6 +143,7 @@ impl Proxy {
         };
         Self {
             shared: Arc::new(shared),
+            permits: Arc::clone(&self.permits),
         }
     }
 
@@ -164,8 +173,12 @@ impl Proxy {
     /// Serves `listeners` until `shutdown` resolves; then stops accepting, lets in-flight
     /// requests finish for up to `drain`, and returns (cutting off whatever is left).
     ///
-    /// Beyond `max_connections` open client connections, accepting pauses until one closes
-    /// (the kernel's backlog holds the rest).
+    /// Beyond `max_connections` open client connections (counted over this proxy and all its
+    /// [`for_worker`](Self::for_worker) proxies, WebSocket tunnels included), accepting pauses
+    /// until one closes: each listener holds at most one accepted connection waiting for a
+    /// place, the kernel's backlog the rest.
+    ///
+    /// The drain waits for every worker's connections, since the limit is shared.
     ///
     /// # Errors
     /// Never for a single failed accept (logged, then retried after a pause).
@@ -181,7 +194,7 @@ impl Proxy {
             .config
             .max_connections
             .clamp(1, Semaphore::MAX_PERMITS);
-        let permits = Arc::new(Semaphore::new(max));
+        let permits = &self.permits;
         let mut tasks = tokio::task::JoinSet::new();
         if self.shared.drive {
             tasks.spawn(driver::run(Arc::clone(&self.shared), stop_rx.clone()));
@@ -191,14 +204,15 @@ impl Proxy {
             tasks.spawn(accept_loop(
                 Arc::clone(&self.shared),
                 listener,
-                Arc::clone(&permits),
+                Arc::clone(permits),
                 stop_rx.clone(),
             ));
         }
         shutdown.await;
         tracing::info!(target: "lb::proxy", ?drain, "shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
-        // Every connection holds a permit until it closes: all permits back = all closed.
+        // Every connection (or the tunnel it became) holds a permit until it closes: all
+        // permits back = all closed.
         let all = u32::try_from(max).unwrap_or(u32::MAX);
         if tokio::time::timeout(drain, permits.acquire_many(all))
             .await
@@ -237,21 +251,21 @@ async fn accept_loop(
     let mut stop_accepting = stop.clone();
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop_accepting.wait_for(|s| *s) => break,
-        };
+        // Accept first, then wait for a place: the limit is shared by every worker, and a
+        // place taken before accepting would sit idle in a worker with nobody to accept
+        // while a client waits in another worker's queue.
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop_accepting.wait_for(|s| *s) => break,
         };
         match accepted {
             Ok((stream, peer)) => {
+                let slot = tokio::select! {
+                    p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop_accepting.wait_for(|s| *s) => break,
+                };
                 let (shared, stop) = (Arc::clone(&shared), stop.clone());
-                conns.spawn(async move {
-                    conn::serve(shared, stream, peer, stop).await;
-                    drop(permit);
-                });
+                conns.spawn(conn::serve(shared, stream, peer, stop, slot));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -1,9 +1,11 @@
 //! What a client connection is doing, shared by its socket, its service and its response
 //! bodies, so that the connection's timers (`conn`) know which deadline applies.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
 use crate::interim::Interim;
 
@@ -16,6 +18,11 @@ pub(crate) struct Phase {
     streams: Option<Streams>,
     /// A backend's 1xx responses waiting to be written to an HTTP/1.1 client.
     pub(crate) interim: Interim,
+    /// `timeouts.idle`, which also bounds a tunnel with no bytes either way.
+    pub(crate) idle: Duration,
+    /// The connection's place under `limits.max_connections`: held by everything that
+    /// shares this phase, so a WebSocket tunnel keeps it after hyper lets go of the socket.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl AsRef<Interim> for Phase {
@@ -25,11 +32,31 @@ impl AsRef<Interim> for Phase {
 }
 
 /// An HTTP/2 connection's open requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Streams {
     open: AtomicU32,
     served: AtomicBool,
     changed: Notify,
+    /// When the socket last moved a byte either way, in nanoseconds after `since`: a stream
+    /// open while nothing moves for `idle` is a client that grants no flow-control window.
+    progress: AtomicU64,
+    since: Instant,
+    /// Response bodies that hyper has data of but has not asked for more: waiting for the
+    /// client's flow-control window, not for a backend.
+    held: AtomicU32,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self {
+            open: AtomicU32::new(0),
+            served: AtomicBool::new(false),
+            changed: Notify::new(),
+            progress: AtomicU64::new(0),
+            since: Instant::now(),
+            held: AtomicU32::new(0),
+        }
+    }
 }
 
 /// Waiting for (the rest of) a request head.
@@ -43,21 +70,66 @@ pub(crate) const FREE: u32 = 3;
 
 impl Phase {
     /// An HTTP/1 connection, waiting for its first request head.
-    pub(crate) fn http1() -> Self {
+    pub(crate) fn http1(idle: Duration, slot: OwnedSemaphorePermit) -> Self {
         Self {
             word: AtomicU32::new(HEAD),
             streams: None,
             interim: Interim::default(),
+            idle,
+            _slot: slot,
         }
     }
 
     /// An HTTP/2 connection: no socket deadline, streams counted.
-    pub(crate) fn http2() -> Self {
+    pub(crate) fn http2(idle: Duration, slot: OwnedSemaphorePermit) -> Self {
         Self {
             word: AtomicU32::new(FREE),
             streams: Some(Streams::default()),
             interim: Interim::default(),
+            idle,
+            _slot: slot,
         }
+    }
+
+    /// HTTP/2: the socket just moved bytes.
+    pub(crate) fn progressed(&self) {
+        if let Some(s) = &self.streams {
+            let nanos = u64::try_from(s.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.progress.store(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// HTTP/2: a response body now waits for the client (`true`) or no longer (`false`);
+    /// called only on changes.
+    pub(crate) fn hold(&self, held: bool) {
+        if let Some(s) = &self.streams {
+            if held {
+                if s.held.fetch_add(1, Ordering::AcqRel) == 0 {
+                    // The expiry may be parked on the open streams alone.
+                    s.changed.notify_one();
+                }
+            } else {
+                let _ = s
+                    .held
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+        }
+    }
+
+    /// HTTP/2: whether some response body waits for the client.
+    pub(crate) fn held(&self) -> bool {
+        self.streams
+            .as_ref()
+            .is_some_and(|s| s.held.load(Ordering::Acquire) > 0)
+    }
+
+    /// HTTP/2: when the socket last moved bytes (or the connection began).
+    pub(crate) fn last_progress(&self) -> Instant {
+        self.streams.as_ref().map_or_else(Instant::now, |s| {
+            s.since
+                .checked_add(Duration::from_nanos(s.progress.load(Ordering::Relaxed)))
+                .unwrap_or_else(Instant::now)
+        })
     }
 
     pub(crate) fn set(&self, state: u32) {

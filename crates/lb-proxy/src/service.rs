@@ -319,7 +319,8 @@ fn relay(
 }
 
 /// Copies bytes both ways between the upgraded client and backend connections until either
-/// side closes; the request stays in flight (and counted) meanwhile.
+/// side closes, or until `timeouts.idle` passes with no byte either way; the request stays in
+/// flight (and counted, in lb-core and in `max_connections`) meanwhile.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
@@ -333,10 +334,11 @@ async fn tunnel(
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    let how = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => Completion::Done,
+    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let how = match crate::conn::splice(client, upstream, ex.phase.idle).await {
+        Ok(()) => Completion::Done,
         Err(_) => Completion::ClientGone,
     };
+    // The connection's place under `max_connections` goes with the last of `ex.phase`.
     ex.finish(how);
 }
