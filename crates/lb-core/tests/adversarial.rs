@@ -1,7 +1,7 @@
-//! Hostile review (review3): adversarial sequences through lb-core's public API on a virtual
+//! Adversarial sequences through lb-core's public API on a virtual
 //! clock. Tests marked `#[ignore = "known limitation, see README: ..."]` fail on purpose and
 //! document a known limitation; run them with
-//! `cargo test -p lb-core --test review -- --ignored`.
+//! `cargo test -p lb-core --test adversarial -- --ignored`.
 
 mod common;
 
