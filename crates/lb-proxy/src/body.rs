@@ -15,6 +15,8 @@ use hyper::body::Incoming;
 use lb_core::Completion;
 use tokio::time::{Instant, Sleep};
 
+use crate::phase::Phase;
+
 /// Errors of the bodies the proxy relays: whatever the other side's body failed with.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -48,7 +50,12 @@ impl ClientFault {
 /// How far the client's body got, shared by the attempt that streams it (which times the
 /// backend) and the exchange (which must not blame the backend for the client's fault).
 #[derive(Debug)]
-pub(crate) struct BodyWatch(Mutex<Progress>, Mutex<Option<Arc<Wire>>>);
+pub(crate) struct BodyWatch(
+    Mutex<Progress>,
+    Mutex<Option<Arc<Wire>>>,
+    /// The connection to set idle once the body ends, when its response ended first.
+    Mutex<Option<Arc<Phase>>>,
+);
 
 /// When an upstream connection's socket last took bytes from hyper.
 ///
@@ -111,7 +118,30 @@ impl BodyWatch {
                 ended: None,
             }),
             Mutex::new(None),
+            Mutex::new(None),
         )
+    }
+
+    /// The response ended: returns true if and only if the body is still coming (a backend
+    /// answered before reading it all), in which case the connection is set idle once it
+    /// ends, not now. Until then the bytes arriving on the client connection are this body's,
+    /// not the next request's head, and must not start `header_read`.
+    pub(crate) fn idle_after(&self, phase: &Arc<Phase>) -> bool {
+        let mut pending = self.2.lock().unwrap_or_else(PoisonError::into_inner);
+        let p = self.get();
+        if p.ended.is_some() || p.fault.is_some() {
+            return false;
+        }
+        *pending = Some(Arc::clone(phase));
+        true
+    }
+
+    /// The body ended (or failed, or was dropped): a connection waiting for it goes idle.
+    fn done(&self) {
+        let pending = self.2.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(phase) = pending {
+            phase.idle();
+        }
     }
 
     /// The body is being sent on the connection whose socket writes `wire` records.
@@ -184,6 +214,14 @@ impl ClientBody {
     }
 }
 
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // Nobody reads the rest of it: hyper will not keep the connection for another
+        // request, and whatever waits for the body's end must not wait forever.
+        self.watch.done();
+    }
+}
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -205,6 +243,7 @@ impl Body for ClientBody {
             Poll::Ready(Some(Err(e))) => {
                 this.watch
                     .update(|p| p.fault = Some(ClientFault::Malformed));
+                this.watch.done();
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -212,6 +251,7 @@ impl Body for ClientBody {
                     p.waiting = false;
                     p.ended = Some(Instant::now());
                 });
+                this.watch.done();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -226,6 +266,7 @@ impl Body for ClientBody {
                     return Poll::Pending;
                 }
                 this.watch.update(|p| p.fault = Some(ClientFault::Stalled));
+                this.watch.done();
                 Poll::Ready(Some(
                     Err("request body stalled (timeouts.body_read)".into()),
                 ))

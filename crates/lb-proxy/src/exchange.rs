@@ -117,7 +117,15 @@ impl Exchange {
         if let Some(st) = self.st.take() {
             self.routes.balancer.finish(st, how, now());
         }
-        self.phase.idle();
+        // A response can end before its request body did (the backend answered early): the
+        // connection is idle only once that body is in too.
+        if !self
+            .body
+            .as_ref()
+            .is_some_and(|b| b.idle_after(&self.phase))
+        {
+            self.phase.idle();
+        }
     }
 }
 

@@ -888,3 +888,69 @@ async fn an_attempt_that_timed_out_closes_its_connection_instead_of_sending_the_
     drop(rd);
     let _ = writer.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_going_on_after_an_early_answer_is_not_taken_for_a_slow_head() {
+    let backend = EarlyBackend::start().await;
+    let config = ProxyConfig {
+        // Far shorter than the upload's tail: if the body's bytes were read as the next
+        // request's head, `header_read` would answer them with a 408.
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_secs(10),
+        ..ProxyConfig::default()
+    };
+    let p = proxy(&[backend.url()], core_config(), config).await;
+    const HEAD: usize = 100_000;
+    const TAIL: usize = 20;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        HEAD + TAIL
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'a'; HEAD]).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "early answer: {got:?}");
+    // The tail, a byte at a time: well within `body_read`, far beyond `header_read` in all.
+    for _ in 0..TAIL {
+        s.write_all(b"a").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for("the whole upload at the backend", || {
+        backend.bodies().contains(&(HEAD + TAIL))
+    })
+    .await;
+    // The same connection then serves the next request, and nothing came in between.
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut next = Vec::new();
+    tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 1024];
+        while !next.ends_with(b"\r\n\r\nok") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => next.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let next = String::from_utf8_lossy(&next);
+    assert!(
+        next.starts_with("HTTP/1.1 200"),
+        "no 408 after the early answer, and the connection lives on: {next:?}"
+    );
+    assert_eq!(charged(&p), vec![(0, false)], "nothing charged");
+}
