@@ -223,10 +223,11 @@ pub(crate) async fn handle(
                     shared.observer.decision(decision);
                 }
                 if action == Action::Relay {
-                    let Ok(Ok((resp, lease))) = result else {
+                    let Ok(Ok((resp, mut lease))) = result else {
                         // Relay only ever follows a response.
                         return reply(ex, respond::failure(Failure::BadGateway), version);
                     };
+                    lease.bound_body(outgoing.source.watch(), timeout);
                     return relay(ex, resp, lease, version, client_upgrade);
                 }
             }

@@ -238,9 +238,19 @@ pub(crate) struct Lease {
     upstream: Arc<Upstream>,
     key: PoolKey,
     conn: Conn,
+    /// The streamed request body sent on it and `timeouts.request`: a backend that answered
+    /// early and then stops reading the rest is cut off after that long (SPEC: "also the
+    /// longest a backend may stall reading the request body").
+    body: Option<(Arc<BodyWatch>, Duration)>,
 }
 
 impl Lease {
+    /// How long the backend may stall reading `body` (`timeouts.request`) once its response
+    /// is relayed.
+    pub(crate) fn bound_body(&mut self, body: Option<&Arc<BodyWatch>>, timeout: Duration) {
+        self.body = body.map(|b| (Arc::clone(b), timeout));
+    }
+
     /// Gives the connection back once it is ready for another request: at once when it is,
     /// or when the request body still being sent on it (the backend answered early) is done.
     /// A connection to a backend no longer routed is closed instead.
@@ -249,6 +259,7 @@ impl Lease {
             upstream,
             key,
             mut conn,
+            body,
         } = self;
         if conn.tx.is_closed() || !upstream.pool().routes(&key) {
             conn.close();
@@ -276,6 +287,15 @@ impl Lease {
                     Ok(Ok(())) => return upstream.checkin(key, conn),
                     Ok(Err(_)) => return,
                     Err(_) => conn.poke.notify_one(),
+                }
+                let stalled = body.as_ref().is_some_and(|(b, timeout)| {
+                    b.deadline(*timeout).is_some_and(|at| at <= Instant::now())
+                });
+                if stalled {
+                    // The backend stopped reading the upload (not the client pausing, which
+                    // `body_read` bounds): cut it off, which also frees the client's side.
+                    tracing::debug!(target: "lb::upstream", "backend stalled reading a request body after answering: closing");
+                    return conn.close();
                 }
             }
             // Given up: without its sender, the polled connection closes when it is idle.
@@ -430,6 +450,7 @@ impl Upstream {
             upstream: Arc::clone(self),
             key: key.clone(),
             conn,
+            body: None,
         };
         while let Some(mut conn) = self.checkout(key) {
             watch(&conn);

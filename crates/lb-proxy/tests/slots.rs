@@ -376,3 +376,96 @@ impl http_body::Body for ChannelBody {
             .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
+
+/// A raw backend: `/up` is answered at once and the rest of its body never read (the socket
+/// is held); anything else gets "ok".
+async fn answers_then_stops_reading() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match c.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => head.push(b[0]),
+                        }
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if c.write_all(ok).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with(b"PUT /up") {
+                        // Never reads another byte; holds the socket until lb closes it.
+                        let mut rest = [0u8; 1];
+                        tokio::time::sleep(BOUND * 2).await;
+                        let _ = c.read(&mut rest).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answers_then_stops_reading_the_upload_loses_it_after_the_request_timeout() {
+    let (backend, task) = answers_then_stops_reading().await;
+    let core = core_config();
+    let retry = core
+        .retry()
+        .with_attempt_timeout(Duration::from_millis(500));
+    let config = ProxyConfig {
+        body_read_timeout: Duration::from_secs(30),
+        ..short(1)
+    };
+    let p = proxy(
+        &[format!("http://{backend}")],
+        core.with_retry(retry),
+        config,
+    )
+    .await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let uploader = tokio::spawn(async move {
+        let total = 64usize << 20;
+        let head = format!("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {total}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'a'; 64 << 10];
+        let mut sent = 0;
+        while sent < total {
+            wr.write_all(&chunk).await?;
+            sent += chunk.len();
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "early answer: {got:?}");
+    // The only slot is the uploader's: another client is served only once lb has cut off
+    // the backend that stopped reading, and with it the upload.
+    assert_eq!(served(&p).await, (200, "ok".to_owned()));
+    let ended = tokio::time::timeout(BOUND, uploader).await;
+    assert!(
+        matches!(ended, Ok(Ok(Err(_)))),
+        "the upload was cut off, not taken whole: {ended:?}"
+    );
+    task.abort();
+}
