@@ -53,8 +53,9 @@ impl ClientFault {
 pub(crate) struct BodyWatch(
     Mutex<Progress>,
     Mutex<Option<Arc<Wire>>>,
-    /// The connection to set idle once the body ends, when its response ended first.
-    Mutex<Option<Arc<Phase>>>,
+    /// The connection to set idle once the body ends, when its response ended first; and
+    /// whether the body is done (ended, failed or dropped).
+    Mutex<(Option<Arc<Phase>>, bool)>,
 );
 
 /// When an upstream connection's socket last took bytes from hyper.
@@ -118,7 +119,7 @@ impl BodyWatch {
                 ended: None,
             }),
             Mutex::new(None),
-            Mutex::new(None),
+            Mutex::new((None, false)),
         )
     }
 
@@ -128,17 +129,20 @@ impl BodyWatch {
     /// not the next request's head, and must not start `header_read`.
     pub(crate) fn idle_after(&self, phase: &Arc<Phase>) -> bool {
         let mut pending = self.2.lock().unwrap_or_else(PoisonError::into_inner);
-        let p = self.get();
-        if p.ended.is_some() || p.fault.is_some() {
+        if pending.1 {
             return false;
         }
-        *pending = Some(Arc::clone(phase));
+        pending.0 = Some(Arc::clone(phase));
         true
     }
 
     /// The body ended (or failed, or was dropped): a connection waiting for it goes idle.
     fn done(&self) {
-        let pending = self.2.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let pending = {
+            let mut pending = self.2.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.1 = true;
+            pending.0.take()
+        };
         if let Some(phase) = pending {
             phase.idle();
         }
