@@ -28,7 +28,7 @@
 //! the backend's failure. An HTTP/2 client can stall a response without filling the socket, by
 //! granting no flow-control window; so an HTTP/2 connection is closed too when a response
 //! body waits for the client (hyper has its data and has not asked for more: see
-//! `Outgoing`) and no response body moved on for `idle`. A stream waiting for its
+//! `Outgoing`) and the socket moved no byte either way for `idle`. A stream waiting for its
 //! backend, or for its request body, is not the client's stall.
 
 use std::future::Future;
@@ -132,6 +132,7 @@ impl ClientIo {
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.unflushed = true;
                 self.write_waiting = false;
+                self.phase.progressed();
                 Poll::Ready(Ok(n))
             }
             Poll::Pending => {
@@ -204,6 +205,9 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.phase.progressed();
+                }
                 if buf.filled().len() > before && this.armed & 0xff == IDLE {
                     // The first byte of the next request: its head must now arrive in time.
                     this.phase.set(HEAD);
@@ -429,7 +433,7 @@ async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
 enum H2Expiry {
     /// No stream open for too long: say GOAWAY.
     Quiet,
-    /// Streams open, but no response body moved on for `idle`: the client is not taking its
+    /// Streams open, but the socket moved nothing for `idle`: the client is not taking its
     /// responses (no flow-control window), so there is nobody to say GOAWAY to.
     Stalled,
 }
@@ -437,7 +441,7 @@ enum H2Expiry {
 /// Resolves when an HTTP/2 connection has had no stream open for too long: until `first`
 /// (accept plus `header_read`) if it never opened one, else (or without `first`) `quiet`
 /// after the last one closed; or when a response waits for the client's window and the
-/// no response body moved on for `idle` (PINGs and other frames do not count).
+/// socket moved no byte either way for `idle`.
 async fn h2_expiry(phase: &Phase, first: Option<Instant>, quiet: Duration) -> H2Expiry {
     loop {
         let changed = phase.changed();

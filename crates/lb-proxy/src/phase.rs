@@ -91,7 +91,7 @@ impl Phase {
         }
     }
 
-    /// HTTP/2: a response body was just handed on or asked for again.
+    /// HTTP/2: the socket just moved bytes.
     pub(crate) fn progressed(&self) {
         if let Some(s) = &self.streams {
             let nanos = u64::try_from(s.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -102,10 +102,6 @@ impl Phase {
     /// HTTP/2: a response body now waits for the client (`true`) or no longer (`false`);
     /// called only on changes.
     pub(crate) fn hold(&self, held: bool) {
-        // Progress is a response body handed on or asked for again, not bytes on the socket:
-        // a client can keep the socket busy (PINGs, SETTINGS, WINDOW_UPDATEs for other
-        // streams, each answered) while it takes no response.
-        self.progressed();
         if let Some(s) = &self.streams {
             if held {
                 if s.held.fetch_add(1, Ordering::AcqRel) == 0 {
@@ -127,8 +123,7 @@ impl Phase {
             .is_some_and(|s| s.held.load(Ordering::Acquire) > 0)
     }
 
-    /// HTTP/2: when a response body was last handed on or asked for again (or the
-    /// connection began).
+    /// HTTP/2: when the socket last moved bytes (or the connection began).
     pub(crate) fn last_progress(&self) -> Instant {
         self.streams.as_ref().map_or_else(Instant::now, |s| {
             s.since
