@@ -461,3 +461,39 @@ async fn a_backend_that_answers_then_stops_reading_the_upload_loses_it_after_the
     );
     task.abort();
 }
+
+/// The stall rule must not cut off a client that takes its response, however long that
+/// response runs past `idle` (here more than three times over).
+#[tokio::test]
+async fn http2_client_reading_steadily_is_not_taken_for_a_stalled_one() {
+    let backend = big_backend().await;
+    let idle = Duration::from_secs(1);
+    let config = ProxyConfig {
+        idle_timeout: idle,
+        ..short(2)
+    };
+    let p = proxy(&[backend.url()], core_config(), config).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(p.url("/big")).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
+    let mut body = resp.into_body();
+    let start = tokio::time::Instant::now();
+    let mut got = 0usize;
+    while start.elapsed() < idle * 3 {
+        match tokio::time::timeout(BOUND, body.data()).await.unwrap() {
+            Some(Ok(d)) => {
+                got += d.len();
+                let _ = body.flow_control().release_capacity(d.len());
+            }
+            Some(Err(e)) => panic!("a reading client was cut off after {got} bytes: {e}"),
+            None => break, // the whole response: nothing cut it off either
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    assert!(got > 0);
+    conn.abort();
+}
