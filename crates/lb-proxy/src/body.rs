@@ -136,6 +136,11 @@ impl BodyWatch {
         true
     }
 
+    /// Returns true if and only if the body ended, failed or was dropped.
+    pub(crate) fn is_done(&self) -> bool {
+        self.2.lock().unwrap_or_else(PoisonError::into_inner).1
+    }
+
     /// The body ended (or failed, or was dropped): a connection waiting for it goes idle.
     fn done(&self) {
         let pending = {

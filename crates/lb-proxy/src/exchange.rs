@@ -149,6 +149,10 @@ impl BodyEnd for Ending {
         if let Some(lease) = lease {
             if how == Completion::Done {
                 lease.release();
+            } else {
+                // Not relayed whole: the backend may still be reading an upload nobody will
+                // finish (and holding it, the client's connection slot).
+                lease.close();
             }
         }
         exchange.finish(how);

@@ -245,6 +245,12 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
+    /// Closes the connection now (the response was not relayed whole: whatever it was still
+    /// sending or receiving is of no use).
+    pub(crate) fn close(self) {
+        self.conn.close();
+    }
+
     /// How long the backend may stall reading `body` (`timeouts.request`) once its response
     /// is relayed.
     pub(crate) fn bound_body(&mut self, body: Option<&Arc<BodyWatch>>, timeout: Duration) {
@@ -281,8 +287,11 @@ impl Lease {
         // wait pokes the connection's task now and then.
         let until = Instant::now() + upstream.idle_timeout;
         rt.spawn(async move {
-            while Instant::now() < until {
-                let wait = POKE.min(until.saturating_duration_since(Instant::now()));
+            // While a request body is still going out, the stall check bounds the wait
+            // instead: a slow but steady upload may take longer than the idle timeout.
+            while Instant::now() < until || body.as_ref().is_some_and(|(b, _)| !b.is_done()) {
+                let left = until.saturating_duration_since(Instant::now());
+                let wait = if left.is_zero() { POKE } else { POKE.min(left) };
                 match tokio::time::timeout(wait, conn.tx.ready()).await {
                     Ok(Ok(())) => return upstream.checkin(key, conn),
                     Ok(Err(_)) => return,
