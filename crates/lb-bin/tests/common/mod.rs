@@ -1,6 +1,9 @@
 //! Helpers shared by the binary's reload and limits tests: a counting hyper backend on its
 //! own thread, and the `lb` process with its captured stdout.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod load;
+pub mod procfs;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
