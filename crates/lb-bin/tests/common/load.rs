@@ -94,7 +94,7 @@ impl LoadReport {
             *m.entry(f.cause.clone()).or_default() += 1;
         }
         let mut v: Vec<_> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
         v
     }
 }
