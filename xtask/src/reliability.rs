@@ -1,0 +1,388 @@
+//! `cargo xtask reliability`: the long form of the reliability program. It runs each part's
+//! tests in release mode with `LB_RELIABILITY=long` (the same tests `cargo test` runs in
+//! their bounded form), collects the `RELIABILITY {json}` figure lines they print, and writes
+//! `RELIABILITY.md` with every figure, each part's verdict and the command that regenerates it.
+//!
+//! The figures come from the tests themselves, so that a bar asserted in CI and the number
+//! published for it can never come from two different harnesses.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One part of the program: what it proves, and the command whose output carries its figures.
+struct Part {
+    key: &'static str,
+    title: &'static str,
+    /// What the part asserts (the bar), in Markdown.
+    bar: &'static str,
+    /// `cargo` arguments; `None` means `fuzz/run.sh`.
+    cargo: Option<&'static [&'static str]>,
+}
+
+const PARTS: &[Part] = &[
+    Part {
+        key: "chaos",
+        title: "Chaos under load",
+        bar: "Five real backend processes behind lb under sustained load (GETs and POSTs) while a \
+              seeded schedule SIGKILLs and restarts backends, makes one slow, one reset \
+              connections mid-response, one close kept-alive connections at random, black-holes \
+              one and points lb at an address whose SYNs are dropped. Bar: zero failed \
+              idempotent requests while a backend is healthy (responses already streaming when \
+              their backend died are counted apart), zero POSTs delivered twice (counted at the \
+              backends). The same schedule runs against the seed design (3 retries on the same \
+              backend 10 ms apart, then mark it down) as the baseline, and against HAProxy or \
+              NGINX when installed.",
+        cargo: Some(&["--test", "chaos"]),
+    },
+    Part {
+        key: "hostile",
+        title: "Hostile clients",
+        bar: "A corpus of request-smuggling and desync attempts over HTTP/1.1 and HTTP/2 against \
+              lb in front of a backend that records raw bytes: each case asserts the status the \
+              client got and the exact bytes forwarded (or that nothing was). Resource attacks \
+              (slowloris on head and body, clients that never read, HTTP/2 rapid reset, \
+              CONTINUATION floods, HPACK bombs, SETTINGS and PING floods) each run beside good \
+              clients, whose requests must all succeed; their latency is reported beside a \
+              baseline without the attack.",
+        cargo: Some(&["--test", "hostile_h1", "--test", "hostile_h2"]),
+    },
+    Part {
+        key: "h2spec",
+        title: "HTTP/2 conformance (h2spec)",
+        bar: "h2spec against lb's h2c listener: 145 of 146 cases pass; the one failure, \
+              `http2/3.5/2`, is by design on a port shared by HTTP/1.1 and h2c (those bytes are \
+              a malformed HTTP/1.1 request and get 400).",
+        cargo: Some(&["--test", "h2spec"]),
+    },
+    Part {
+        key: "fuzz",
+        title: "Fuzzing",
+        bar: "libFuzzer targets for the config parser, HTTP/1 request heads through lb-proxy's \
+              validation and header rewriting, and arbitrary event sequences into lb-core \
+              checked against its invariants, seeded from the corpus in the repository. Bar: \
+              zero crashes. The same targets run under proptest in `cargo test`.",
+        cargo: None,
+    },
+    Part {
+        key: "soak",
+        title: "Soak",
+        bar: "1,000,000 requests through lb (100,000 in CI): open file descriptors and RSS at \
+              start and end stay flat within the stated tolerance, in-flight counters return \
+              to zero, and `lb_requests_total` equals the backends' own counts exactly.",
+        cargo: Some(&["--test", "soak"]),
+    },
+    Part {
+        key: "idle",
+        title: "Idle connections at scale",
+        bar: "10,000 idle keep-alive connections (HTTP/1.1 and HTTP/2) held open, RSS per \
+              connection measured, active clients served beside them (latency beside a \
+              baseline), and `max_connections` enforced as one limit across workers.",
+        cargo: Some(&["--test", "idle"]),
+    },
+    Part {
+        key: "storm",
+        title: "Reload storms",
+        bar: "50 SIGHUP reloads under sustained load, alternating backend sets and strategies: \
+              no failed requests, no request to a removed backend, no leaked probes, RSS flat.",
+        cargo: Some(&["--test", "storm"]),
+    },
+];
+
+const USAGE: &str = "usage: cargo xtask reliability [--only chaos,hostile,h2spec,fuzz,soak,idle,storm] [--fuzz-seconds N] [--out FILE]";
+
+struct Outcome {
+    part: &'static Part,
+    command: String,
+    passed: bool,
+    elapsed: Duration,
+    figures: Vec<Value>,
+    log: PathBuf,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    let mut only: Option<BTreeSet<String>> = None;
+    let mut fuzz_seconds: u64 = 300;
+    let mut out = PathBuf::from("RELIABILITY.md");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--only" => only = Some(value()?.split(',').map(str::to_owned).collect()),
+            "--fuzz-seconds" => {
+                fuzz_seconds = value()?
+                    .parse()
+                    .map_err(|_| format!("--fuzz-seconds: not a number\n{USAGE}"))?;
+            }
+            "--out" => out = PathBuf::from(value()?),
+            "-h" | "--help" => {
+                eprintln!("{USAGE}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if let Some(only) = &only {
+        if let Some(bad) = only
+            .iter()
+            .find(|k| !PARTS.iter().any(|p| p.key == k.as_str()))
+        {
+            return Err(format!("--only: unknown part {bad:?}\n{USAGE}"));
+        }
+    }
+    let root = workspace_root()?;
+    let logs = root.join("target/reliability");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    let started = chrono_like_now();
+    let mut outcomes = Vec::new();
+    for part in PARTS {
+        if only.as_ref().is_some_and(|o| !o.contains(part.key)) {
+            continue;
+        }
+        eprintln!("xtask reliability: {} ...", part.title);
+        let outcome = run_part(&root, &logs, part, fuzz_seconds)?;
+        eprintln!(
+            "xtask reliability: {} {} in {:.0} s ({} figure lines; log {})",
+            part.title,
+            if outcome.passed { "PASSED" } else { "FAILED" },
+            outcome.elapsed.as_secs_f64(),
+            outcome.figures.len(),
+            outcome.log.display()
+        );
+        outcomes.push(outcome);
+    }
+    let text = render(&root, &started, args, &outcomes);
+    let out = if out.is_absolute() {
+        out
+    } else {
+        root.join(out)
+    };
+    std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("xtask reliability: wrote {}", out.display());
+    if outcomes.iter().all(|o| o.passed) {
+        Ok(())
+    } else {
+        Err("some parts failed: see RELIABILITY.md and target/reliability/*.log".into())
+    }
+}
+
+fn workspace_root() -> Result<PathBuf, String> {
+    // xtask's manifest sits one level below the workspace root.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| "cannot find the workspace root".into())
+}
+
+fn run_part(
+    root: &Path,
+    logs: &Path,
+    part: &'static Part,
+    fuzz_seconds: u64,
+) -> Result<Outcome, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (mut cmd, shown) = match part.cargo {
+        Some(tests) => {
+            let mut c = Command::new(&cargo);
+            c.args(["test", "--release", "-p", "lb-bin"])
+                .args(tests)
+                .args(["--", "--nocapture", "--test-threads=1"]);
+            let shown = format!(
+                "LB_RELIABILITY=long cargo test --release -p lb-bin {} -- --nocapture --test-threads=1",
+                tests.join(" ")
+            );
+            (c, shown)
+        }
+        None => {
+            let mut c = Command::new("bash");
+            c.arg(root.join("fuzz/run.sh"))
+                .arg(fuzz_seconds.to_string());
+            (c, format!("fuzz/run.sh {fuzz_seconds}"))
+        }
+    };
+    let log = logs.join(format!("{}.log", part.key));
+    let began = Instant::now();
+    let output = cmd
+        .current_dir(root)
+        .env("LB_RELIABILITY", "long")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let elapsed = began.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    std::fs::write(&log, format!("$ {shown}\n{stdout}\n--- stderr\n{stderr}"))
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let figures = stdout
+        .lines()
+        .filter_map(|l| l.split_once("RELIABILITY ").map(|(_, j)| j))
+        .filter_map(|j| serde_json::from_str::<Value>(j.trim()).ok())
+        .collect();
+    Ok(Outcome {
+        part,
+        command: shown,
+        passed: output.status.success(),
+        elapsed,
+        figures,
+        log,
+    })
+}
+
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn shell(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn render(root: &Path, started: &str, args: &[String], outcomes: &[Outcome]) -> String {
+    let mut s = String::new();
+    let commit = shell(&format!(
+        "git -C '{}' rev-parse --short HEAD",
+        root.display()
+    ));
+    let dirty = !shell(&format!(
+        "git -C '{}' status --porcelain --untracked-files=no",
+        root.display()
+    ))
+    .is_empty();
+    let cpu = shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
+    let cores = shell("nproc");
+    let kernel = shell("uname -r");
+    let again = if args.is_empty() {
+        "cargo xtask reliability".to_owned()
+    } else {
+        format!("cargo xtask reliability {}", args.join(" "))
+    };
+    let _ = writeln!(s, "# lb reliability report\n");
+    let _ = writeln!(
+        s,
+        "Generated by `{again}` (started {started}) at commit `{commit}`{}, on {cores} cores ({}), Linux {kernel}. \
+         Every figure below is printed by the tests themselves (`RELIABILITY {{json}}` lines); the \
+         same tests run in a bounded form in `cargo test --workspace` (and so in `.ci/run`), \
+         where they assert the same bars. Raw logs: `target/reliability/*.log`.\n",
+        if dirty { " (with uncommitted changes)" } else { "" },
+        cpu.trim()
+    );
+    let _ = writeln!(s, "| part | verdict | time | command |\n|---|---|---:|---|");
+    for o in outcomes {
+        let _ = writeln!(
+            s,
+            "| [{}](#{}) | {} | {:.0} s | `{}` |",
+            o.part.title,
+            anchor(o.part.title),
+            if o.passed { "pass" } else { "**FAIL**" },
+            o.elapsed.as_secs_f64(),
+            o.command
+        );
+    }
+    for o in outcomes {
+        let _ = writeln!(s, "\n## {}\n\n{}\n", o.part.title, o.part.bar);
+        let _ = writeln!(
+            s,
+            "Verdict: **{}** in {:.0} s. Regenerate: `{}`.\n",
+            if o.passed { "pass" } else { "FAIL" },
+            o.elapsed.as_secs_f64(),
+            o.command
+        );
+        if o.figures.is_empty() {
+            let _ = writeln!(s, "No figures were printed (see the log).");
+            continue;
+        }
+        // One table per section the part's tests report (a part may report several).
+        let mut sections: Vec<String> = Vec::new();
+        for f in &o.figures {
+            let sec = f
+                .get("section")
+                .and_then(Value::as_str)
+                .unwrap_or(o.part.key)
+                .to_owned();
+            if !sections.contains(&sec) {
+                sections.push(sec);
+            }
+        }
+        for sec in sections {
+            let rows: Vec<&Value> = o
+                .figures
+                .iter()
+                .filter(|f| {
+                    f.get("section")
+                        .and_then(Value::as_str)
+                        .unwrap_or(o.part.key)
+                        == sec
+                })
+                .collect();
+            let mut cols: Vec<String> = Vec::new();
+            for r in &rows {
+                if let Some(obj) = r.as_object() {
+                    for k in obj.keys() {
+                        if k != "section" && !cols.contains(k) {
+                            cols.push(k.clone());
+                        }
+                    }
+                }
+            }
+            let _ = writeln!(s, "`{sec}`\n");
+            let _ = writeln!(s, "| {} |", cols.join(" | "));
+            let _ = writeln!(s, "|{}", "---|".repeat(cols.len().max(1)));
+            for r in rows {
+                let cells: Vec<String> = cols.iter().map(|c| cell(r.get(c))).collect();
+                let _ = writeln!(s, "| {} |", cells.join(" | "));
+            }
+            let _ = writeln!(s);
+        }
+    }
+    s
+}
+
+fn cell(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(t)) => t.replace('|', "\\|"),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                if f.abs() >= 100.0 {
+                    format!("{f:.0}")
+                } else {
+                    format!("{f:.2}")
+                }
+            }
+            _ => n.to_string(),
+        },
+        Some(other) => format!("`{}`", other.to_string().replace('|', "\\|")),
+    }
+}
+
+fn anchor(title: &str) -> String {
+    title
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' => Some(c),
+            ' ' => Some('-'),
+            _ => None,
+        })
+        .collect()
+}
