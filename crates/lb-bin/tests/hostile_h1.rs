@@ -13,8 +13,11 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::raw::*;
 use serde_json::json;
@@ -779,4 +782,484 @@ fn smuggling_and_desync_corpus() {
     assert_eq!(status["failures_total"], 0, "{status}");
     assert_eq!(status["healthy"], true, "{status}");
     assert_eq!(status["active_requests"], 0, "{status}");
+}
+
+// === resource attacks ===
+
+/// The timeouts the resource attacks meet: short, so that each attack is bounded within
+/// seconds; `idle` is also the send timeout for clients that do not read.
+const ATTACK_TIMEOUTS: &str =
+    "[timeouts]\nheader_read = \"1s\"\nbody_read = \"1s\"\nidle = \"2s\"\n";
+
+/// Size of the responses the backend sends to `/big`.
+const BIG: usize = 32 << 20;
+
+/// A backend answering `/big` with [`BIG`] bytes and everything else with [`OK`].
+fn big_backend() -> RawBackend {
+    let ok = Arc::new(OK.to_vec());
+    let mut big = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+    big.resize(big.len() + BIG, b'b');
+    let big = Arc::new(big);
+    RawBackend::start(Arc::new(move |req: &[u8]| {
+        if req.starts_with(b"GET /big ") {
+            Arc::clone(&big)
+        } else {
+            Arc::clone(&ok)
+        }
+    }))
+}
+
+/// What a well-behaved client saw while an attack ran.
+#[derive(Debug, Default)]
+struct GoodStats {
+    latencies: Vec<Duration>,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+impl GoodStats {
+    fn requests(&self) -> usize {
+        self.latencies.len() + self.failed
+    }
+}
+
+/// One good request on a connection of its own: `GET /good`, which must get `200 ok`.
+fn good_request(addr: SocketAddr, stats: &mut GoodStats) {
+    let start = Instant::now();
+    match try_get(addr, "/good") {
+        Some((200, body)) if body == b"ok" => stats.latencies.push(start.elapsed()),
+        other => {
+            stats.failed += 1;
+            if stats.failures.len() < 5 {
+                stats
+                    .failures
+                    .push(format!("{other:?} after {:?}", start.elapsed()));
+            }
+        }
+    }
+}
+
+/// A good client sending requests one after another (paced, not flooding) until stopped.
+struct GoodClient {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<GoodStats>,
+}
+
+impl GoodClient {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut stats = GoodStats::default();
+            while !s.load(Ordering::SeqCst) {
+                good_request(addr, &mut stats);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stats
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> GoodStats {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The good client's latency before any attack: `n` requests in a row.
+fn baseline(addr: SocketAddr, n: usize) -> GoodStats {
+    let mut stats = GoodStats::default();
+    for _ in 0..n {
+        good_request(addr, &mut stats);
+    }
+    assert_eq!(stats.failed, 0, "baseline: {:?}", stats.failures);
+    stats
+}
+
+/// Asserts the good client was served throughout: every request answered `200 ok`.
+fn assert_served(good: &GoodStats, during: &str) {
+    assert!(
+        good.requests() > 0,
+        "the good client sent nothing during {during}"
+    );
+    assert_eq!(
+        good.failed, 0,
+        "good requests failed during {during}: {:?}",
+        good.failures
+    );
+}
+
+/// Asserts nothing of the attack was charged to the backend, once lb has nothing in flight.
+fn assert_backend_not_charged(lb: &LbProc) {
+    let deadline = Instant::now() + WAIT;
+    let mut status = lb.backend_status();
+    while status["active_requests"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "requests left in flight: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        status = lb.backend_status();
+    }
+    assert_eq!(
+        status["failures_total"], 0,
+        "charged to the backend: {status}"
+    );
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(status["ejected_until"], serde_json::Value::Null, "{status}");
+}
+
+/// How a slow attacker misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    /// Sends a request head one byte per tick, never finishing it.
+    Head,
+    /// Sends a head with `Content-Length: 1000` and 10 bytes of body, then nothing.
+    BodyLength,
+    /// Sends a chunked head and one 10-byte chunk, then nothing.
+    BodyChunked,
+}
+
+impl Slow {
+    fn opening(self) -> &'static [u8] {
+        match self {
+            Self::Head => b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Slow: ",
+            Self::BodyLength => {
+                b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\naaaaaaaaaa"
+            }
+            Self::BodyChunked => {
+                b"POST /slow HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\na\r\naaaaaaaaaa\r\n"
+            }
+        }
+    }
+}
+
+/// The most a slow chunked upload can have reached the backend with: its head and chunk.
+fn slow_chunked_forwarded() -> Vec<u8> {
+    fwd(
+        &[
+            "POST /slow HTTP/1.1",
+            "host: a",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: a",
+            "transfer-encoding: chunked",
+        ],
+        // hyper writes chunk sizes in upper-case hex.
+        "A\r\naaaaaaaaaa\r\n",
+    )
+}
+
+struct SlowConn {
+    stream: std::net::TcpStream,
+    kind: Slow,
+    got: Vec<u8>,
+}
+
+/// What a slow attack saw.
+#[derive(Debug, Default)]
+struct SlowOutcome {
+    /// Attacker connections opened in all.
+    connections: usize,
+    /// Of those closed by lb: how many got exactly one 408 first.
+    got_408: usize,
+    /// The others (first few): what they got before the close.
+    other: Vec<String>,
+    others: usize,
+    rss_kib_max: u64,
+}
+
+/// Keeps `concurrent` slow attackers open against lb (each closed one replaced by a new one)
+/// until `duration` has passed, then waits (bounded) until lb has closed them all.
+fn slow_attack(lb: &LbProc, kinds: &[Slow], concurrent: usize, duration: Duration) -> SlowOutcome {
+    let mut out = SlowOutcome::default();
+    let open = |i: usize, out: &mut SlowOutcome| {
+        let kind = kinds[i % kinds.len()];
+        let mut stream = std::net::TcpStream::connect(lb.addr).unwrap();
+        stream.write_all(kind.opening()).unwrap();
+        stream.set_nonblocking(true).unwrap();
+        out.connections += 1;
+        SlowConn {
+            stream,
+            kind,
+            got: Vec::new(),
+        }
+    };
+    let start = Instant::now();
+    let mut conns: Vec<SlowConn> = (0..concurrent).map(|i| open(i, &mut out)).collect();
+    let mut next = concurrent;
+    let mut buf = [0u8; 4096];
+    let hang = start + duration + WAIT;
+    while !conns.is_empty() {
+        assert!(
+            Instant::now() < hang,
+            "{} slow attackers still open long after lb's timeouts",
+            conns.len()
+        );
+        out.rss_kib_max = out.rss_kib_max.max(lb.rss_kib());
+        let mut i = 0;
+        while i < conns.len() {
+            let c = &mut conns[i];
+            let mut closed = false;
+            if c.kind == Slow::Head && c.stream.write(b"a").is_err() {
+                closed = true;
+            }
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => c.got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed {
+                let c = conns.swap_remove(i);
+                let answers = response_statuses(&c.got);
+                if answers == [408] {
+                    out.got_408 += 1;
+                } else {
+                    out.others += 1;
+                    if out.other.len() < 5 {
+                        out.other.push(format!("{:?}: {}", c.kind, show(&c.got)));
+                    }
+                }
+                if start.elapsed() < duration {
+                    conns.push(open(next, &mut out));
+                    next += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out
+}
+
+/// The statuses of the whole responses in `bytes`, and 0 for anything left that is not one.
+fn response_statuses(mut bytes: &[u8]) -> Vec<u16> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head)) = resp.parse(bytes) else {
+            out.push(0);
+            break;
+        };
+        out.push(resp.code.unwrap_or(0));
+        let len = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        bytes = bytes.get(head + len..).unwrap_or_default();
+    }
+    out
+}
+
+/// Scale of the resource attacks: (attackers at once, duration), bounded in CI.
+fn scale(ci: (usize, u64), long_form: (usize, u64)) -> (usize, Duration) {
+    let (n, secs) = if long() { long_form } else { ci };
+    (n, Duration::from_secs(secs))
+}
+
+/// Runs one slow attack with a good client beside it and checks every bound: each attacker
+/// got a 408 and was closed, the backend got nothing of theirs but what `kinds` allow (a
+/// slow chunked upload's head and chunk), nothing was charged to it, and the good client
+/// was served throughout. Prints the figures.
+fn slow_attack_case(name: &str, kinds: &[Slow], ci: (usize, u64), long_form: (usize, u64)) {
+    let backend = RawBackend::ok();
+    let lb = LbProc::start(name, &backend.url(), ATTACK_TIMEOUTS);
+    let base = baseline(lb.addr, 50);
+    let rss_before = lb.rss_kib();
+    let mark = backend.mark();
+    let (n, duration) = scale(ci, long_form);
+    let good = GoodClient::start(lb.addr);
+    let attack = slow_attack(&lb, kinds, n, duration);
+    let good = good.finish();
+    report(json!({
+        "section": "hostile_h1",
+        "case": name,
+        "attackers": n,
+        "attack_connections": attack.connections,
+        "attack_408": attack.got_408,
+        "duration_s": duration.as_secs(),
+        "good_requests": good.requests(),
+        "good_failed": good.failed,
+        "good_p50_ms": percentile_ms(&good.latencies, 50.0),
+        "good_p99_ms": percentile_ms(&good.latencies, 99.0),
+        "baseline_p99_ms": percentile_ms(&base.latencies, 99.0),
+        "lb_rss_kib_before": rss_before,
+        "lb_rss_kib_max": attack.rss_kib_max,
+    }));
+    assert_served(&good, name);
+    assert_eq!(
+        (attack.got_408, attack.others),
+        (attack.connections, 0),
+        "every attacker gets one 408, then its connection closed: {:?}",
+        attack.other
+    );
+    // The backend saw the good client's requests and nothing else whole.
+    let good_forwarded = fwd_get("/good", "good");
+    let got = backend.requests_since(&mark);
+    assert!(
+        got.iter().all(|r| *r == good_forwarded),
+        "{:?}",
+        got.iter().map(|r| show(r)).collect::<Vec<_>>()
+    );
+    assert_eq!(got.len(), good.requests());
+    let allowed = slow_chunked_forwarded();
+    for p in backend.partial_since(&mark) {
+        assert!(
+            kinds.contains(&Slow::BodyChunked) && allowed.starts_with(&p),
+            "the backend got {}",
+            show(&p)
+        );
+    }
+    assert_backend_not_charged(&lb);
+}
+
+/// Slowloris on the head: request heads dribbled a byte at a time, never finished. SPEC
+/// `timeouts.header_read`: "a client must send its whole request head within this" (408,
+/// then close: SPEC fine print). Nothing reaches the backend.
+#[test]
+fn slowloris_head() {
+    slow_attack_case("slowloris_head", &[Slow::Head], (200, 3), (2000, 30));
+}
+
+/// Slowloris on the body: a head and a few body bytes, then silence. SPEC `body_read`:
+/// "longest pause while a client sends a request body (then 408)", and a stalled body "is
+/// not charged to the backend nor retried". A body under `replay_buffer` never reaches the
+/// backend; a chunked one may have begun to stream (its head and first chunk), never whole.
+#[test]
+fn slowloris_body() {
+    slow_attack_case(
+        "slowloris_body",
+        &[Slow::BodyLength, Slow::BodyChunked],
+        (100, 3),
+        (1000, 30),
+    );
+}
+
+/// Many attackers of every slow kind at once.
+#[test]
+fn many_slow_attackers_at_once() {
+    slow_attack_case(
+        "many_slow_attackers",
+        &[Slow::Head, Slow::BodyLength, Slow::BodyChunked],
+        (300, 3),
+        (3000, 30),
+    );
+}
+
+/// Clients that send requests for large responses and never read them. SPEC: "Bodies
+/// stream both ways in constant memory"; conn.rs: a write to the client that makes no
+/// progress for `timeouts.idle` resets the connection (NGINX's `send_timeout`), and that is
+/// the client's departure, never the backend's failure. So lb's memory stays bounded by
+/// its buffers, not by what the attackers asked for; each attacker is cut off before its
+/// first response is through; the backend is not blamed; the good client is served.
+#[test]
+fn clients_that_never_read_their_responses() {
+    let backend = big_backend();
+    let lb = LbProc::start("never-read", &backend.url(), ATTACK_TIMEOUTS);
+    let base = baseline(lb.addr, 50);
+    let rss_before = lb.rss_kib();
+    let mark = backend.mark();
+    let (n, _) = scale((8, 0), (64, 0));
+    const PIPELINED: usize = 4;
+    let good = GoodClient::start(lb.addr);
+    let mut attackers: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(lb.addr).unwrap();
+            s.write_all(&b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n".repeat(PIPELINED))
+                .unwrap();
+            s
+        })
+        .collect();
+    // lb gives up on each attacker once its writes have stalled for `idle`: it drops the
+    // response, and with it the backend's connection, whose write then fails.
+    let deadline = Instant::now() + WAIT;
+    let mut rss_max = 0;
+    while backend.aborted() < n {
+        assert!(
+            Instant::now() < deadline,
+            "lb still relaying to {} of {n} clients that do not read",
+            n - backend.aborted()
+        );
+        rss_max = rss_max.max(lb.rss_kib());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rss_max = rss_max.max(lb.rss_kib());
+    let good = good.finish();
+    // Each attacker's connection is closed (reset) before even its first response was
+    // through; the rest of its pipeline was never forwarded.
+    let mut received = Vec::new();
+    for s in &mut attackers {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(k) => total += k,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        assert!(closed, "an attacker's connection stayed open");
+        received.push(total);
+    }
+    let requested = (n * PIPELINED * BIG) as u64 / 1024;
+    report(json!({
+        "section": "hostile_h1",
+        "case": "never_read",
+        "attackers": n,
+        "requested_kib": requested,
+        "attacker_max_received_kib": received.iter().max().copied().unwrap_or(0) / 1024,
+        "good_requests": good.requests(),
+        "good_failed": good.failed,
+        "good_p50_ms": percentile_ms(&good.latencies, 50.0),
+        "good_p99_ms": percentile_ms(&good.latencies, 99.0),
+        "baseline_p99_ms": percentile_ms(&base.latencies, 99.0),
+        "lb_rss_kib_before": rss_before,
+        "lb_rss_kib_max": rss_max,
+    }));
+    assert_served(&good, "the never-read attack");
+    for r in &received {
+        assert!(*r < BIG, "an attacker got a whole response ({r} bytes)");
+    }
+    // Bounded: a few MiB per connection of buffers at most, nowhere near what was asked for.
+    let grown = rss_max.saturating_sub(rss_before);
+    let bound = 16 * 1024 + n as u64 * 2 * 1024;
+    assert!(
+        grown < bound && bound < requested / 4,
+        "lb grew by {grown} KiB relaying {requested} KiB to clients that do not read"
+    );
+    let big_forwarded = fwd_get("/big", "a");
+    let got = backend.requests_since(&mark);
+    assert_eq!(
+        got.iter().filter(|r| **r == big_forwarded).count(),
+        n,
+        "one /big per attacker, its pipeline never read further"
+    );
+    assert_eq!(got.len(), n + good.requests());
+    assert_backend_not_charged(&lb);
 }
