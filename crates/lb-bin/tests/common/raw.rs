@@ -65,7 +65,16 @@ impl RawBackend {
     }
 
     pub fn start(respond: Responder) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A deep accept queue: lb opens upstream connections in bursts when thousands of
+        // attackers stream bodies at once, and std's 128 would drop SYNs (then lb's connect
+        // times out, which is the test backend's fault, not lb's).
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(4096).unwrap();
+        let listener: TcpListener = socket.into();
         let addr = listener.local_addr().unwrap();
         let rec = Arc::new(Rec {
             state: Mutex::new(State::default()),
