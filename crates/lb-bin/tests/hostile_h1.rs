@@ -505,6 +505,33 @@ fn corpus(backend: SocketAddr) -> Vec<Case> {
                 "",
             )]),
         ),
+        // ---- request line and version (RFC 9112 §2.2, §2.3, §3) ----
+        // An empty line before the request line SHOULD be ignored (§2.2).
+        case(
+            "empty line before the request line",
+            b"\r\nGET /crlf HTTP/1.1\r\nHost: a\r\n\r\n",
+            OK1,
+            false,
+            Fwd::Exact(vec![fwd_get("/crlf", "a")]),
+        ),
+        // ... also between pipelined requests (an old client's CRLF after a body).
+        case(
+            "CRLF after a body, before the next request",
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+            OK2,
+            false,
+            Fwd::Exact(vec![post_hello_cl("/p"), fwd_get("/next", "a")]),
+        ),
+        refused("HTTP/0.9 request line", b"GET /\r\n\r\n", R400),
+        refused("HTTP/1.2", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", R400),
+        refused("HTTP/2.0 in an HTTP/1 request line", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", R400),
+        refused("lower-case version", b"GET / http/1.1\r\nHost: a\r\n\r\n", R400),
+        refused("space before the line end", b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", R400),
+        refused(
+            "target over max_header_bytes",
+            format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(40 * 1024)).as_bytes(),
+            &[431],
+        ),
         refused("two spaces in the request line", b"GET  /a HTTP/1.1\r\nHost: a\r\n\r\n", R400),
         refused("space inside the target", b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", R400),
         // ---- CONNECT: lb is not a forward proxy (SPEC: 405) ----
@@ -1132,6 +1159,7 @@ fn slow_attack_case(name: &str, kinds: &[Slow], ci: (usize, u64), long_form: (us
         "good_failed": good.failed,
         "good_p50_ms": percentile_ms(&good.latencies, 50.0),
         "good_p99_ms": percentile_ms(&good.latencies, 99.0),
+        "good_max_ms": percentile_ms(&good.latencies, 100.0),
         "baseline_p99_ms": percentile_ms(&base.latencies, 99.0),
         "lb_rss_kib_before": rss_before,
         "lb_rss_kib_max": attack.rss_kib_max,
@@ -1277,6 +1305,7 @@ fn clients_that_never_read_their_responses() {
         "good_failed": good.failed,
         "good_p50_ms": percentile_ms(&good.latencies, 50.0),
         "good_p99_ms": percentile_ms(&good.latencies, 99.0),
+        "good_max_ms": percentile_ms(&good.latencies, 100.0),
         "baseline_p99_ms": percentile_ms(&base.latencies, 99.0),
         "lb_rss_kib_before": rss_before,
         "lb_rss_kib_max": rss_max,
@@ -1301,4 +1330,30 @@ fn clients_that_never_read_their_responses() {
     );
     assert_eq!(got.len(), n + good.requests());
     assert_backend_not_charged(&lb);
+}
+
+/// A partial request head that arrives in the same read as the request before it (a
+/// pipelining client, or a slowloris hiding its first bytes behind a valid request) should
+/// get its 408 at `header_read` like any other head (SPEC `timeouts.header_read`: "a client
+/// must send its whole request head within this"; fine print: "408, then close").
+///
+/// Known defect, not fixed: lb arms `idle` instead (the bytes sit in hyper's buffer, which
+/// lb's socket wrapper cannot see), so such a connection is closed silently after `idle`
+/// rather than answered 408 after `header_read`. The hold is no longer than an idle
+/// keep-alive connection's, so nothing is unbounded. Run with `--ignored` to see it.
+#[test]
+#[ignore = "known defect: a partial head pipelined behind a request waits `idle`, not `header_read`"]
+fn a_partial_head_pipelined_behind_a_request_gets_408() {
+    let backend = RawBackend::ok();
+    let lb = LbProc::start(
+        "pipelined-partial",
+        &backend.url(),
+        "[timeouts]\nheader_read = \"1s\"\nidle = \"4s\"\n",
+    );
+    let mut c = Client::connect(lb.addr);
+    c.send(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HT");
+    let mut answers = c.read_answers(2);
+    answers.extend(c.read_answers(1));
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [200, 408], "the partial head's 408");
 }
