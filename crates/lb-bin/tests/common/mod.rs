@@ -1,9 +1,10 @@
 //! Helpers shared by the binary's reload and limits tests: a counting hyper backend on its
-//! own thread, and the `lb` process with its captured stdout.
+//! own thread, and the `lb` process with its captured stdout; raw-socket tools in [`raw`].
 #![allow(dead_code, unreachable_pub)]
 
 pub mod load;
 pub mod procfs;
+pub mod raw;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
