@@ -2,8 +2,10 @@
 //! own thread, and the `lb` process with its captured stdout.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos;
 pub mod load;
 pub mod procfs;
+pub mod seedlb;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

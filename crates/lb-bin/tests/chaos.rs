@@ -1,0 +1,531 @@
+//! Chaos under load, through the real `lb` binary (issue 10, item 1).
+//!
+//! Five backends are real processes (this test binary re-executed as [`chaos_backend_child`]),
+//! a sixth backend is an address whose SYNs are dropped. Hundreds of keep-alive clients
+//! (HTTP/1.1, a share over h2c; GETs and ~10 % POSTs, each tagged `x-test-id`) run while a
+//! seeded schedule SIGKILLs a backend and restarts it, makes one slow, one reset mid-response,
+//! one close kept-alive connections at random, and black-holes one; never more than two of the
+//! five at once, so a healthy backend always exists.
+//!
+//! The bar, asserted against lb:
+//! - no idempotent request fails, except one whose response had already started streaming
+//!   when its backend died: its status line and part of its body are with the client, so lb
+//!   cannot retry it elsewhere or turn it into an error status; it can only cut the response
+//!   off (counted as `failed_streamed`);
+//! - no POST reaches the backends twice (counted at the backends by `x-test-id`, across
+//!   restarts);
+//! - `lb_requests_total{backend}` ≥ what each backend process received, and equal for every
+//!   backend that was never killed nor closing its kept-alive connections: lb counts a send
+//!   that reached the kernel of a process later killed (or a connect it refused, or a request
+//!   written into a connection the backend was closing) which the process never read.
+//!
+//! Time-to-detect (from injection to lb's `/status` showing the backend down by probes, or
+//! ejected) and the failures each fault caused are reported, not asserted, beside the same
+//! schedule against the seed design (`common/seedlb.rs`). `LB_RELIABILITY=long` runs longer
+//! with more connections; `LB_CHAOS_SEED` picks another schedule.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::chaos::*;
+use common::load::{Load, LoadReport, LoadSpec};
+use common::procfs;
+use common::seedlb::{SeedConfig, SeedLb};
+use serde_json::json;
+
+/// Becomes a backend process when the parent sets [`CHILD_ENV`]; a no-op test otherwise.
+#[test]
+fn chaos_backend_child() {
+    child_main();
+}
+
+/// The chaos runs each take the machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// lb's probe and timeout settings, shared with the baseline where it has the same knob.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    seed: u64,
+    connections: usize,
+    seconds: u64,
+}
+
+fn plan() -> Plan {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let (c, s) = if procfs::long_mode() { (450, 180) } else { (200, 20) };
+    Plan {
+        seed: seed(),
+        connections: env("LB_CHAOS_CONNECTIONS").map_or(c, |v| v as usize),
+        seconds: env("LB_CHAOS_SECONDS").unwrap_or(s),
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The `lb` process, its stdout kept with the moment each line arrived.
+struct LbProc {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl LbProc {
+    fn spawn(config: &std::path::Path) -> Self {
+        let mut child = Command::new(common::LB)
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            // Health changes and warnings, not one access-log line per request.
+            .env("RUST_LOG", "info,lb::access=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Self { child, lines }
+    }
+}
+
+impl Drop for LbProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// lb's configuration for the run, as an operator would write it for these backends.
+fn lb_config(listen: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
+    let mut text = format!(
+        r#"listen = ["{listen}"]
+admin = "{admin}"
+strategy = "round-robin"
+
+# Probes every 500 ms with a 1 s timeout, down after 2 failures, up after 2 successes: a dead
+# or black-holed backend is out within ~1.5-2 s. The timeout is half the slow backend's 2 s
+# (a backend that slow is sick) and far above a healthy answer on this network (< 10 ms).
+[health]
+interval = "500ms"
+timeout = "1s"
+path = "{HEALTH_PATH}"
+rise = 2
+fall = 2
+
+# Live traffic sees a reset or refused backend first: 3 failures in a row eject it for 5 s
+# (growing on repeats). Half the pool may be ejected; the panic threshold stays the default.
+[passive]
+consecutive_failures = 3
+ejection = "5s"
+max_ejection = "30s"
+max_ejected_percent = 50
+
+[retry]
+attempts = 3
+backoff = "10ms"
+
+# connect: a loopback/LAN connect takes well under a millisecond; 500 ms bounds what a
+# SYN-dropping address costs an attempt. request: 2.5x the slowest answer a backend may give
+# (the slow one's 2 s), so slow is served, while a black hole costs an attempt at most 5 s
+# (the probe usually takes it out first).
+[timeouts]
+connect = "500ms"
+request = "5s"
+"#
+    );
+    for b in backends {
+        text.push_str(&format!("\n[[backend]]\nurl = \"http://{b}\"\n"));
+    }
+    text
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProxyKind {
+    Lb,
+    Seed,
+}
+
+impl ProxyKind {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Lb => "lb",
+            Self::Seed => "seed-design",
+        }
+    }
+}
+
+/// Everything a run measured.
+struct Outcome {
+    plan: Plan,
+    schedule: Vec<Injection>,
+    reports: Vec<LoadReport>,
+    received: Received,
+    /// What the proxy says it sent to each backend (index as in `addrs`).
+    proxy_sent: Vec<u64>,
+    samples: Vec<(Duration, View)>,
+    addrs: Vec<SocketAddr>,
+    lb_log: Vec<String>,
+}
+
+fn run(kind: ProxyKind, plan: Plan) -> Outcome {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let mut backends: Vec<BackendProc> = (0..5)
+        .map(|i| BackendProc::start(i, free_addr().port(), received.clone()))
+        .collect();
+    let syn = SynDrop::start();
+    let mut addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    addrs.push(syn.addr);
+
+    let total = Duration::from_secs(plan.seconds);
+    let schedule = schedule(plan.seed, total, backends.len());
+    assert!(max_overlap(&schedule) <= 2, "{schedule:?}");
+
+    let dir = std::env::temp_dir().join(format!("lb-chaos-{}", std::process::id()));
+    let mut lb = None;
+    let mut seed = None;
+    let (target, admin) = match kind {
+        ProxyKind::Lb => {
+            std::fs::create_dir_all(&dir).unwrap();
+            let (listen, admin) = (free_addr(), free_addr());
+            let path = dir.join("lb.toml");
+            std::fs::write(&path, lb_config(listen, admin, &addrs)).unwrap();
+            lb = Some(LbProc::spawn(&path));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while lb_view(admin, &addrs).is_none() || std::net::TcpStream::connect(listen).is_err()
+            {
+                assert!(Instant::now() < deadline, "lb did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (listen, Some(admin))
+        }
+        ProxyKind::Seed => {
+            let s = SeedLb::start(
+                SeedConfig {
+                    backends: addrs.clone(),
+                    health_interval: HEALTH_INTERVAL,
+                    connect_timeout: CONNECT_TIMEOUT,
+                    request_timeout: REQUEST_TIMEOUT,
+                },
+                Instant::now(),
+            );
+            let a = s.addr;
+            seed = Some(Arc::new(s));
+            (a, None)
+        }
+    };
+
+    let start = Instant::now();
+    let watcher = match (admin, &seed) {
+        (Some(admin), _) => {
+            let a = addrs.clone();
+            Watcher::start(start, Duration::from_millis(50), move || lb_view(admin, &a))
+        }
+        (None, Some(s)) => {
+            let s = s.clone();
+            Watcher::start(start, Duration::from_millis(50), move || Some(s.view()))
+        }
+        _ => unreachable!(),
+    };
+    let h2 = plan.connections / 10;
+    let mut loads = Vec::new();
+    for (connections, h2) in [(plan.connections - h2, false), (h2, true)] {
+        if connections == 0 {
+            continue;
+        }
+        let mut spec = LoadSpec::new(target, connections, total);
+        spec.post_percent = 10;
+        spec.h2 = h2;
+        loads.push(Load::start(spec));
+    }
+
+    // The schedule, in order of time.
+    let mut events: Vec<(Duration, usize, Fault, bool)> = schedule
+        .iter()
+        .flat_map(|i| [(i.start, i.backend, i.fault, true), (i.end, i.backend, i.fault, false)])
+        .collect();
+    events.sort_by_key(|e| e.0);
+    for (at, b, fault, inject) in events {
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        match (fault, inject) {
+            (Fault::Kill, true) => backends[b].kill(),
+            (Fault::Kill, false) => backends[b].spawn(),
+            (Fault::Mode(m), true) => backends[b].set_mode(m),
+            (Fault::Mode(_), false) => backends[b].set_mode(Mode::Normal),
+        }
+    }
+    let reports: Vec<LoadReport> = loads.into_iter().map(Load::wait).collect();
+    let samples = watcher.finish();
+
+    // Let the last answers and log lines land: the counts must stop moving.
+    let proxy_sent = |_: ()| -> Vec<u64> {
+        match (admin, &seed) {
+            (Some(admin), _) => {
+                let text = procfs::admin_get(admin, "/metrics").1;
+                addrs
+                    .iter()
+                    .map(|a| {
+                        procfs::metric_sum(&text, "lb_requests_total", &[&format!("backend=\"{a}\"")])
+                            as u64
+                    })
+                    .collect()
+            }
+            (None, Some(s)) => s.sends(),
+            _ => unreachable!(),
+        }
+    };
+    let (proxy_sent, _) = settled(Duration::from_millis(500), Duration::from_secs(20), || {
+        (proxy_sent(()), received.lock().unwrap().per_backend.clone())
+    });
+    let lb_log = lb
+        .as_ref()
+        .map(|l| l.lines.lock().unwrap().iter().map(|(_, s)| s.clone()).collect())
+        .unwrap_or_default();
+    drop(lb);
+    drop(seed);
+    drop(backends);
+    let _ = std::fs::remove_dir_all(&dir);
+    let received = std::mem::take(&mut *received.lock().unwrap());
+    Outcome {
+        plan,
+        schedule,
+        reports,
+        received,
+        proxy_sent,
+        samples,
+        addrs,
+        lb_log,
+    }
+}
+
+impl Outcome {
+    fn failures(&self) -> impl Iterator<Item = &common::load::Failure> {
+        self.reports.iter().flat_map(|r| r.failures.iter())
+    }
+
+    /// Failures that are idempotent requests cut off before their response started.
+    fn failed_idempotent(&self) -> Vec<&common::load::Failure> {
+        self.failures().filter(|f| !f.post && !f.streamed).collect()
+    }
+
+    /// The injection a failure at `at` of request `id` is most likely due to.
+    fn blame(&self, at: Duration, id: u64) -> Option<usize> {
+        // An attempt may wait up to the request timeout on a fault, times the attempts.
+        let slack = REQUEST_TIMEOUT * 3 + Duration::from_secs(1);
+        let active: Vec<usize> = (0..self.schedule.len())
+            .filter(|&k| {
+                let i = &self.schedule[k];
+                i.start <= at && at <= i.end + slack
+            })
+            .collect();
+        let seen = self.received.seen_by.get(&id);
+        active
+            .iter()
+            .copied()
+            .find(|&k| seen.is_some_and(|s| s.contains(&self.schedule[k].backend)))
+            .or_else(|| active.first().copied())
+    }
+
+    fn figures(&self, kind: ProxyKind) -> serde_json::Value {
+        let mut causes = BTreeMap::<String, usize>::new();
+        let mut per_fault = vec![0usize; self.schedule.len()];
+        let mut unattributed = 0;
+        for f in self.failures() {
+            *causes.entry(f.cause.clone()).or_default() += 1;
+            match self.blame(f.at, f.id) {
+                Some(k) => per_fault[k] += 1,
+                None => unattributed += 1,
+            }
+        }
+        let detect: Vec<_> = self
+            .schedule
+            .iter()
+            .zip(&per_fault)
+            .map(|(i, n)| {
+                let until = i.end + Duration::from_secs(1);
+                let passive = first_after(&self.samples, i.backend, i.start, until, |s| s.1);
+                let probe = first_after(&self.samples, i.backend, i.start, until, |s| !s.0);
+                json!({
+                    "fault": i.fault.name(),
+                    "backend": i.backend,
+                    "at_ms": i.start.as_millis() as u64,
+                    "lasted_ms": (i.end - i.start).as_millis() as u64,
+                    "passive_ms": ms(passive),
+                    "probe_ms": ms(probe),
+                    "failures": n,
+                })
+            })
+            .collect();
+        let syn = self.addrs.len() - 1;
+        let syn_probe = first_after(&self.samples, syn, Duration::ZERO, Duration::MAX, |s| !s.0);
+        let syn_passive = first_after(&self.samples, syn, Duration::ZERO, Duration::MAX, |s| s.1);
+        let requests: u64 = self.reports.iter().map(|r| r.sent).sum();
+        let ok: u64 = self.reports.iter().map(|r| r.ok).sum();
+        let posts: u64 = self.reports.iter().map(|r| r.posts_sent).sum();
+        let lat: Vec<u32> = self
+            .reports
+            .iter()
+            .flat_map(|r| r.latencies_us.iter().copied())
+            .collect();
+        let seconds = self
+            .reports
+            .iter()
+            .map(|r| r.elapsed.as_secs_f64())
+            .fold(0.0, f64::max);
+        json!({
+            "section": "chaos",
+            "proxy": kind.name(),
+            "seed": self.plan.seed,
+            "connections": self.plan.connections,
+            "h2_connections": self.plan.connections / 10,
+            "seconds": (seconds * 10.0).round() / 10.0,
+            "requests": requests,
+            "posts": posts,
+            "ok": ok,
+            "failed_idempotent": self.failed_idempotent().len(),
+            "failed_streamed": self.failures().filter(|f| f.streamed).count(),
+            "failed_post": self.failures().filter(|f| f.post && !f.streamed).count(),
+            "post_duplicates": self.received.post_duplicates().len(),
+            "causes": causes,
+            "unattributed_failures": unattributed,
+            "detect": detect,
+            "syn_drop": {"probe_ms": ms(syn_probe), "passive_ms": ms(syn_passive)},
+            "proxy_sent": self.proxy_sent,
+            "backend_received": self.received.per_backend,
+            "p50_ms": procfs_round(common::load::percentile_ms(&lat, 50.0)),
+            "p99_ms": procfs_round(common::load::percentile_ms(&lat, 99.0)),
+            "p999_ms": procfs_round(common::load::percentile_ms(&lat, 99.9)),
+        })
+    }
+
+    /// Backends that were never killed and never closing kept-alive connections.
+    fn exact_backends(&self) -> Vec<usize> {
+        (0..self.addrs.len() - 1)
+            .filter(|b| {
+                !self.schedule.iter().any(|i| {
+                    i.backend == *b && matches!(i.fault, Fault::Kill | Fault::Mode(Mode::CloseIdle))
+                })
+            })
+            .collect()
+    }
+
+    fn explain(&self, f: &common::load::Failure) -> String {
+        let fault = self
+            .blame(f.at, f.id)
+            .map(|k| format!("{:?}", self.schedule[k]));
+        format!(
+            "id {} at {:?} post={} cause {:?}: seen by {:?}, fault {fault:?}",
+            f.id,
+            f.at,
+            f.post,
+            f.cause,
+            self.received.seen_by.get(&f.id)
+        )
+    }
+}
+
+fn procfs_round(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+#[test]
+fn lb_serves_every_idempotent_request_through_seeded_chaos() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let plan = plan();
+    println!("chaos seed {} (LB_CHAOS_SEED={} to replay)", plan.seed, plan.seed);
+    let out = run(ProxyKind::Lb, plan);
+    let figures = out.figures(ProxyKind::Lb);
+    procfs::report(figures.clone());
+
+    let requests: u64 = out.reports.iter().map(|r| r.sent).sum();
+    assert!(requests > 1000, "the load ran: {requests} requests");
+    // Every failure carries its cause.
+    assert!(out.failures().all(|f| !f.cause.is_empty()));
+    let bad = out.failed_idempotent();
+    assert!(
+        bad.is_empty(),
+        "{} idempotent requests failed before their response started:\n{}\nlb log:\n{}",
+        bad.len(),
+        bad.iter().take(20).map(|f| out.explain(f)).collect::<Vec<_>>().join("\n"),
+        out.lb_log.join("\n")
+    );
+    let dups = out.received.post_duplicates();
+    assert!(dups.is_empty(), "POSTs delivered twice (id, times): {dups:?}");
+
+    let syn = out.addrs.len() - 1;
+    for b in 0..syn {
+        let got = out.received.per_backend.get(b).copied().unwrap_or(0);
+        assert!(
+            got <= out.proxy_sent[b],
+            "backend {b} received {got} requests, lb counts {} sent",
+            out.proxy_sent[b]
+        );
+        assert!(got > 0, "backend {b} served traffic");
+    }
+    let exact = out.exact_backends();
+    for &b in &exact {
+        assert_eq!(
+            out.received.per_backend[b], out.proxy_sent[b],
+            "backend {b} (never killed, never closing connections): lb_requests_total equals its own count"
+        );
+    }
+    assert!(!exact.is_empty() || procfs::long_mode(), "{:?}", out.schedule);
+    // Probing works: the killed and the black-holed backend are each seen down by probes at
+    // some point (a generous sanity bound: within their fault, of seconds, plus 30 s).
+    for i in &out.schedule {
+        if matches!(i.fault, Fault::Kill | Fault::Mode(Mode::BlackHole)) {
+            let down = first_after(&out.samples, i.backend, i.start, i.start + Duration::from_secs(30), |s| !s.0 || s.1);
+            assert!(down.is_some(), "{i:?} never detected: {figures}");
+        }
+    }
+}
+
+#[test]
+fn seed_design_baseline_under_the_same_schedule() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let plan = plan();
+    let out = run(ProxyKind::Seed, plan);
+    let figures = out.figures(ProxyKind::Seed);
+    procfs::report(figures);
+    // Reported beside lb, not held to its bar; the run itself must have happened.
+    let ok: u64 = out.reports.iter().map(|r| r.ok).sum();
+    assert!(ok > 1000, "the baseline served the load: {ok}");
+}
+
+#[test]
+fn third_party_proxies_under_the_same_schedule() {
+    if !procfs::long_mode() {
+        return;
+    }
+    for name in ["haproxy", "nginx"] {
+        let found = std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p).any(|d| d.join(name).is_file())
+        });
+        procfs::report(json!({
+            "section": "chaos",
+            "proxy": name,
+            "absent": !found,
+            "note": if found { "present but not driven by this test yet" } else { "not on PATH: not run" },
+        }));
+    }
+}
