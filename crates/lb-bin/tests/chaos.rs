@@ -456,6 +456,9 @@ fn lb_serves_every_idempotent_request_through_seeded_chaos() {
     let out = run(ProxyKind::Lb, plan);
     let figures = out.figures(ProxyKind::Lb);
     procfs::report(figures.clone());
+    if let Ok(path) = std::env::var("LB_CHAOS_LOG") {
+        let _ = std::fs::write(path, out.lb_log.join("\n"));
+    }
 
     let requests: u64 = out.reports.iter().map(|r| r.sent).sum();
     assert!(requests > 1000, "the load ran: {requests} requests");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -82,9 +82,27 @@ impl SeedLb {
                     let st = st.clone();
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                        // h2c by prior knowledge too, so the same clients can be pointed at it.
+                        let mut head = [0u8; 4];
+                        for _ in 0..100 {
+                            match stream.peek(&mut head).await {
+                                Ok(n) if n > 0 && n < 4 => {
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                                _ => break,
+                            }
+                        }
+                        let h2 = &head == b"PRI ";
+                        let io = TokioIo::new(stream);
+                        if h2 {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await;
+                        } else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, svc)
+                                .await;
+                        }
                     });
                 }
             });
