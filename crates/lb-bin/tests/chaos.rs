@@ -115,7 +115,12 @@ impl Drop for LbProc {
 }
 
 /// lb's configuration for the run, as an operator would write it for these backends.
-fn lb_config(listen: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
+fn lb_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backends: &[SocketAddr],
+    panic_threshold: u32,
+) -> String {
     let mut text = format!(
         r#"listen = ["{listen}"]
 admin = "{admin}"
@@ -132,12 +137,15 @@ rise = 2
 fall = 2
 
 # Live traffic sees a reset or refused backend first: 3 failures in a row eject it for 5 s
-# (growing on repeats). Half the pool may be ejected; the panic threshold stays the default.
+# (growing on repeats). Half the pool may be ejected. The panic threshold is the default (50):
+# with fewer than half the backends eligible, ejections are ignored (see the report's
+# `panic_mode_on`, and the long mode's run with it off).
 [passive]
 consecutive_failures = 3
 ejection = "5s"
 max_ejection = "30s"
 max_ejected_percent = 50
+panic_threshold_percent = {panic_threshold}
 
 [retry]
 attempts = 3
@@ -160,14 +168,15 @@ request = "5s"
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProxyKind {
-    Lb,
+    /// lb with this `passive.panic_threshold_percent`.
+    Lb(u32),
     Seed,
 }
 
 impl ProxyKind {
     const fn name(self) -> &'static str {
         match self {
-            Self::Lb => "lb",
+            Self::Lb(_) => "lb",
             Self::Seed => "seed-design",
         }
     }
@@ -184,6 +193,8 @@ struct Outcome {
     samples: Vec<(Duration, View)>,
     addrs: Vec<SocketAddr>,
     lb_log: Vec<String>,
+    /// lb's `/metrics` at the end (empty for the baseline).
+    metrics: String,
 }
 
 fn run(kind: ProxyKind, plan: Plan) -> Outcome {
@@ -203,11 +214,11 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
     let mut lb = None;
     let mut seed = None;
     let (target, admin) = match kind {
-        ProxyKind::Lb => {
+        ProxyKind::Lb(panic) => {
             std::fs::create_dir_all(&dir).unwrap();
             let (listen, admin) = (free_addr(), free_addr());
             let path = dir.join("lb.toml");
-            std::fs::write(&path, lb_config(listen, admin, &addrs)).unwrap();
+            std::fs::write(&path, lb_config(listen, admin, &addrs, panic)).unwrap();
             lb = Some(LbProc::spawn(&path));
             let deadline = Instant::now() + Duration::from_secs(20);
             while lb_view(admin, &addrs).is_none() || std::net::TcpStream::connect(listen).is_err()
@@ -297,6 +308,7 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
     let (proxy_sent, _) = settled(Duration::from_millis(500), Duration::from_secs(20), || {
         (proxy_sent(()), received.lock().unwrap().per_backend.clone())
     });
+    let metrics = admin.map(|a| procfs::admin_get(a, "/metrics").1).unwrap_or_default();
     let lb_log = lb
         .as_ref()
         .map(|l| l.lines.lock().unwrap().iter().map(|(_, s)| s.clone()).collect())
@@ -315,6 +327,7 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
         samples,
         addrs,
         lb_log,
+        metrics,
     }
 }
 
@@ -392,6 +405,24 @@ impl Outcome {
             .iter()
             .map(|r| r.elapsed.as_secs_f64())
             .fold(0.0, f64::max);
+        // lb's own account: retries allowed and denied by reason, what clients got, and how
+        // often too few backends were eligible (panic mode: ejections ignored).
+        let by_label = |name: &str, label: &str| -> BTreeMap<String, u64> {
+            let mut m = BTreeMap::new();
+            for line in self.metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+                let Some(v) = line.split(&format!("{label}=\"")).nth(1) else { continue };
+                let key = v.split('"').next().unwrap_or_default().to_owned();
+                let n = procfs::metric_sum(line, name, &[]) as u64;
+                *m.entry(key).or_default() += n;
+            }
+            m
+        };
+        let lb_own = json!({
+            "retries": by_label("lb_retries_total", "reason"),
+            "retries_denied": by_label("lb_retries_denied_total", "reason"),
+            "responses": by_label("lb_responses_total", "code"),
+            "panic_mode_on": self.lb_log.iter().filter(|l| l.contains("panic mode on")).count(),
+        });
         json!({
             "section": "chaos",
             "proxy": kind.name(),
@@ -412,6 +443,11 @@ impl Outcome {
             "syn_drop": {"probe_ms": ms(syn_probe), "passive_ms": ms(syn_passive)},
             "proxy_sent": self.proxy_sent,
             "backend_received": self.received.per_backend,
+            "lb": if let ProxyKind::Lb(panic) = kind {
+                json!({"panic_threshold_percent": panic, "metrics": lb_own})
+            } else {
+                serde_json::Value::Null
+            },
             "p50_ms": procfs_round(common::load::percentile_ms(&lat, 50.0)),
             "p99_ms": procfs_round(common::load::percentile_ms(&lat, 99.0)),
             "p999_ms": procfs_round(common::load::percentile_ms(&lat, 99.9)),
@@ -451,10 +487,26 @@ fn procfs_round(v: f64) -> f64 {
 #[test]
 fn lb_serves_every_idempotent_request_through_seeded_chaos() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    lb_through_chaos(50);
+}
+
+/// The same with panic mode off (long mode only): what ignoring ejections cost above.
+#[test]
+fn lb_with_panic_mode_off_through_seeded_chaos() {
+    if !procfs::long_mode() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    lb_through_chaos(0);
+}
+
+/// Runs lb through the schedule and holds it to the bar.
+fn lb_through_chaos(panic_threshold: u32) {
     let plan = plan();
     println!("chaos seed {} (LB_CHAOS_SEED={} to replay)", plan.seed, plan.seed);
-    let out = run(ProxyKind::Lb, plan);
-    let figures = out.figures(ProxyKind::Lb);
+    let kind = ProxyKind::Lb(panic_threshold);
+    let out = run(kind, plan);
+    let figures = out.figures(kind);
     procfs::report(figures.clone());
     if let Ok(path) = std::env::var("LB_CHAOS_LOG") {
         let _ = std::fs::write(path, out.lb_log.join("\n"));

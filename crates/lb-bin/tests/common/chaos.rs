@@ -189,7 +189,14 @@ async fn connection(stream: tokio::net::TcpStream, mode: Arc<AtomicU8>, seed: u6
     };
     let raw = Arc::new(raw);
     let (m, r) = (mode.clone(), raw.clone());
-    let svc = hyper::service::service_fn(move |req| handle(req, m.clone(), r.clone()));
+    // Only a connection that has served a request is "kept alive": a fresh one is never
+    // closed before its first request (lb resends a stale request on a fresh connection).
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        count.fetch_add(1, Ordering::SeqCst);
+        handle(req, m.clone(), r.clone())
+    });
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let mut rng = Rng::new(seed);
@@ -198,7 +205,7 @@ async fn connection(stream: tokio::net::TcpStream, mode: Arc<AtomicU8>, seed: u6
         tokio::select! {
             _ = conn.as_mut() => return,
             () = tokio::time::sleep(wait) => {
-                if Mode::load(&mode) == Mode::CloseIdle {
+                if Mode::load(&mode) == Mode::CloseIdle && served.load(Ordering::SeqCst) > 0 {
                     // Closes now if idle, else after the response in progress.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.as_mut().await;
