@@ -62,7 +62,11 @@ struct Plan {
 
 fn plan() -> Plan {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let (c, s) = if procfs::long_mode() { (450, 180) } else { (200, 20) };
+    let (c, s) = if procfs::long_mode() {
+        (450, 180)
+    } else {
+        (200, 20)
+    };
     Plan {
         seed: seed(),
         connections: env("LB_CHAOS_CONNECTIONS").map_or(c, |v| v as usize),
@@ -271,7 +275,12 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
     // The schedule, in order of time.
     let mut events: Vec<(Duration, usize, Fault, bool)> = schedule
         .iter()
-        .flat_map(|i| [(i.start, i.backend, i.fault, true), (i.end, i.backend, i.fault, false)])
+        .flat_map(|i| {
+            [
+                (i.start, i.backend, i.fault, true),
+                (i.end, i.backend, i.fault, false),
+            ]
+        })
         .collect();
     events.sort_by_key(|e| e.0);
     for (at, b, fault, inject) in events {
@@ -296,8 +305,11 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
                 addrs
                     .iter()
                     .map(|a| {
-                        procfs::metric_sum(&text, "lb_requests_total", &[&format!("backend=\"{a}\"")])
-                            as u64
+                        procfs::metric_sum(
+                            &text,
+                            "lb_requests_total",
+                            &[&format!("backend=\"{a}\"")],
+                        ) as u64
                     })
                     .collect()
             }
@@ -308,10 +320,19 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
     let (proxy_sent, _) = settled(Duration::from_millis(500), Duration::from_secs(20), || {
         (proxy_sent(()), received.lock().unwrap().per_backend.clone())
     });
-    let metrics = admin.map(|a| procfs::admin_get(a, "/metrics").1).unwrap_or_default();
+    let metrics = admin
+        .map(|a| procfs::admin_get(a, "/metrics").1)
+        .unwrap_or_default();
     let lb_log = lb
         .as_ref()
-        .map(|l| l.lines.lock().unwrap().iter().map(|(_, s)| s.clone()).collect())
+        .map(|l| {
+            l.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, s)| s.clone())
+                .collect()
+        })
         .unwrap_or_default();
     drop(lb);
     drop(seed);
@@ -351,12 +372,32 @@ impl Outcome {
                 i.start <= at && at <= i.end + slack
             })
             .collect();
-        let seen = self.received.seen_by.get(&id);
+        let seen = self.received.seen_by.contains_key(&id);
+        let now = |k: &usize| {
+            let i = &self.schedule[*k];
+            i.start <= at && at <= i.end + Duration::from_secs(1)
+        };
+        // A fault on a backend that got the request; else, for a request no backend got, a
+        // fault that loses requests unread (a killed process, a connection closed under it)
+        // going on at that moment; else any fault going on; else the latest one.
+        let unread = |k: &usize| {
+            matches!(
+                self.schedule[*k].fault,
+                Fault::Kill | Fault::Mode(Mode::CloseIdle)
+            )
+        };
         active
             .iter()
             .copied()
-            .find(|&k| seen.is_some_and(|s| s.contains(&self.schedule[k].backend)))
-            .or_else(|| active.first().copied())
+            .find(|&k| self.received.saw(self.schedule[k].backend, id))
+            .or_else(|| {
+                active
+                    .iter()
+                    .copied()
+                    .find(|k| !seen && now(k) && unread(k))
+            })
+            .or_else(|| active.iter().copied().find(now))
+            .or_else(|| active.last().copied())
     }
 
     fn figures(&self, kind: ProxyKind) -> serde_json::Value {
@@ -409,8 +450,14 @@ impl Outcome {
         // often too few backends were eligible (panic mode: ejections ignored).
         let by_label = |name: &str, label: &str| -> BTreeMap<String, u64> {
             let mut m = BTreeMap::new();
-            for line in self.metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
-                let Some(v) = line.split(&format!("{label}=\"")).nth(1) else { continue };
+            for line in self
+                .metrics
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+            {
+                let Some(v) = line.split(&format!("{label}=\"")).nth(1) else {
+                    continue;
+                };
                 let key = v.split('"').next().unwrap_or_default().to_owned();
                 let n = procfs::metric_sum(line, name, &[]) as u64;
                 *m.entry(key).or_default() += n;
@@ -475,7 +522,7 @@ impl Outcome {
             f.at,
             f.post,
             f.cause,
-            self.received.seen_by.get(&f.id)
+            self.received.seen(f.id)
         )
     }
 }
@@ -503,13 +550,17 @@ fn lb_with_panic_mode_off_through_seeded_chaos() {
 /// Runs lb through the schedule and holds it to the bar.
 fn lb_through_chaos(panic_threshold: u32) {
     let plan = plan();
-    println!("chaos seed {} (LB_CHAOS_SEED={} to replay)", plan.seed, plan.seed);
+    println!(
+        "chaos seed {} (LB_CHAOS_SEED={} to replay)",
+        plan.seed, plan.seed
+    );
     let kind = ProxyKind::Lb(panic_threshold);
     let out = run(kind, plan);
     let figures = out.figures(kind);
     procfs::report(figures.clone());
     if let Ok(path) = std::env::var("LB_CHAOS_LOG") {
-        let _ = std::fs::write(path, out.lb_log.join("\n"));
+        let failures: Vec<String> = out.failures().map(|f| out.explain(f)).collect();
+        let _ = std::fs::write(path, out.lb_log.join("\n") + "\n" + &failures.join("\n"));
     }
 
     let requests: u64 = out.reports.iter().map(|r| r.sent).sum();
@@ -521,11 +572,18 @@ fn lb_through_chaos(panic_threshold: u32) {
         bad.is_empty(),
         "{} idempotent requests failed before their response started:\n{}\nlb log:\n{}",
         bad.len(),
-        bad.iter().take(20).map(|f| out.explain(f)).collect::<Vec<_>>().join("\n"),
+        bad.iter()
+            .take(20)
+            .map(|f| out.explain(f))
+            .collect::<Vec<_>>()
+            .join("\n"),
         out.lb_log.join("\n")
     );
     let dups = out.received.post_duplicates();
-    assert!(dups.is_empty(), "POSTs delivered twice (id, times): {dups:?}");
+    assert!(
+        dups.is_empty(),
+        "POSTs delivered twice (id, times): {dups:?}"
+    );
 
     let syn = out.addrs.len() - 1;
     for b in 0..syn {
@@ -544,12 +602,22 @@ fn lb_through_chaos(panic_threshold: u32) {
             "backend {b} (never killed, never closing connections): lb_requests_total equals its own count"
         );
     }
-    assert!(!exact.is_empty() || procfs::long_mode(), "{:?}", out.schedule);
+    assert!(
+        !exact.is_empty() || procfs::long_mode(),
+        "{:?}",
+        out.schedule
+    );
     // Probing works: the killed and the black-holed backend are each seen down by probes at
     // some point (a generous sanity bound: within their fault, of seconds, plus 30 s).
     for i in &out.schedule {
         if matches!(i.fault, Fault::Kill | Fault::Mode(Mode::BlackHole)) {
-            let down = first_after(&out.samples, i.backend, i.start, i.start + Duration::from_secs(30), |s| !s.0 || s.1);
+            let down = first_after(
+                &out.samples,
+                i.backend,
+                i.start,
+                i.start + Duration::from_secs(30),
+                |s| !s.0 || s.1,
+            );
             assert!(down.is_some(), "{i:?} never detected: {figures}");
         }
     }
@@ -573,9 +641,8 @@ fn third_party_proxies_under_the_same_schedule() {
         return;
     }
     for name in ["haproxy", "nginx"] {
-        let found = std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p).any(|d| d.join(name).is_file())
-        });
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
         procfs::report(json!({
             "section": "chaos",
             "proxy": name,

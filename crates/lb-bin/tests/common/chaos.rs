@@ -197,7 +197,8 @@ async fn connection(stream: tokio::net::TcpStream, mode: Arc<AtomicU8>, seed: u6
         count.fetch_add(1, Ordering::SeqCst);
         handle(req, m.clone(), r.clone())
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let mut rng = Rng::new(seed);
     loop {
@@ -331,11 +332,24 @@ pub struct Received {
     pub health: Vec<u64>,
     /// Every POST id and how many times any backend received it.
     pub posts: HashMap<u64, u32>,
-    /// Every id and the backends that received it.
-    pub seen_by: HashMap<u64, Vec<usize>>,
+    /// Every id and the backends that received it (bit `i`: backend `i`; a bit set, not a
+    /// list, as the long mode sees millions of ids).
+    pub seen_by: HashMap<u64, u8>,
 }
 
 impl Received {
+    /// Whether backend `b` received request `id`.
+    pub fn saw(&self, b: usize, id: u64) -> bool {
+        self.seen_by
+            .get(&id)
+            .is_some_and(|m| m & (1 << (b % 8)) != 0)
+    }
+
+    /// The backends that received request `id`.
+    pub fn seen(&self, id: u64) -> Vec<usize> {
+        (0..8).filter(|b| self.saw(*b, id)).collect()
+    }
+
     pub fn post_duplicates(&self) -> Vec<(u64, u32)> {
         let mut v: Vec<_> = self
             .posts
@@ -402,7 +416,8 @@ impl BackendProc {
                     continue;
                 };
                 let mut parts = rest.split(' ');
-                let (Some(method), Some(path), Some(id)) = (parts.next(), parts.next(), parts.next())
+                let (Some(method), Some(path), Some(id)) =
+                    (parts.next(), parts.next(), parts.next())
                 else {
                     continue;
                 };
@@ -420,7 +435,7 @@ impl BackendProc {
                     if method == "POST" {
                         *r.posts.entry(id).or_default() += 1;
                     }
-                    r.seen_by.entry(id).or_default().push(index);
+                    *r.seen_by.entry(id).or_default() |= 1 << (index % 8);
                 }
             }
         });
@@ -561,7 +576,8 @@ pub fn schedule(seed: u64, total: Duration, backends: usize) -> Vec<Injection> {
         for (i, fault) in faults.into_iter().enumerate() {
             let jitter = step.mul_f64(rng.below(300) as f64 / 1000.0);
             let start = base + step * i as u32 + jitter;
-            let len = (step * 2).saturating_sub(jitter) - step.mul_f64(rng.below(200) as f64 / 1000.0);
+            let len =
+                (step * 2).saturating_sub(jitter) - step.mul_f64(rng.below(200) as f64 / 1000.0);
             out.push(Injection {
                 backend: order[i % order.len()],
                 fault,
@@ -576,7 +592,11 @@ pub fn schedule(seed: u64, total: Duration, backends: usize) -> Vec<Injection> {
 /// Most backends faulted at once in `s`.
 pub fn max_overlap(s: &[Injection]) -> usize {
     s.iter()
-        .map(|a| s.iter().filter(|b| b.start <= a.start && a.start < b.end).count())
+        .map(|a| {
+            s.iter()
+                .filter(|b| b.start <= a.start && a.start < b.end)
+                .count()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -654,7 +674,10 @@ pub fn lb_view(admin: SocketAddr, addrs: &[SocketAddr]) -> Option<View> {
     addrs
         .iter()
         .map(|a| {
-            let b = list.iter().find(|b| b["url"].as_str() == Some(&a.to_string()) || b["url"].as_str() == Some(&format!("http://{a}")))?;
+            let b = list.iter().find(|b| {
+                b["url"].as_str() == Some(&a.to_string())
+                    || b["url"].as_str() == Some(&format!("http://{a}"))
+            })?;
             Some((
                 b["healthy"].as_bool().unwrap_or(true),
                 !b["ejected_until"].is_null(),

@@ -132,7 +132,11 @@ impl SeedLb {
     }
 
     pub fn sends(&self) -> Vec<u64> {
-        self.state.sends.iter().map(|s| s.load(Ordering::SeqCst)).collect()
+        self.state
+            .sends
+            .iter()
+            .map(|s| s.load(Ordering::SeqCst))
+            .collect()
     }
 }
 
@@ -160,7 +164,8 @@ async fn health_check(st: Arc<State>) {
     loop {
         for (i, addr) in st.cfg.backends.iter().enumerate() {
             let ok = matches!(
-                tokio::time::timeout(st.cfg.connect_timeout, tokio::net::TcpStream::connect(addr)).await,
+                tokio::time::timeout(st.cfg.connect_timeout, tokio::net::TcpStream::connect(addr))
+                    .await,
                 Ok(Ok(_))
             );
             set_alive(&st, i, ok, true);
@@ -217,7 +222,10 @@ async fn send_once(
     // Back to the pool once this response is read out.
     let st2 = st.clone();
     tokio::spawn(async move {
-        if tokio::time::timeout(Duration::from_secs(30), s.ready()).await.is_ok_and(|r| r.is_ok()) {
+        if tokio::time::timeout(Duration::from_secs(30), s.ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
             st2.idle[i].lock().unwrap().push(s);
         }
     });
