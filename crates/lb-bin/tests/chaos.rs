@@ -651,3 +651,39 @@ fn third_party_proxies_under_the_same_schedule() {
         }));
     }
 }
+
+/// The schedule keeps its promises for every length of run: each round gives each fault
+/// once, to five different backends; never more than two backends faulted at once; nothing
+/// in the first or last 3 s; the same seed gives the same schedule.
+#[test]
+fn the_schedule_keeps_a_healthy_backend_and_fault_free_edges() {
+    for seconds in [20u64, 46, 180, 600] {
+        for seed in 0..50u64 {
+            let total = Duration::from_secs(seconds);
+            let s = schedule(seed, total, 5);
+            assert_eq!(s.len() % 5, 0);
+            assert!(max_overlap(&s) <= 2, "{seconds} s, seed {seed}: {s:?}");
+            for round in s.chunks(5) {
+                let mut faults: Vec<&str> = round.iter().map(|i| i.fault.name()).collect();
+                faults.sort_unstable();
+                faults.dedup();
+                assert_eq!(faults.len(), 5, "{round:?}");
+                let mut backends: Vec<usize> = round.iter().map(|i| i.backend).collect();
+                backends.sort_unstable();
+                assert_eq!(backends, vec![0, 1, 2, 3, 4], "{round:?}");
+            }
+            for i in &s {
+                assert!(
+                    i.start >= Duration::from_secs(3) && i.start < i.end,
+                    "{i:?}"
+                );
+                assert!(i.end <= total - Duration::from_secs(3), "{i:?}");
+            }
+            let again = schedule(seed, total, 5);
+            assert!(s.iter().zip(&again).all(|(a, b)| a.start == b.start
+                && a.end == b.end
+                && a.backend == b.backend
+                && a.fault == b.fault));
+        }
+    }
+}
