@@ -553,16 +553,16 @@ pub struct Injection {
     pub end: Duration,
 }
 
-/// The faults of a run of `total`: rounds of ~20 s, each giving the five faults to the five
+/// The faults of a run of `total`: rounds of about `round`, each giving the five faults to the five
 /// backends in a seeded order, one after another with seeded jitter, each overlapping the next
 /// by about half: never more than two faulted backends at once, so three attempts always
 /// reach a healthy one. The first `warmup` and the last `tail` of the run are fault-free.
-pub fn schedule(seed: u64, total: Duration, backends: usize) -> Vec<Injection> {
+pub fn schedule(seed: u64, total: Duration, round: Duration, backends: usize) -> Vec<Injection> {
     let mut rng = Rng::new(seed);
     let warmup = Duration::from_secs(3);
     let tail = Duration::from_secs(3);
     let span = total.saturating_sub(warmup + tail);
-    let rounds = (span.as_secs() / 20).max(1) as u32;
+    let rounds = (span.as_secs() / round.as_secs().max(1)).max(1) as u32;
     let per_round = span / rounds;
     let mut out = Vec::new();
     for r in 0..rounds {
@@ -686,7 +686,9 @@ pub fn lb_view(admin: SocketAddr, addrs: &[SocketAddr]) -> Option<View> {
         .collect()
 }
 
-/// Time from `from` to the first sample in `[from, until]` where `pick` holds for `backend`.
+/// Time from `from` to the first sample in `[from, until]` where `pick` starts to hold for
+/// `backend`: if it already held at `from` (left over from an earlier fault), only once it has
+/// stopped holding and holds again.
 pub fn first_after(
     samples: &[(Duration, View)],
     backend: usize,
@@ -694,11 +696,19 @@ pub fn first_after(
     until: Duration,
     pick: impl Fn((bool, bool)) -> bool,
 ) -> Option<Duration> {
-    samples
+    let holds = |v: &View| v.get(backend).is_some_and(|s| pick(*s));
+    let mut clear = samples
         .iter()
-        .filter(|(t, _)| *t >= from && *t <= until)
-        .find(|(_, v)| v.get(backend).is_some_and(|s| pick(*s)))
-        .map(|(t, _)| *t - from)
+        .rfind(|(t, _)| *t < from)
+        .is_none_or(|(_, v)| !holds(v));
+    for (t, v) in samples.iter().filter(|(t, _)| *t >= from && *t <= until) {
+        if !holds(v) {
+            clear = true;
+        } else if clear {
+            return Some(*t - from);
+        }
+    }
+    None
 }
 
 /// Millisecond JSON value of an optional duration.
