@@ -21,8 +21,30 @@
 //!
 //! Time-to-detect (from injection to lb's `/status` showing the backend down by probes, or
 //! ejected) and the failures each fault caused are reported, not asserted, beside the same
-//! schedule against the seed design (`common/seedlb.rs`). `LB_RELIABILITY=long` runs longer
-//! with more connections; `LB_CHAOS_SEED` picks another schedule.
+//! schedule against the seed design (`common/seedlb.rs`).
+//!
+//! What else fails, and why that is allowed: a POST already written to a backend that then
+//! died, reset, black-holed or closed the connection under it gets 502 (504 on a timeout):
+//! lb cannot know whether the backend acted on it, so it never replays it (`failed_post`).
+//! The seed design replays it, and the backends count the duplicates.
+//!
+//! # Running it
+//! - CI: `cargo test -p lb-bin --test chaos`: 200 connections for 20 s per proxy, seed
+//!   `0x5EED0010`, one round of faults of ~4 s.
+//! - Long: `LB_RELIABILITY=long cargo test --release -p lb-bin --test chaos -- --nocapture
+//!   --test-threads=1`: 450 connections for 180 s, rounds of 60 s (faults of ~20 s), lb with
+//!   the default panic threshold and with panic mode off, the seed design, and HAProxy/NGINX
+//!   when on PATH (reported absent otherwise).
+//! - Knobs: `LB_CHAOS_SEED`, `LB_CHAOS_SECONDS`, `LB_CHAOS_CONNECTIONS`, `LB_CHAOS_ROUND`
+//!   (seconds per round); `LB_CHAOS_LOG=FILE` writes lb's health log and every failure, each
+//!   with the backends that received it and the fault it is blamed on.
+//!
+//! Each run prints one `RELIABILITY {json}` line: `requests`, `ok`, `failed_idempotent` (the
+//! bar: 0), `failed_streamed`, `failed_post`, `post_duplicates`, `causes` (client-visible
+//! failures by cause), `detect` (per fault: backend, `at_ms`, `lasted_ms`, `passive_ms`,
+//! `probe_ms` from injection to ejection / probe-down, null if not seen, and the `failures`
+//! blamed on it), `proxy_sent` and `backend_received` per backend (the sixth is the
+//! SYN-dropping address), latency percentiles, and for lb its retry and response metrics.
 
 mod common;
 
@@ -618,18 +640,17 @@ fn lb_through_chaos(panic_threshold: u32) {
         "{:?}",
         out.schedule
     );
-    // Probing works: the killed and the black-holed backend are each seen down by probes at
-    // some point (a generous sanity bound: within their fault, of seconds, plus 30 s).
+    // Detection works: the killed and the black-holed backend are each taken out of rotation
+    // (down by probes, or ejected) within 30 s of the fault: a generous sanity bound.
     for i in &out.schedule {
         if matches!(i.fault, Fault::Kill | Fault::Mode(Mode::BlackHole)) {
-            let down = first_after(
-                &out.samples,
-                i.backend,
-                i.start,
-                i.start + Duration::from_secs(30),
-                |s| !s.0 || s.1,
-            );
-            assert!(down.is_some(), "{i:?} never detected: {figures}");
+            // Out of rotation at some moment (down from an earlier fault counts too).
+            let out_of_rotation = out.samples.iter().any(|(t, v)| {
+                *t >= i.start
+                    && *t <= i.start + Duration::from_secs(30)
+                    && v.get(i.backend).is_some_and(|s| !s.0 || s.1)
+            });
+            assert!(out_of_rotation, "{i:?} never detected: {figures}");
         }
     }
 }
