@@ -116,12 +116,19 @@ struct LbProc {
 
 impl LbProc {
     fn spawn(config: &std::path::Path) -> Self {
-        let mut child = Command::new(common::LB)
-            .arg("--config")
+        let mut cmd = Command::new(common::LB);
+        cmd.arg("--config")
             .arg(config)
             .args(["--log-format", "json"])
             // Health changes and warnings, not one access-log line per request.
-            .env("RUST_LOG", "info,lb::access=off")
+            .env("RUST_LOG", "info,lb::access=off");
+        Self::run(cmd)
+    }
+
+    /// Any proxy process, stdout kept, stderr dropped, killed by PID when dropped.
+    fn run(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -142,6 +149,152 @@ impl Drop for LbProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// HAProxy or NGINX, configured as lb is (same probes, timeouts, attempts, passive marking
+/// down), on one port for HTTP/1.1 and one for h2c where it cannot share them.
+struct ThirdParty {
+    _proc: LbProc,
+    target: SocketAddr,
+    h2_target: SocketAddr,
+    /// HAProxy's stats page (`/stats;csv`), to watch its view of the servers.
+    stats: Option<SocketAddr>,
+}
+
+impl Drop for ThirdParty {
+    fn drop(&mut self) {
+        // SIGTERM first: NGINX's workers outlive a SIGKILLed master (and hold the ports).
+        let pid = self._proc.child.id();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self._proc.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl ThirdParty {
+    fn start(kind: ProxyKind, dir: &std::path::Path, backends: &[SocketAddr]) -> Self {
+        let (target, h2_target, stats) = (free_addr(), free_addr(), free_addr());
+        let conf = dir.join(format!("{}.conf", kind.name()));
+        let servers: String;
+        let mut cmd;
+        match kind {
+            ProxyKind::Haproxy => {
+                servers = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| format!("    server b{i} {b}\n"))
+                    .collect();
+                // retries 2 = 3 attempts, each retry on another server (redispatch 1); layer-7
+                // retries of idempotent requests on a reset, an empty response or a timeout
+                // (POSTs only when never sent); probes as lb's; 3 errors in a row mark a
+                // server down until its probes pass (lb's passive ejection).
+                let text = format!(
+                    "global\n    maxconn 8000\n\
+                     defaults\n    mode http\n    timeout connect 500ms\n    timeout server 5s\n\
+                     \x20   timeout client 60s\n    timeout http-keep-alive 60s\n    timeout check 1s\n\
+                     \x20   retries 2\n    option redispatch 1\n\
+                     \x20   retry-on conn-failure empty-response response-timeout\n\
+                     frontend fe\n    bind {target}\n    bind {h2_target} proto h2\n\
+                     \x20   http-request disable-l7-retry if !METH_GET !METH_HEAD\n\
+                     \x20   default_backend be\n\
+                     frontend stats\n    bind {stats}\n    stats enable\n    stats uri /stats\n\
+                     backend be\n    balance roundrobin\n    option httpchk GET {HEALTH_PATH}\n\
+                     \x20   default-server check inter 500ms fall 2 rise 2 observe layer7 error-limit 3 on-error mark-down\n\
+                     {servers}"
+                );
+                std::fs::write(&conf, text).unwrap();
+                cmd = Command::new("haproxy");
+                cmd.arg("-db").arg("-f").arg(&conf);
+            }
+            _ => {
+                servers = backends
+                    .iter()
+                    .map(|b| format!("        server {b} max_fails=3 fail_timeout=5s;\n"))
+                    .collect();
+                // NGINX (open source) has no active health checks: passive marking only. It
+                // retries on another server after an error or timeout, never a sent POST
+                // (non_idempotent is off by default), 3 tries in all.
+                let text = format!(
+                    "daemon off;\nworker_processes 2;\npid {dir}/nginx.pid;\nerror_log stderr;\n\
+                     events {{ worker_connections 8192; }}\n\
+                     http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n\
+                     \x20   proxy_temp_path {dir}/proxy;\n\
+                     \x20   upstream be {{\n{servers}        keepalive 256;\n    }}\n\
+                     \x20   server {{\n        listen {target};\n        listen {h2_target} http2;\n\
+                     \x20       location / {{\n            proxy_pass http://be;\n\
+                     \x20           proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n\
+                     \x20           proxy_connect_timeout 500ms;\n            proxy_read_timeout 5s;\n\
+                     \x20           proxy_next_upstream error timeout;\n            proxy_next_upstream_tries 3;\n\
+                     \x20       }}\n    }}\n}}\n",
+                    dir = dir.display()
+                );
+                std::fs::write(&conf, text).unwrap();
+                cmd = Command::new("nginx");
+                cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
+            }
+        }
+        if let Ok(keep) = std::env::var("LB_CHAOS_LOG") {
+            let _ = std::fs::copy(&conf, format!("{keep}.{}.conf", kind.name()));
+        }
+        let proc = LbProc::run(cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(target).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start", kind.name());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            _proc: proc,
+            target,
+            h2_target,
+            stats: (kind == ProxyKind::Haproxy).then_some(stats),
+        }
+    }
+}
+
+/// HAProxy's view of servers `b0..b{n-1}` from its CSV stats: (up, false) each, and the
+/// requests it sent each (`stot`: in HTTP mode one per request).
+fn haproxy_stats(stats: SocketAddr, n: usize) -> Option<(View, Vec<u64>)> {
+    let (code, body) = procfs::admin_get(stats, "/stats;csv");
+    if code != 200 {
+        return None;
+    }
+    let body = dechunk(&body).unwrap_or(body);
+    let mut lines = body.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (sv, status, stot) = (col("svname")?, col("status")?, col("stot")?);
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let mut view = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let row = rows
+            .iter()
+            .find(|r| r.get(sv) == Some(&format!("b{i}").as_str()))?;
+        let st = row.get(status).copied().unwrap_or("");
+        view.push((!st.starts_with("DOWN"), false));
+        sent.push(row.get(stot).and_then(|v| v.parse().ok()).unwrap_or(0));
+    }
+    Some((view, sent))
+}
+
+/// The payload of a chunked body (HAProxy's stats page is sent chunked); `None` if it is not.
+fn dechunk(body: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n..)?.strip_prefix("\r\n")?;
     }
 }
 
@@ -202,6 +355,9 @@ enum ProxyKind {
     /// lb with this `passive.panic_threshold_percent`.
     Lb(u32),
     Seed,
+    /// A third-party proxy from PATH, configured like lb (long mode only).
+    Haproxy,
+    Nginx,
 }
 
 impl ProxyKind {
@@ -209,6 +365,8 @@ impl ProxyKind {
         match self {
             Self::Lb(_) => "lb",
             Self::Seed => "seed-design",
+            Self::Haproxy => "haproxy",
+            Self::Nginx => "nginx",
         }
     }
 }
@@ -249,6 +407,7 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
     let dir = std::env::temp_dir().join(format!("lb-chaos-{}", std::process::id()));
     let mut lb = None;
     let mut seed = None;
+    let mut third: Option<ThirdParty> = None;
     let (target, admin) = match kind {
         ProxyKind::Lb(panic) => {
             std::fs::create_dir_all(&dir).unwrap();
@@ -278,7 +437,15 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
             seed = Some(Arc::new(s));
             (a, None)
         }
+        ProxyKind::Haproxy | ProxyKind::Nginx => {
+            std::fs::create_dir_all(&dir).unwrap();
+            let t = ThirdParty::start(kind, &dir, &addrs);
+            let a = t.target;
+            third = Some(t);
+            (a, None)
+        }
     };
+    let h2_target = third.as_ref().map_or(target, |t| t.h2_target);
 
     let start = Instant::now();
     let watcher = match (admin, &seed) {
@@ -290,7 +457,13 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
             let s = s.clone();
             Watcher::start(start, Duration::from_millis(50), move || Some(s.view()))
         }
-        _ => unreachable!(),
+        _ => {
+            let stats = third.as_ref().and_then(|t| t.stats);
+            let n = addrs.len();
+            Watcher::start(start, Duration::from_millis(50), move || {
+                stats.and_then(|a| haproxy_stats(a, n)).map(|(v, _)| v)
+            })
+        }
     };
     let h2 = plan.connections / 10;
     let mut loads = Vec::new();
@@ -298,7 +471,10 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
         if connections == 0 {
             continue;
         }
-        let mut spec = LoadSpec::new(target, connections, total);
+        // NGINX 1.22 answers 400 to an h2 request with both :authority and host (our h2
+        // clients send both): its h2 share goes over HTTP/1.1 instead.
+        let h2 = h2 && kind != ProxyKind::Nginx;
+        let mut spec = LoadSpec::new(if h2 { h2_target } else { target }, connections, total);
         spec.post_percent = 10;
         spec.h2 = h2;
         loads.push(Load::start(spec));
@@ -346,7 +522,12 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
                     .collect()
             }
             (None, Some(s)) => s.sends(),
-            _ => unreachable!(),
+            _ => third
+                .as_ref()
+                .and_then(|t| t.stats)
+                .and_then(|a| haproxy_stats(a, addrs.len()))
+                .map(|(_, sent)| sent)
+                .unwrap_or_default(),
         }
     };
     let (proxy_sent, _) = settled(Duration::from_millis(500), Duration::from_secs(20), || {
@@ -368,6 +549,7 @@ fn run(kind: ProxyKind, plan: Plan) -> Outcome {
         .unwrap_or_default();
     drop(lb);
     drop(seed);
+    drop(third);
     drop(backends);
     let _ = std::fs::remove_dir_all(&dir);
     let received = std::mem::take(&mut *received.lock().unwrap());
@@ -507,7 +689,7 @@ impl Outcome {
             "proxy": kind.name(),
             "seed": self.plan.seed,
             "connections": self.plan.connections,
-            "h2_connections": self.plan.connections / 10,
+            "h2_connections": if kind == ProxyKind::Nginx { 0 } else { self.plan.connections / 10 },
             "seconds": (seconds * 10.0).round() / 10.0,
             "round_seconds": self.plan.round,
             "requests": requests,
@@ -678,12 +860,25 @@ fn third_party_proxies_under_the_same_schedule() {
     for name in ["haproxy", "nginx"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
-        procfs::report(json!({
-            "section": "chaos",
-            "proxy": name,
-            "absent": !found,
-            "note": if found { "present but not driven by this test yet" } else { "not on PATH: not run" },
-        }));
+        if !found {
+            procfs::report(json!({
+                "section": "chaos",
+                "proxy": name,
+                "absent": true,
+                "note": "not on PATH: not run",
+            }));
+            continue;
+        }
+        let kind = if name == "haproxy" {
+            ProxyKind::Haproxy
+        } else {
+            ProxyKind::Nginx
+        };
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = plan();
+        println!("chaos seed {} against {name}", plan.seed);
+        let out = run(kind, plan);
+        procfs::report(out.figures(kind));
     }
 }
 
