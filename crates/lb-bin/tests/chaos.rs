@@ -704,6 +704,17 @@ impl Outcome {
             "detect": detect,
             "syn_drop": {"probe_ms": ms(syn_probe), "passive_ms": ms(syn_passive)},
             "proxy_sent": self.proxy_sent,
+            // Sent by the proxy but never read by the backend process (killed, or closing the
+            // connection under it; the SYN-dropping address reads nothing), per backend.
+            "unread": self
+                .proxy_sent
+                .iter()
+                .enumerate()
+                .map(|(b, sent)| {
+                    sent.saturating_sub(self.received.per_backend.get(b).copied().unwrap_or(0))
+                })
+                .collect::<Vec<u64>>(),
+            "exact_backends": self.exact_backends(),
             "backend_received": self.received.per_backend,
             "lb": if let ProxyKind::Lb(panic) = kind {
                 json!({"panic_threshold_percent": panic, "metrics": lb_own})
