@@ -2,9 +2,11 @@
 //! own thread, and the `lb` process with its captured stdout; raw-socket tools in [`raw`].
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos;
 pub mod load;
 pub mod procfs;
 pub mod raw;
+pub mod seedlb;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
