@@ -1,0 +1,22 @@
+//! # lb-fuzz: fuzz targets for lb
+//!
+//! One function per target, each taking the fuzzer's bytes and panicking only when one of
+//! lb's invariants is broken (never on a merely odd input). The same functions are driven
+//! three ways:
+//! * `tests/props.rs`: proptest, with random bytes and with structured inputs, bounded for CI;
+//! * `tests/corpus.rs`: every file under `corpus/<target>/` (the seed corpus, and every crash
+//!   found so far, each also a named regression test);
+//! * `fuzz/` at the workspace root: a cargo-fuzz (libFuzzer) project for the long mode
+//!   (`fuzz/run.sh SECONDS`).
+//!
+//! # Layout
+//! * [`core_events`] (`core`): arbitrary event sequences into [`lb_core::Balancer`].
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod core;
+
+pub use crate::core::core_events;
+
+/// The targets by name, as the corpus directories and `fuzz/fuzz_targets` name them.
+pub const TARGETS: [(&str, fn(&[u8])); 1] = [("core_events", core_events)];
