@@ -177,8 +177,17 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         }
         None => (None, String::new()),
     };
-    let cx = Cx::new(file.as_deref(), &text);
-    let parsed: File = toml::from_str(&text).map_err(|e| {
+    load_text(cli, file.as_deref(), &text)
+}
+
+/// As [`load`], with the config file's text already read (`text` is empty without a file).
+pub(crate) fn load_text(
+    cli: &Cli,
+    file: Option<&Path>,
+    text: &str,
+) -> Result<Settings, ConfigError> {
+    let cx = Cx::new(file, text);
+    let parsed: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| cx.line(&s));
         let message = e.message().trim().to_owned();
         let key = key_of(&message);
@@ -187,7 +196,7 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             _ => key,
         };
         ConfigError {
-            file: file.clone(),
+            file: file.map(Path::to_path_buf),
             line,
             key,
             message,

@@ -225,7 +225,10 @@ pub fn run(input: &Input) {
     let epoch = Instant::now();
     let first = run_once(input, epoch);
     let second = run_once(input, epoch);
-    assert_eq!(first, second, "invariant 9: same seed and inputs, same actions");
+    assert_eq!(
+        first, second,
+        "invariant 9: same seed and inputs, same actions"
+    );
 }
 
 fn config(s: &Setup) -> (StrategyKind, Config) {
@@ -322,7 +325,8 @@ struct World {
 
 fn run_once(input: &Input, epoch: Instant) -> Vec<String> {
     let (kind, config) = config(&input.setup);
-    let lb = Balancer::new(config.clone(), AnySelect::new(kind)).expect("the harness builds valid configs");
+    let lb = Balancer::new(config.clone(), AnySelect::new(kind))
+        .expect("the harness builds valid configs");
     let mut w = World {
         lb,
         epoch,
@@ -353,7 +357,11 @@ fn run_once(input: &Input, epoch: Instant) -> Vec<String> {
     w.live.clear();
     w.check();
     for b in w.lb.backends(w.now()) {
-        assert_eq!(b.active_requests, 0, "invariant 3: {} in flight at the end", b.id);
+        assert_eq!(
+            b.active_requests, 0,
+            "invariant 3: {} in flight at the end",
+            b.id
+        );
     }
     w.trace
 }

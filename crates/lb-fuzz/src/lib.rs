@@ -10,13 +10,16 @@
 //!   (`fuzz/run.sh SECONDS`).
 //!
 //! # Layout
+//! * [`config`] (`config`): TOML text through `lb`'s config loader.
 //! * [`core_events`] (`core`): arbitrary event sequences into [`lb_core::Balancer`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod core;
 
+pub use crate::config::config;
 pub use crate::core::core_events;
 
 /// The targets by name, as the corpus directories and `fuzz/fuzz_targets` name them.
-pub const TARGETS: [(&str, fn(&[u8])); 1] = [("core_events", core_events)];
+pub const TARGETS: [(&str, fn(&[u8])); 2] = [("config", config), ("core_events", core_events)];

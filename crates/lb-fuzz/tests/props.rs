@@ -25,24 +25,26 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<u64>(),
         prop::collection::vec(member(), 1..6),
     )
-        .prop_map(|(b, ejection_ms, slow_start_ms, attempt_timeout_ms, seed, initial)| Setup {
-            strategy: b[0],
-            attempts: b[1],
-            budget_percent: b[2],
-            min_retries_per_second: b[3],
-            consecutive_failures: b[4],
-            ejection_ms: ejection_ms % 30_000,
-            max_ejection_factor: b[5],
-            max_ejected_percent: b[6],
-            panic_threshold_percent: b[7],
-            slow_start_ms: slow_start_ms % 20_000,
-            rise: b[8],
-            fall: b[9],
-            backoff_ms: 10,
-            attempt_timeout_ms,
-            seed,
-            initial,
-        })
+        .prop_map(
+            |(b, ejection_ms, slow_start_ms, attempt_timeout_ms, seed, initial)| Setup {
+                strategy: b[0],
+                attempts: b[1],
+                budget_percent: b[2],
+                min_retries_per_second: b[3],
+                consecutive_failures: b[4],
+                ejection_ms: ejection_ms % 30_000,
+                max_ejection_factor: b[5],
+                max_ejected_percent: b[6],
+                panic_threshold_percent: b[7],
+                slow_start_ms: slow_start_ms % 20_000,
+                rise: b[8],
+                fall: b[9],
+                backoff_ms: 10,
+                attempt_timeout_ms,
+                seed,
+                initial,
+            },
+        )
 }
 
 fn member() -> impl Strategy<Value = Member> {
@@ -93,5 +95,260 @@ proptest! {
     #[test]
     fn core_events_structured(setup in setup(), ops in prop::collection::vec(op(), 1..250)) {
         core_target::run(&Input { setup, ops });
+    }
+}
+
+// --- config ---
+
+/// Values of one kind, mostly valid, some not.
+fn value_of(kind: char) -> BoxedStrategy<String> {
+    let pool: Vec<&'static str> = match kind {
+        'd' => vec![
+            "\"10ms\"",
+            "\"0s\"",
+            "\"0\"",
+            "\"2s\"",
+            "\"1m\"",
+            "\"5m\"",
+            "\"250ms\"",
+            "\"1h\"",
+            "\"soon\"",
+            "\"1e9s\"",
+            "\"18446744073709551615s\"",
+            "\"-1s\"",
+            "\"1 s\"",
+            "\"\"",
+        ],
+        'n' => vec![
+            "0",
+            "1",
+            "2",
+            "3",
+            "5",
+            "10",
+            "11",
+            "50",
+            "100",
+            "101",
+            "1000",
+            "1001",
+            "1024",
+            "65536",
+            "-1",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "4294967296",
+        ],
+        'u' => vec![
+            "\"http://127.0.0.1:3031\"",
+            "\"http://127.0.0.1:3032\"",
+            "\"http://a:1/\"",
+            "\"HTTP://A:1\"",
+            "\"https://b:2\"",
+            "\"ftp://c:3\"",
+            "\"http://[::1]:80\"",
+            "\"http://h\"",
+            "\"http://h:99999\"",
+            "\"http://u@h:1\"",
+            "\"\"",
+            "\" http://a:1 \"",
+        ],
+        'a' => vec![
+            "\"127.0.0.1:3030\"",
+            "\"[::1]:0\"",
+            "\"0.0.0.0:80\"",
+            "\"localhost:1\"",
+            "\"bad\"",
+            "\"1.2.3.4:99999\"",
+        ],
+        'l' => vec![
+            "[\"127.0.0.1:3030\"]",
+            "[\"0.0.0.0:1\", \"bad\"]",
+            "[]",
+            "[\"[::1]:1\", \"[::1]:1\"]",
+        ],
+        's' => vec![
+            "\"round-robin\"",
+            "\"weighted-round-robin\"",
+            "\"least-connections\"",
+            "\"p2c-ewma\"",
+            "\"consistent-hash\"",
+            "\"random\"",
+            "\"nope\"",
+            "\"Round-Robin\"",
+        ],
+        'h' => vec![
+            "\"header:X-User\"",
+            "\"cookie:\"",
+            "\"cookie:sid\"",
+            "\"client-ip\"",
+            "\"path\"",
+            "\"header:\"",
+            "\"header:bad name\"",
+            "\"other\"",
+        ],
+        'f' => vec!["\"text\"", "\"json\"", "\"xml\""],
+        'p' => vec!["\"/healthz\"", "\"/\"", "\"\"", "\"a b\"", "\"/x?y=1\""],
+        _ => vec!["\"/etc/lb/cert.pem\""],
+    };
+    let odd = prop::sample::select(vec![
+        "true",
+        "1.5",
+        "{}",
+        "[1, 2]",
+        "1979-05-27",
+        "\"2\"",
+        "7",
+        "\"\"\"\nmulti\n\"\"\"",
+    ]);
+    prop_oneof![
+        8 => prop::sample::select(pool).prop_map(str::to_owned),
+        1 => odd.prop_map(str::to_owned),
+        1 => "[a-z0-9:/.\\[\\]@ -]{0,20}".prop_map(|s| format!("{s:?}")),
+    ]
+    .boxed()
+}
+
+/// Sections, each with its keys and their kinds (`d` duration, `n` number, `u` URL, `a`
+/// address, `l` address list, `s` strategy, `h` hash key, `f` log format, `p` path).
+const SECTIONS: [(&str, &[(&str, char)]); 8] = [
+    (
+        "",
+        &[
+            ("listen", 'l'),
+            ("port", 'n'),
+            ("admin", 'a'),
+            ("strategy", 's'),
+            ("hash_key", 'h'),
+            ("log_format", 'f'),
+        ],
+    ),
+    (
+        "[health]",
+        &[
+            ("interval", 'd'),
+            ("timeout", 'd'),
+            ("path", 'p'),
+            ("rise", 'n'),
+            ("fall", 'n'),
+        ],
+    ),
+    (
+        "[passive]",
+        &[
+            ("consecutive_failures", 'n'),
+            ("ejection", 'd'),
+            ("max_ejection", 'd'),
+            ("max_ejected_percent", 'n'),
+            ("panic_threshold_percent", 'n'),
+            ("slow_start", 'd'),
+        ],
+    ),
+    (
+        "[retry]",
+        &[
+            ("attempts", 'n'),
+            ("backoff", 'd'),
+            ("budget_percent", 'n'),
+            ("min_retries_per_second", 'n'),
+        ],
+    ),
+    (
+        "[timeouts]",
+        &[
+            ("connect", 'd'),
+            ("request", 'd'),
+            ("idle", 'd'),
+            ("header_read", 'd'),
+            ("body_read", 'd'),
+            ("drain", 'd'),
+        ],
+    ),
+    (
+        "[limits]",
+        &[
+            ("max_header_bytes", 'n'),
+            ("max_connections", 'n'),
+            ("replay_buffer", 'n'),
+        ],
+    ),
+    (
+        "[tls]",
+        &[("cert", 'c'), ("key", 'c'), ("upstream_ca", 'c')],
+    ),
+    (
+        "[[backend]]",
+        &[("url", 'u'), ("url", 'u'), ("weight", 'n')],
+    ),
+];
+
+/// One section with some of its keys (a misspelt one now and then).
+fn config_section() -> impl Strategy<Value = String> {
+    (
+        0..SECTIONS.len(),
+        prop::collection::vec((any::<prop::sample::Index>(), 0u8..20), 0..5),
+    )
+        .prop_flat_map(|(s, picks)| {
+            let (header, keys) = SECTIONS[s];
+            let lines: Vec<BoxedStrategy<String>> = picks
+                .into_iter()
+                .map(|(i, typo)| {
+                    let (k, kind) = keys[i.index(keys.len())];
+                    let k = if typo == 0 {
+                        format!("{k}x")
+                    } else {
+                        k.to_owned()
+                    };
+                    value_of(kind)
+                        .prop_map(move |v| format!("{k} = {v}"))
+                        .boxed()
+                })
+                .collect();
+            lines.prop_map(move |lines| format!("{header}\n{}", lines.join("\n")))
+        })
+}
+
+fn config_text() -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(config_section(), 0..7),
+        prop::sample::select(vec![
+            "",
+            "# comment",
+            "[[backend]]",
+            "[helth]",
+            "x = 1",
+            "timeouts.idle = \"5s\"",
+            "backend = []",
+        ]),
+    )
+        .prop_map(|(sections, extra)| {
+            // Most files lead with one backend, so the rest of the file is what is judged.
+            let mut text = String::from("[[backend]]\nurl = \"http://127.0.0.1:3031\"\n");
+            // Top-level keys must come before any table.
+            let (top, rest): (Vec<_>, Vec<_>) =
+                sections.into_iter().partition(|s| s.starts_with('\n'));
+            if !top.is_empty() {
+                text = format!("{}\n{text}", top.concat());
+            }
+            text.push_str(&rest.join("\n"));
+            text.push('\n');
+            text.push_str(extra);
+            text
+        })
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// Any bytes.
+    #[test]
+    fn config_random_bytes(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        lb_fuzz::config(&data);
+    }
+
+    /// Files made of config lines: sections, keys of every section, values of every kind.
+    #[test]
+    fn config_structured(text in config_text()) {
+        lb_fuzz::config::check(&text);
     }
 }
