@@ -11,15 +11,23 @@
 //!
 //! # Layout
 //! * [`config`] (`config`): TOML text through `lb`'s config loader.
+//! * [`http1_head`] (`http1`): HTTP/1 request heads, parsed as hyper does, through
+//!   lb-proxy's validation and header rewriting.
 //! * [`core_events`] (`core`): arbitrary event sequences into [`lb_core::Balancer`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod core;
+pub mod http1;
 
 pub use crate::config::config;
 pub use crate::core::core_events;
+pub use crate::http1::http1_head;
 
 /// The targets by name, as the corpus directories and `fuzz/fuzz_targets` name them.
-pub const TARGETS: [(&str, fn(&[u8])); 2] = [("config", config), ("core_events", core_events)];
+pub const TARGETS: [(&str, fn(&[u8])); 3] = [
+    ("config", config),
+    ("http1_head", http1_head),
+    ("core_events", core_events),
+];

@@ -5,9 +5,14 @@
 use lb_fuzz::core::{self as core_target, Input, Member, Op, OutcomeKind, Setup};
 use proptest::prelude::*;
 
+/// `n` cases, or `PROPTEST_CASES` for a longer run.
 fn cases(n: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(n);
     ProptestConfig {
-        cases: n,
+        cases,
         // A failure is shrunk, but not for ever.
         max_shrink_iters: 2_000,
         ..ProptestConfig::default()
@@ -350,5 +355,146 @@ proptest! {
     #[test]
     fn config_structured(text in config_text()) {
         lb_fuzz::config::check(&text);
+    }
+}
+
+// --- http1_head ---
+
+/// Header lines a smuggler would try, and ordinary ones.
+fn head_line() -> impl Strategy<Value = String> {
+    let name = prop::sample::select(vec![
+        "Host",
+        "host",
+        "HOST",
+        "Content-Length",
+        "content_length",
+        "Content_Length",
+        "Transfer-Encoding",
+        "transfer_encoding",
+        "Connection",
+        "Keep-Alive",
+        "Upgrade",
+        "HTTP2-Settings",
+        "TE",
+        "Trailer",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "X-Forwarded-For",
+        "x_forwarded_for",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Host",
+        "x-forwarded_host",
+        "Cookie",
+        "Expect",
+        "X-Custom",
+        "X-Secret",
+    ]);
+    let value = prop::sample::select(vec![
+        "a.example",
+        "a.example:8080",
+        "a:99999",
+        "[::1]:80",
+        "u@a",
+        "a b",
+        "",
+        "0",
+        "5",
+        "10",
+        "18446744073709551615",
+        "18446744073709551614",
+        "-1",
+        "+5",
+        "0x10",
+        "5, 5",
+        "5, 6",
+        "chunked",
+        "Chunked",
+        "gzip, chunked",
+        "chunked, gzip",
+        "chunked, chunked",
+        "identity",
+        " chunked",
+        "chunked;x=1",
+        "close",
+        "keep-alive",
+        "Upgrade",
+        "upgrade, x-secret",
+        "content-length",
+        "Host, X-Forwarded-For",
+        "transfer-encoding",
+        "te, trailer",
+        "websocket",
+        "h2c",
+        "H2C, websocket",
+        "h2c-14",
+        "h2",
+        "foo/1",
+        "1.2.3.4",
+        "1.2.3.4, 5.6.7.8",
+        "trailers",
+        "100-continue",
+        "caf\u{e9}",
+        "x\u{7f}y",
+    ]);
+    prop_oneof![
+        6 => (name, value, prop::sample::select(vec![": ", ":", ":  ", " : ", ":\t"]))
+            .prop_map(|(n, v, sep)| format!("{n}{sep}{v}")),
+        1 => "[ -~]{0,20}",
+    ]
+}
+
+fn request_head() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop::sample::select(vec![
+        "GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH", "PRI", "get", "X-M",
+    ]);
+    let target = prop::sample::select(vec![
+        "/",
+        "/p?q=1",
+        "*",
+        "http://real.example/x",
+        "https://real.example:443/",
+        "http://u:p@real/",
+        "ftp://real/",
+        "real:443",
+        "http://real:99999/",
+        "//x",
+        "/a b",
+        "http://[::1]:80/",
+    ]);
+    let version = prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/1.1", "HTTP/2.0"]);
+    let eol = prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\n"]);
+    (
+        method,
+        target,
+        version,
+        prop::collection::vec(head_line(), 0..10),
+        eol,
+    )
+        .prop_map(|(m, t, v, lines, eol)| {
+            let mut head = format!("{m} {t} {v}{eol}");
+            for l in lines {
+                head.push_str(&l);
+                head.push_str(eol);
+            }
+            head.push_str(eol);
+            head.into_bytes()
+        })
+}
+
+proptest! {
+    #![proptest_config(cases(512))]
+
+    /// Any bytes (after the address byte).
+    #[test]
+    fn http1_head_random_bytes(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        lb_fuzz::http1_head(&data);
+    }
+
+    /// Heads made of smuggling-style lines, from three kinds of client address.
+    #[test]
+    fn http1_head_structured(pick in any::<u8>(), head in request_head()) {
+        let mut data = vec![pick];
+        data.extend_from_slice(&head);
+        lb_fuzz::http1_head(&data);
     }
 }
