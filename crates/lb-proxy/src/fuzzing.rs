@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use http::{Request, Uri, Version};
 
 use crate::{headers, validate};
@@ -28,11 +28,7 @@ pub fn forward_head(
     let xff = headers::client_value(client);
     headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
     headers::frame_unknown_length(&mut parts.headers, end_stream);
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path_and_query = validate::origin_form(&parts.uri);
     // As `Outgoing::attempt`.
     let mut out = Request::new(());
     *out.method_mut() = parts.method;

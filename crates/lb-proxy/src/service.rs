@@ -121,11 +121,7 @@ pub(crate) async fn handle(
         Err(fault) => return client_fault(ex, fault, version),
     };
     ex.body = source.watch().cloned();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = validate::origin_form(&parts.uri);
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query,
