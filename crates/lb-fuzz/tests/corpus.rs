@@ -119,3 +119,24 @@ fn config_spec_example() {
     let e = refused(&tls);
     assert!(e.key.starts_with("tls."), "{e:?}");
 }
+
+/// Crash 1 of `http1_head` (corpus/http1_head/crash-empty-path-fragment, found by libFuzzer
+/// in its first minute): an absolute-form target with an empty path and a fragment
+/// (`http://a#f`) was forwarded with an empty request target (`GET  HTTP/1.1`).
+#[test]
+fn http1_absolute_form_with_an_empty_path_is_forwarded_as_slash() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/http1_head");
+    for name in ["crash-empty-path-fragment", "absolute-form-empty-path"] {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        lb_fuzz::http1_head(&data);
+    }
+    let lb_fuzz::http1::Parsed::Request(req, _) =
+        lb_fuzz::http1::parse(b"GET http://real.example#frag HTTP/1.1\r\nHost: d\r\n\r\n")
+    else {
+        panic!("hyper takes it");
+    };
+    let backend = http::uri::Authority::from_static("b:1");
+    let out = lb_proxy::fuzzing::forward_head(req, [127, 0, 0, 1].into(), true, &backend).unwrap();
+    assert_eq!(out.uri().to_string(), "/");
+    assert_eq!(out.headers()["host"], "real.example");
+}

@@ -460,6 +460,9 @@ fn request_head() -> impl Strategy<Value = Vec<u8>> {
         "//x",
         "/a b",
         "http://[::1]:80/",
+        "http://real.example",
+        "http://real.example#f",
+        "http://r?q",
     ]);
     let version = prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/1.1", "HTTP/2.0"]);
     let eol = prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\n"]);
