@@ -52,7 +52,7 @@ pub enum Parsed {
     /// hyper answers this status itself; lb never sees the request.
     Refused(u16),
     /// A request for lb.
-    Request(Request<()>, Framing),
+    Request(Box<Request<()>>, Framing),
 }
 
 /// How hyper frames the request body.
@@ -85,7 +85,7 @@ pub fn http1_head(data: &[u8]) {
 /// When an invariant is broken (the message says which).
 pub fn check(head: &[u8], client: IpAddr) {
     let (req, framing) = match parse(head) {
-        Parsed::Request(r, f) => (r, f),
+        Parsed::Request(r, f) => (*r, f),
         Parsed::Partial | Parsed::Refused(_) => return,
     };
     let original = req.clone();
@@ -176,7 +176,7 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     *r.uri_mut() = uri;
     *r.version_mut() = version;
     *r.headers_mut() = map;
-    Parsed::Request(r, framing)
+    Parsed::Request(Box::new(r), framing)
 }
 
 /// hyper's `headers::is_chunked_`: the last coding is `chunked`.

@@ -25,8 +25,11 @@ pub use crate::config::config;
 pub use crate::core::core_events;
 pub use crate::http1::http1_head;
 
+/// A fuzz target: the fuzzer's bytes in, a panic out only on a broken invariant.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as the corpus directories and `fuzz/fuzz_targets` name them.
-pub const TARGETS: [(&str, fn(&[u8])); 3] = [
+pub const TARGETS: [(&str, Target); 3] = [
     ("config", config),
     ("http1_head", http1_head),
     ("core_events", core_events),

@@ -136,7 +136,7 @@ fn http1_absolute_form_with_an_empty_path_is_forwarded_as_slash() {
         panic!("hyper takes it");
     };
     let backend = http::uri::Authority::from_static("b:1");
-    let out = lb_proxy::fuzzing::forward_head(req, [127, 0, 0, 1].into(), true, &backend).unwrap();
+    let out = lb_proxy::fuzzing::forward_head(*req, [127, 0, 0, 1].into(), true, &backend).unwrap();
     assert_eq!(out.uri().to_string(), "/");
     assert_eq!(out.headers()["host"], "real.example");
 }
