@@ -19,7 +19,8 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked >&2
 fi
 export CARGO_INCREMENTAL=0
-cargo fuzz build --sanitizer none -O >&2
+# -O -a: optimized, with debug assertions and overflow checks (an overflow is a crash).
+cargo fuzz build --sanitizer none -O -a >&2
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 failed=0
 for t in "${targets[@]}"; do
