@@ -17,7 +17,9 @@
 //!    to its timer, by design);
 //! 3. each backend's `active_requests` equals the harness's count of attempts it has open,
 //!    after every step, and everything returns to zero once all requests are gone;
-//!    `requests_total` equals the attempts sent there;
+//!    `requests_total` equals the attempts sent there, and `failures_total` the backend's
+//!    own failures reported (refused or timed-out connects, resets, timeouts, broken
+//!    bodies): a client that leaves (abandon, drop, `ClientGone`) never counts;
 //! 4. retries stay within the budget over every 10 s window, and within `attempts`;
 //! 5. a request that may have been sent (reset, timed out, a response) is retried or
 //!    re-sent only if it is idempotent and replayable; a response is never retried; at
@@ -317,6 +319,8 @@ struct World {
     panic: bool,
     /// Attempts sent to each backend.
     sent: HashMap<BackendId, u64>,
+    /// Failures of each backend's own reported.
+    failed: HashMap<BackendId, u64>,
     /// ms → (requests started, retries taken).
     window: BTreeMap<u64, (u64, u64)>,
     live: Vec<Live>,
@@ -343,6 +347,7 @@ fn run_once(input: &Input, epoch: Instant) -> Vec<String> {
         ejected: BTreeSet::new(),
         panic: false,
         sent: HashMap::new(),
+        failed: HashMap::new(),
         window: BTreeMap::new(),
         live: Vec::new(),
         trace: Vec::new(),
@@ -500,6 +505,9 @@ impl World {
                 let fresh = fresh && self.timer_up_to_date();
                 self.drain_events();
                 if let Action::Forward { backend, .. } = before {
+                    if o.is_backend_failure() {
+                        *self.failed.entry(backend).or_default() += 1;
+                    }
                     let expect = match action {
                         Action::Forward { backend, .. } => Some(backend),
                         // A relayed attempt stays in flight until `finish`.
@@ -583,6 +591,10 @@ impl World {
                     return;
                 }
                 let live = self.live.swap_remove(i);
+                if let (CompletionKind::BackendFailed, Some(b)) = (completion, live.st.in_flight())
+                {
+                    *self.failed.entry(b).or_default() += 1;
+                }
                 let c = match completion {
                     CompletionKind::Done => Completion::Done,
                     CompletionKind::BackendFailed => Completion::BackendFailed,
@@ -739,6 +751,12 @@ impl World {
                 b.requests_total,
                 self.sent.get(&b.id).copied().unwrap_or(0),
                 "invariant 3: attempts sent to {}",
+                b.id
+            );
+            assert_eq!(
+                b.failures_total,
+                self.failed.get(&b.id).copied().unwrap_or(0),
+                "invariant 3: failures of {} counted",
                 b.id
             );
             assert_eq!(
