@@ -43,7 +43,7 @@ use lb_core::{
 /// Requests the harness keeps open at once.
 pub const MAX_LIVE: usize = 24;
 /// Operations taken from one input.
-pub const MAX_OPS: usize = 600;
+pub const MAX_OPS: usize = 400;
 /// Distinct backend addresses the sets are drawn from.
 pub const ADDRS: u8 = 6;
 
@@ -288,6 +288,15 @@ fn outcome(kind: OutcomeKind) -> Outcome {
     }
 }
 
+/// What the core decided, in order: compared between the two runs of an input.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Set(Option<Vec<BackendId>>),
+    Action(Action),
+    Event(Event),
+    Resend(bool),
+}
+
 /// One open request as the harness sees it.
 struct Live {
     st: RequestState,
@@ -324,10 +333,10 @@ struct World {
     /// ms → (requests started, retries taken).
     window: BTreeMap<u64, (u64, u64)>,
     live: Vec<Live>,
-    trace: Vec<String>,
+    trace: Vec<Step>,
 }
 
-fn run_once(input: &Input, epoch: Instant) -> Vec<String> {
+fn run_once(input: &Input, epoch: Instant) -> Vec<Step> {
     let (kind, config) = config(&input.setup);
     let lb = Balancer::new(config.clone(), AnySelect::new(kind))
         .expect("the harness builds valid configs");
@@ -398,11 +407,11 @@ impl World {
                 self.probe.retain(|id, _| ids.contains(id));
                 self.ejected.retain(|id| ids.contains(id));
                 self.members = ids;
-                self.trace.push(format!("set {:?}", self.members));
+                self.trace.push(Step::Set(Some(self.members.clone())));
             }
             Err(e) => {
                 assert!(dup, "set_backends refused a valid set: {e}");
-                self.trace.push("set refused".into());
+                self.trace.push(Step::Set(None));
             }
         }
         self.drain_events();
@@ -429,7 +438,7 @@ impl World {
                 }
                 _ => {}
             }
-            self.trace.push(format!("event {e}"));
+            self.trace.push(Step::Event(e));
         }
     }
 
@@ -490,7 +499,7 @@ impl World {
                     }
                     Action::Relay => panic!("start relayed"),
                 }
-                self.trace.push(format!("start {action:?}"));
+                self.trace.push(Step::Action(action));
                 self.live.push(live);
             }
             Op::Outcome { req, outcome: kind } => {
@@ -557,7 +566,7 @@ impl World {
                     );
                 }
                 live.last = action;
-                self.trace.push(format!("outcome {o:?} {action:?}"));
+                self.trace.push(Step::Action(action));
                 self.live.push(live);
             }
             Op::Resend { req, reset } => {
@@ -583,7 +592,7 @@ impl World {
                     );
                     live.resent = true;
                 }
-                self.trace.push(format!("resend {failed:?} {ok}"));
+                self.trace.push(Step::Resend(ok));
             }
             Op::Finish { req, completion } => {
                 let Some(i) = self.pick(req) else { return };
@@ -602,19 +611,16 @@ impl World {
                 };
                 self.lb.finish(live.st, c, now);
                 self.drain_events();
-                self.trace.push(format!("finish {c:?}"));
             }
             Op::Abandon { req } => {
                 let Some(i) = self.pick(req) else { return };
                 let live = self.live.swap_remove(i);
                 self.lb.abandon(live.st, now);
                 self.drain_events();
-                self.trace.push("abandon".into());
             }
             Op::Drop { req } => {
                 let Some(i) = self.pick(req) else { return };
                 drop(self.live.swap_remove(i));
-                self.trace.push("drop".into());
             }
             Op::Probe { backend, ok } => {
                 let all: Vec<BackendId> = self
@@ -646,7 +652,6 @@ impl World {
                 }
                 self.lb.handle_probe(id, result, now);
                 self.drain_events();
-                self.trace.push(format!("probe {id} {ok}"));
             }
             Op::SetBackends(ref set) => self.set_backends(set),
             Op::Advance(ms) => self.ms += u64::from(ms),
