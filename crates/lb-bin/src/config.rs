@@ -177,17 +177,29 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         }
         None => (None, String::new()),
     };
-    let cx = Cx::new(file.as_deref(), &text);
-    let parsed: File = toml::from_str(&text).map_err(|e| {
+    load_text(cli, file.as_deref(), &text)
+}
+
+/// As [`load`], with the config file's text already read (`text` is empty without a file).
+pub(crate) fn load_text(
+    cli: &Cli,
+    file: Option<&Path>,
+    text: &str,
+) -> Result<Settings, ConfigError> {
+    let cx = Cx::new(file, text);
+    let parsed: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| cx.line(&s));
         let message = e.message().trim().to_owned();
-        let key = key_of(&message);
-        let key = match e.span() {
-            Some(span) if !key.is_empty() => qualified(&text[..span.start.min(text.len())], &key),
-            _ => key,
+        // The field an unknown- or missing-field message names, under the key (table) the
+        // error is in; a value of the wrong type is named by its own key.
+        let field = key_of(&message);
+        let key = match e.span().and_then(|s| key_at(text, s.start)) {
+            Some(at) if field.is_empty() || at == field || at.ends_with(&format!(".{field}")) => at,
+            Some(at) => format!("{at}.{field}"),
+            None => field,
         };
         ConfigError {
-            file: file.clone(),
+            file: file.map(Path::to_path_buf),
             line,
             key,
             message,
@@ -307,27 +319,52 @@ fn key_of(message: &str) -> String {
         .to_owned()
 }
 
-/// `key` prefixed with the table it sits in, found from the text `before` it: `body_reed`
-/// under `[timeouts]` is `timeouts.body_reed`, under the second `[[backend]]` `backend[1].x`.
-fn qualified(before: &str, key: &str) -> String {
-    let Some(header) = before.lines().map(str::trim).rfind(|l| l.starts_with('[')) else {
-        return key.to_owned();
-    };
-    let name = header
-        .split(']')
-        .next()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim();
-    if header.starts_with("[[") {
-        let index = before
-            .lines()
-            .filter(|l| l.trim().starts_with("[[") && l.contains(name))
-            .count()
-            .saturating_sub(1);
-        format!("{name}[{index}].{key}")
-    } else {
-        format!("{name}.{key}")
+/// The dotted key (`timeouts.body_reed`, `backend[1].weight`) at byte `at` of the file: the
+/// innermost key whose name or value holds it, or the array-of-tables entry whose header
+/// does. `None` where the text is not TOML.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut best = None;
+    key_in(doc.get_ref(), at, "", &mut best);
+    best.map(|(key, _)| key)
+}
+
+/// Walks `table` for [`key_at`]; `best` keeps the narrowest match (its span's length).
+fn key_in(
+    table: &toml::de::DeTable<'_>,
+    at: usize,
+    prefix: &str,
+    best: &mut Option<(String, usize)>,
+) {
+    fn offer(best: &mut Option<(String, usize)>, at: usize, key: &str, span: Range<usize>) {
+        if span.contains(&at) || span.start == at {
+            let len = span.len();
+            if best.as_ref().is_none_or(|(_, l)| len <= *l) {
+                *best = Some((key.to_owned(), len));
+            }
+        }
+    }
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", k.get_ref())
+        };
+        offer(best, at, &key, k.span());
+        offer(best, at, &key, v.span());
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => key_in(t, at, &key, best),
+            toml::de::DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let key = format!("{key}[{i}]");
+                    offer(best, at, &key, item.span());
+                    if let toml::de::DeValue::Table(t) = item.get_ref() {
+                        key_in(t, at, &key, best);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -406,7 +443,11 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         None => cx.duration("health.timeout", &h.timeout, checker.timeout)?,
     };
     if timeout.is_zero() && !interval.is_zero() {
-        return cx.flag_err("health.timeout", "must be greater than zero");
+        let why = "must be greater than zero";
+        return match (cli.health_timeout, &h.timeout) {
+            (None, Some(t)) => cx.err("health.timeout", Some(t.span()), why),
+            _ => cx.flag_err("--health-timeout", why),
+        };
     }
     let path = match (&cli.health_path, &h.path) {
         (Some(p), _) => Some(p.clone()),
@@ -415,7 +456,11 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     };
     if let Some(p) = &path {
         if p.is_empty() || p.contains(char::is_whitespace) {
-            return cx.flag_err("health.path", format!("{p:?} is not a path"));
+            let why = format!("{p:?} is not a path");
+            return match (&cli.health_path, &h.path) {
+                (None, Some(v)) => cx.err("health.path", Some(v.span()), why),
+                _ => cx.flag_err("--health-path", why),
+            };
         }
     }
 
@@ -902,6 +947,66 @@ weight = 1
         let e = with_file("listen = [\"127.0.0.1:1\"]\n", &[]).unwrap_err();
         assert!(e.to_string().contains("no backends"), "{e}");
         assert!(e.to_string().contains("lb.toml"), "names the file: {e}");
+    }
+
+    /// Found by the config fuzz target (lb-fuzz `config`): these two were reported without
+    /// the file and the line, as if they came from flags.
+    #[test]
+    fn health_path_and_timeout_errors_name_the_file_and_line() {
+        let b = "[[backend]]\nurl = \"http://a:1\"\n";
+        for (text, key) in [
+            ("[health]\npath = \"\"\n", "health.path"),
+            (
+                "[health]\ninterval = \"1s\"\npath = \"a b\"\n",
+                "health.path",
+            ),
+            ("[health]\ntimeout = \"0s\"\n", "health.timeout"),
+        ] {
+            let e = with_file(&format!("{b}{text}"), &[]).unwrap_err();
+            let line = text.lines().count() + 2;
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{e}");
+            assert!(e.file.is_some(), "{e}");
+            assert!(
+                e.to_string().contains(&format!("lb.toml:{line}: {key}")),
+                "{e}"
+            );
+        }
+        let e = with_file(b, &["--health-timeout", "0s"]).unwrap_err();
+        assert_eq!((e.file, e.key.as_str()), (None, "--health-timeout"));
+    }
+
+    /// Found by the config fuzz target (lb-fuzz `config`): a value of the wrong type was
+    /// reported with no key, and a missing `url` under the second `[[backend]]` as the
+    /// first one's.
+    #[test]
+    fn type_errors_and_missing_keys_name_the_key() {
+        for (text, line, key) in [
+            ("[health]\nrise = \"2\"\n", 2, "health.rise"),
+            ("port = \"80\"\n", 1, "port"),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\nweight = \"5m\"\n",
+                3,
+                "backend[0].weight",
+            ),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nweight = 2\n",
+                3,
+                "backend[1].url",
+            ),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = 7\n",
+                4,
+                "backend[1].url",
+            ),
+            ("listen = [\"127.0.0.1:1\", 2]\n", 1, "listen[1]"),
+            ("[timeouts]\nidle = 5\n", 2, "timeouts.idle"),
+            ("timeouts = { idle = 5 }\n", 1, "timeouts.idle"),
+            ("health.rise = true\n", 1, "health.rise"),
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives

@@ -160,6 +160,29 @@ pub(crate) fn forward(
     };
 }
 
+/// A body of unknown length (chunked, or HTTP/2 without a length) is sent chunked: hyper
+/// frames one as chunked by itself only for methods that usually carry one, and silently
+/// sends none for GET or HEAD. Said outright, every method's body is sent, and read, so a
+/// fault in it is caught as the client's.
+pub(crate) fn frame_unknown_length(headers: &mut HeaderMap, end_stream: bool) {
+    if !end_stream && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+}
+
+/// An attempt's `Host`: the client's (see [`forward`]), or, for an HTTP/1.0 client that
+/// sent none, the backend's `authority`.
+pub(crate) fn host_or(headers: &mut HeaderMap, authority: &http::uri::Authority) {
+    if !headers.contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,8 @@ mod conn;
 mod driver;
 mod error;
 mod exchange;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod headers;
 mod interim;
 mod observe;

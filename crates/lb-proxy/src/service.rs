@@ -61,11 +61,7 @@ impl Outgoing {
         if let Some((phase, waker)) = &self.interim {
             Interim::watch(phase, waker, &mut req);
         }
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-        }
+        headers::host_or(req.headers_mut(), authority);
         Ok(req)
     }
 }
@@ -106,17 +102,7 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
-    if !http_body::Body::is_end_stream(&body) && !parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        // A body of unknown length (chunked, or HTTP/2 without a length): hyper frames one
-        // as chunked by itself only for methods that usually carry one, and silently sends
-        // none for GET or HEAD. Said outright, every method's body is sent, and read, so a
-        // fault in it is caught as the client's.
-        parts.headers.insert(
-            header::TRANSFER_ENCODING,
-            http::HeaderValue::from_static("chunked"),
-        );
-    }
+    headers::frame_unknown_length(&mut parts.headers, http_body::Body::is_end_stream(&body));
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -135,11 +121,7 @@ pub(crate) async fn handle(
         Err(fault) => return client_fault(ex, fault, version),
     };
     ex.body = source.watch().cloned();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = validate::origin_form(&parts.uri);
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query,

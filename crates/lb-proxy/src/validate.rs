@@ -121,6 +121,18 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The target in origin form, as an attempt sends it: `/` for an empty path (RFC 9112
+/// §3.2.1). An absolute-form target with an empty path and a fragment (`http://a#f`)
+/// parses to an empty path-and-query, which would go out as no target at all
+/// (`GET  HTTP/1.1`).
+pub(crate) fn origin_form(uri: &http::Uri) -> http::uri::PathAndQuery {
+    // An empty one reads as `/` (`as_str`, `path`) but is written as nothing.
+    uri.path_and_query()
+        .filter(|pq| pq.path() != "/" || pq.query().is_some())
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// The request target's authority, if it has one; invalid target forms are rejected.
 fn target_authority(uri: &http::Uri) -> Result<Option<&str>, Rejection> {
     let Some(authority) = uri.authority() else {

@@ -362,6 +362,31 @@ async fn an_absolute_form_target_replaces_host() {
     );
 }
 
+/// Found by lb-fuzz's `http1_head` target: an absolute-form target with an empty path
+/// (`http://a`, `http://a#f`) went out with an empty request target, `GET  HTTP/1.1`
+/// (RFC 9112 §3.2.1: the origin form of an empty path is `/`). Over HTTP/2, `:path` is
+/// never empty, so HTTP/1.1 is the way in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_with_an_empty_path_is_sent_as_slash() {
+    for (target, line) in [
+        ("http://real.example", "GET / HTTP/1.1"),
+        ("http://real.example#frag", "GET / HTTP/1.1"),
+        ("http://real.example?q=1", "GET /?q=1 HTTP/1.1"),
+    ] {
+        let backend = RawBackend::start(OK).await;
+        let lb = Lb::start(&[backend.url()]).await;
+        let request = format!("GET {target} HTTP/1.1\r\nHost: decoy\r\nConnection: close\r\n\r\n");
+        let resp = exchange(lb.addr, request.as_bytes()).await;
+        assert_eq!(status(&resp), "200", "{target}: {resp}");
+        let (got, headers) = backend.only_head();
+        assert_eq!(got, line, "{target}");
+        assert!(
+            headers.contains(&"host: real.example".to_owned()),
+            "{target}: {headers:?}"
+        );
+    }
+}
+
 /// An HTTP/2 (prior knowledge) client connection to `addr`.
 async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     let tcp = TcpStream::connect(addr).await.unwrap();

@@ -1,0 +1,170 @@
+//! `lb`: an HTTP load balancer and reverse proxy. See README.md and SPEC.md.
+//!
+//! The binary's code, as a library so that tests and fuzz targets reach the same code paths
+//! the binary runs (`src/main.rs` only calls [`main`]): [`check_config`] is the config loader
+//! of `lb --config FILE --check` on text already read.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod admin;
+mod app;
+mod cli;
+mod config;
+mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// What a config file that `lb` accepts comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedConfig {
+    /// The summary `lb --check` prints.
+    pub summary: String,
+    /// Every effective setting (their `Debug` form): equal for equal settings.
+    pub settings: String,
+}
+
+/// Why `lb` refuses a config file (it would exit 1 and print [`shown`](Self::shown)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The file named, if any.
+    pub file: Option<PathBuf>,
+    /// The 1-based line named, if any.
+    pub line: Option<usize>,
+    /// The key named (`health.interval`, `backend[2].url`); empty if none.
+    pub key: String,
+    /// The message `lb` prints.
+    pub shown: String,
+}
+
+/// Loads and validates `text` as the config file `file` with no flags, exactly as
+/// `lb --config FILE --check` does after reading the file.
+///
+/// # Errors
+/// What `lb` would refuse the file for.
+pub fn check_config(file: &Path, text: &str) -> Result<CheckedConfig, ConfigProblem> {
+    let cli = cli::Cli::parse_from(["lb", "--check"]);
+    match config::load_text(&cli, Some(file), text) {
+        Ok(s) => Ok(CheckedConfig {
+            summary: s.to_string(),
+            settings: format!("{s:?}"),
+        }),
+        Err(e) => Err(ConfigProblem {
+            shown: e.to_string(),
+            file: e.file,
+            line: e.line,
+            key: e.key,
+        }),
+    }
+}
+
+/// The `lb` command: parses the command line, loads the config, runs until a signal says
+/// stop. Returns the process's exit code (SPEC: 2 for usage errors, 1 for config errors).
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = cli::Cli::parse(); // usage errors exit 2
+    let settings = match config::load(&cli) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lb: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.check {
+        println!("{settings}");
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(settings.log_format);
+    match app::start(cli, settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                if !msg.contains(&s.to_string()) {
+                    msg.push_str(&format!(": {s}"));
+                }
+                source = s.source();
+            }
+            eprintln!("lb: {msg}");
+            tracing::error!(target: "lb", error = %msg, "failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The HTTP libraries' own targets. They log what peers do (h2 warns once per unsolicited PING
+/// ack), so any client could fill the log: they log at `error` only, unless `RUST_LOG` names
+/// them.
+const PEER_DRIVEN_TARGETS: [&str; 3] = ["h2", "hyper", "hyper_util"];
+
+/// The log filter: `RUST_LOG` (default `info`), with [`PEER_DRIVEN_TARGETS`] at `error`
+/// unless it names them.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let (mut filter, spec) = match rust_log.map(|s| (EnvFilter::try_new(s), s)) {
+        Some((Ok(filter), spec)) => (filter, spec),
+        _ => (EnvFilter::new("info"), "info"),
+    };
+    for target in PEER_DRIVEN_TARGETS {
+        if names_target(spec, target) {
+            continue;
+        }
+        if let Ok(directive) = format!("{target}=error").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
+/// Whether one of the filter's directives is about `target` or a module inside it.
+fn names_target(spec: &str, target: &str) -> bool {
+    spec.split(',').any(|directive| {
+        let name = directive.split(['=', '[']).next().unwrap_or("").trim();
+        name == target
+            || name
+                .strip_prefix(target)
+                .is_some_and(|rest| rest.starts_with("::"))
+    })
+}
+
+/// Logs to stdout, filtered by [`log_filter`]; `--log-format json` gives one JSON object per
+/// line.
+fn init_logging(format: cli::LogFormat) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(rust_log.as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(false);
+    match format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_target;
+
+    #[test]
+    fn a_filter_names_a_target_only_by_a_directive_for_it() {
+        assert!(!names_target("info", "h2"));
+        assert!(!names_target("debug,lb=trace", "hyper"));
+        assert!(!names_target("hyper_util=debug", "hyper"));
+        assert!(!names_target("h2c=debug", "h2"));
+        assert!(names_target("info,h2=warn", "h2"));
+        assert!(names_target("h2", "h2"));
+        assert!(names_target("h2::proto::ping_pong=debug", "h2"));
+        assert!(names_target("hyper[conn]=debug", "hyper"));
+        assert!(names_target("info, hyper_util = debug", "hyper_util"));
+    }
+}
