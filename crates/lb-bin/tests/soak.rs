@@ -31,13 +31,17 @@ const FD_SLACK: usize = 2;
 const PER_PROTOCOL: usize = 16;
 const BACKENDS: usize = 4;
 
+/// Clients of the warm-up, both protocols: four times the run's.
+const WARM_UP_CLIENTS: usize = 4 * 2 * PER_PROTOCOL;
+
 /// The upstream pool grows, slowly, for a long while: a connection goes back to the pool
 /// just after its response reached the client, so now and then the client's next request
 /// finds none ready and opens one more. It is bounded by the load, not by the number of
-/// requests: per worker and backend, at most two connections per client connection (the
-/// one finishing, the one in use), so over 2 workers at most this many. A connection leaked
-/// per request (or per thousand) would pass it within the run.
-const UPSTREAM_BOUND: u64 = (2 * 2 * 2 * PER_PROTOCOL * BACKENDS) as u64;
+/// requests: per backend, at most two connections per client connection (the one finishing,
+/// the one in use; each client connection lives in one worker), and the warm-up has the
+/// most clients. A connection leaked per request (or per hundred) would pass it within the
+/// run.
+const UPSTREAM_BOUND: u64 = (2 * WARM_UP_CLIENTS * BACKENDS) as u64;
 
 fn config(addr: std::net::SocketAddr, admin: std::net::SocketAddr, urls: &[String]) -> String {
     let mut text = format!(
@@ -96,7 +100,7 @@ fn a_soak_leaves_nothing_behind_and_counts_exactly() {
     // seen bigger peaks than the run's, so neither grows during the run (with the run's own
     // concurrency, the pool kept opening a connection now and then for the whole run, and
     // memory followed).
-    let (w1, w2) = run_mix(addr, 4 * per_protocol, warm_up);
+    let (w1, w2) = run_mix(addr, WARM_UP_CLIENTS / 2, warm_up);
     assert!(w1.failures.is_empty(), "warm-up h1: {}", failures(&w1));
     assert!(w2.failures.is_empty(), "warm-up h2: {}", failures(&w2));
     let upstream = |bs: &[Counting]| bs.iter().map(Counting::open_connections).sum::<u64>();
