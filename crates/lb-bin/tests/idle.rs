@@ -69,7 +69,10 @@ async fn h1_request(s: &mut tokio::net::TcpStream, body: &[u8]) -> Result<(), St
         head.is_some_and(|h| out.len() == h + 4 + body.len())
     }) {
         match s.read(&mut buf).await {
-            Ok(0) => return Err("closed".into()),
+            Ok(0) => {
+                let got = String::from_utf8_lossy(&out[..out.len().min(80)]).into_owned();
+                return Err(format!("closed after {got:?}"));
+            }
             Err(e) => return Err(format!("read: {e}")),
             Ok(n) => out.extend_from_slice(&buf[..n]),
         }
@@ -316,7 +319,12 @@ fn max_connections_at_scale_serves_exactly_the_limit_and_the_rest_wait() {
     poll(M);
     // The limit reached: give the others a moment to be (wrongly) served or refused.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(*errors.lock().unwrap(), vec![], "refused or reset");
+    assert_eq!(
+        *errors.lock().unwrap(),
+        vec![],
+        "refused or reset ({} served)",
+        served.lock().unwrap().len()
+    );
     let first: Vec<usize> = served.lock().unwrap().clone();
     assert_eq!(first.len(), M, "served at once with max_connections = {M}");
     assert_eq!(backend.requests(), M as u64);

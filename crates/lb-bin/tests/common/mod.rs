@@ -198,9 +198,11 @@ pub const PROBE_PATH: &str = "/healthz";
 
 impl Counting {
     pub fn start(name: &str) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
+        // A deep accept queue (std's is 128): lb may open a thousand connections at once, and
+        // a SYN dropped on a full queue is retried only after lb's connect timeout.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let s = seen.clone();
         let body = Bytes::from(name.to_owned());
@@ -210,7 +212,7 @@ impl Counting {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let listener = socket.listen(4096).unwrap();
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
