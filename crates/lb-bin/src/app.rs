@@ -327,40 +327,52 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     // Same strategy and core settings: keep the balancer (and every backend's state).
     let current = proxy.routes();
     let same_balancer = new.strategy == old_settings.strategy && new.core == old_settings.core;
-    let built = if same_balancer {
-        Ok(Arc::clone(current.balancer()))
-    } else {
-        balancer(&new)
-    }
-    .and_then(|b| {
-        Ok(Routes::new(
-            b,
-            &new.backends,
-            new.hash_key.clone(),
-            Instant::now(),
-        )?)
-    });
-    let routes = match built {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
-            return;
-        }
-    };
-    let targets = probe_targets(&routes).await;
     let mut old_checker = running
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .checker
         .take();
-    if !same_balancer {
-        // A new balancer numbers its backends afresh: stop the old probes before its ids
-        // could be mistaken for the new ones.
-        if let Some(c) = old_checker.take() {
-            c.shutdown();
-        }
+    let swapped = if same_balancer {
+        // Building the routes changes the balancer in force: build and swap as one step,
+        // or a request between the two could pick a backend its routes do not know.
+        proxy
+            .replace_routes(|| {
+                Routes::new(
+                    Arc::clone(current.balancer()),
+                    &new.backends,
+                    new.hash_key.clone(),
+                    Instant::now(),
+                )
+            })
+            .map_err(StartupError::from)
+    } else {
+        balancer(&new)
+            .and_then(|b| {
+                Ok(Routes::new(
+                    b,
+                    &new.backends,
+                    new.hash_key.clone(),
+                    Instant::now(),
+                )?)
+            })
+            .map(|routes| {
+                // A new balancer numbers its backends afresh: stop the old probes before
+                // its ids could be mistaken for the new ones.
+                if let Some(c) = old_checker.take() {
+                    c.shutdown();
+                }
+                proxy.set_routes(routes);
+            })
+    };
+    if let Err(e) = swapped {
+        tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
+        running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .checker = old_checker;
+        return;
     }
-    proxy.set_routes(routes);
+    let targets = probe_targets(&proxy.routes()).await;
     let checker = if new.health == old_settings.health && old_checker.is_some() {
         old_checker
     } else {

@@ -112,6 +112,7 @@ impl Proxy {
         let shared = Shared {
             config,
             routes: Arc::new(ArcSwap::from_pointee(routes)),
+            swap: Arc::default(),
             upstream: Arc::new(upstream::Upstream::new(&config)),
             observer,
             drive: true,
@@ -139,6 +140,7 @@ impl Proxy {
         let shared = Shared {
             config: s.config,
             routes: Arc::clone(&s.routes),
+            swap: Arc::clone(&s.swap),
             upstream: Arc::new(upstream::Upstream::new(&s.config)),
             observer: Arc::clone(&s.observer),
             drive: false,
@@ -158,6 +160,24 @@ impl Proxy {
     pub fn set_routes(&self, routes: Routes) {
         self.shared.upstream.retain(routes.pool_keys());
         self.shared.routes.store(Arc::new(routes));
+    }
+
+    /// Builds new routes with `build` and swaps them in, as one step for requests. Use it
+    /// when the new routes share the balancer in force: [`Routes::new`] changes that
+    /// balancer's backend set at once, so a request that took the old routes can pick a
+    /// backend only the new ones know; it then waits for this swap and takes the new routes
+    /// (with [`set_routes`](Self::set_routes) after the build, it would fail in between).
+    ///
+    /// # Errors
+    /// `build`'s, and then nothing changes.
+    pub fn replace_routes<E>(&self, build: impl FnOnce() -> Result<Routes, E>) -> Result<(), E> {
+        let _swap = self
+            .shared
+            .swap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.set_routes(build()?);
+        Ok(())
     }
 
     /// The routes in force.

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use lb_core::{Action, Completion, Failure, Outcome, RequestInfo};
+use lb_core::{Action, BackendId, Completion, Failure, Outcome, RequestInfo};
 
 use crate::body::{BodySource, BodyWatch, ClientFault, RequestBody, ResponseBody};
 use crate::classify::{classify, AttemptResult, TimedOut, Verdict, NOT_SENT_HERE};
@@ -30,10 +30,31 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     /// Shared by every worker's `Shared`, so one reload reaches them all.
     pub(crate) routes: Arc<ArcSwap<Routes>>,
+    /// Held while a reload changes the balancer in force and swaps in the routes that go
+    /// with its new backend set ([`crate::Proxy::replace_routes`]); shared like `routes`.
+    pub(crate) swap: Arc<std::sync::Mutex<()>>,
     pub(crate) upstream: Arc<Upstream>,
     pub(crate) observer: Arc<dyn Observer>,
     /// Whether this one runs lb-core's timer (one per balancer is enough).
     pub(crate) drive: bool,
+}
+
+impl Shared {
+    /// The routes in force, when they share `routes`' balancer and know `backend`: a reload
+    /// that kept the balancer gave it a new backend set after this request took `routes`,
+    /// and the balancer picked one only the new routes know. Waits for a swap under way
+    /// (the lock is held only while the balancer's set changes and the routes are stored,
+    /// never across an await), so a backend picked from the new set is always found.
+    fn routes_knowing(&self, routes: &Routes, backend: BackendId) -> Option<Arc<Routes>> {
+        drop(
+            self.swap
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let now = self.routes.load_full();
+        (Arc::ptr_eq(&now.balancer, &routes.balancer) && now.target(backend).is_some())
+            .then_some(now)
+    }
 }
 
 /// The parts of the request every attempt sends.
@@ -74,7 +95,7 @@ pub(crate) async fn handle(
     xff: http::HeaderValue,
     phase: Arc<Phase>,
 ) -> Response<ResponseBody> {
-    let routes = shared.routes.load_full();
+    let mut routes = shared.routes.load_full();
     let mut ex = Exchange::start(
         Arc::clone(&routes),
         phase,
@@ -140,7 +161,7 @@ pub(crate) async fn handle(
     if let Some(key) = hash_key {
         info = info.with_hash_key(key);
     }
-    let balancer = &routes.balancer;
+    let balancer = Arc::clone(&routes.balancer);
     let (st, mut action) = balancer.start(info, now());
     let st = ex.st.insert(st);
     loop {
@@ -153,6 +174,12 @@ pub(crate) async fn handle(
                 // tokio rounds a sleep up to its next millisecond tick: no backoff, no sleep.
                 if not_before > now() {
                     tokio::time::sleep_until(not_before.into()).await;
+                }
+                if routes.target(backend).is_none() {
+                    if let Some(newer) = shared.routes_knowing(&routes, backend) {
+                        ex.routes = Arc::clone(&newer);
+                        routes = newer;
+                    }
                 }
                 let Some(target) = routes.target(backend) else {
                     action = balancer.handle_outcome(st, NOT_SENT_HERE, now());

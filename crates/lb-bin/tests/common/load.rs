@@ -316,3 +316,8 @@ async fn one(
     body.map_err(|e| (error_cause("body", &e), true))?;
     Ok(())
 }
+
+/// The `x-test-id` the next request will get: every id issued from now on is at least this.
+pub fn next_id() -> u64 {
+    NEXT_ID.load(Ordering::SeqCst)
+}

@@ -162,3 +162,201 @@ impl Drop for Lb {
         let _ = self.child.wait();
     }
 }
+
+/// What a [`Counting`] backend saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Requests other than probes (`health_path`).
+    pub requests: std::sync::atomic::AtomicU64,
+    /// POSTs among them.
+    pub posts: std::sync::atomic::AtomicU64,
+    /// Requests for the probe path.
+    pub probes: std::sync::atomic::AtomicU64,
+    /// Connections accepted.
+    pub connections: std::sync::atomic::AtomicU64,
+    /// Connections closed (by either side).
+    pub closed: std::sync::atomic::AtomicU64,
+    /// `x-test-id` of each request, with when it arrived, in arrival order.
+    pub arrivals: Mutex<Vec<(u64, Instant)>>,
+}
+
+impl Seen {
+    fn seen_closed(&self) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A keep-alive hyper HTTP/1.1 backend on its own thread that answers its name and records
+/// what it received: requests and probes counted apart, every `x-test-id` with its arrival
+/// time (so that a test can tell which configuration a request was routed under), request
+/// bodies read whole before answering.
+pub struct Counting {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub seen: Arc<Seen>,
+}
+
+/// The path `Counting` backends count as health probes.
+pub const PROBE_PATH: &str = "/healthz";
+
+impl Counting {
+    pub fn start(name: &str) -> Self {
+        // A deep accept queue (std's is 128): lb may open a thousand connections at once, and
+        // a SYN dropped on a full queue is retried only after lb's connect timeout.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let s = seen.clone();
+        let body = Bytes::from(name.to_owned());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = socket.listen(4096).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    s.connections.fetch_add(1, Ordering::SeqCst);
+                    let (s, body) = (s.clone(), body.clone());
+                    let closed = s.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let (s, body) = (s.clone(), body.clone());
+                                async move {
+                                    use http_body_util::BodyExt;
+                                    let probe = req.uri().path() == PROBE_PATH;
+                                    let post = req.method() == hyper::Method::POST;
+                                    let id = req
+                                        .headers()
+                                        .get("x-test-id")
+                                        .and_then(|v| v.to_str().ok())
+                                        .and_then(|v| v.parse::<u64>().ok());
+                                    let _ = req.into_body().collect().await;
+                                    if probe {
+                                        s.probes.fetch_add(1, Ordering::SeqCst);
+                                    } else {
+                                        s.requests.fetch_add(1, Ordering::SeqCst);
+                                        if post {
+                                            s.posts.fetch_add(1, Ordering::SeqCst);
+                                        }
+                                        if let Some(id) = id {
+                                            s.arrivals.lock().unwrap().push((id, Instant::now()));
+                                        }
+                                    }
+                                    Ok::<_, Infallible>(hyper::Response::new(Full::new(body)))
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                        closed.seen_closed();
+                    });
+                }
+            });
+        });
+        Self {
+            addr,
+            name: name.to_owned(),
+            seen,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `host:port`, as in lb's `backend` metric label.
+    pub fn label(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Connections open now (lb's pooled upstream connections to this backend, when only
+    /// lb connects to it).
+    pub fn open_connections(&self) -> u64 {
+        let closed = self.seen.closed.load(Ordering::SeqCst);
+        self.seen.connections.load(Ordering::SeqCst) - closed
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.seen.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn probes(&self) -> u64 {
+        self.seen.probes.load(Ordering::SeqCst)
+    }
+
+    /// The `x-test-id`s received so far, with their arrival times.
+    pub fn arrivals(&self) -> Vec<(u64, Instant)> {
+        self.seen.arrivals.lock().unwrap().clone()
+    }
+}
+
+/// A free port on 127.0.0.1, so that `lb` (which runs one worker per core unless asked for
+/// port 0) is tested with all its workers.
+pub fn free_port_addr() -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// A config file in a fresh temporary directory: (directory, file).
+pub fn write_temp_config(name: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("lb-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+impl Lb {
+    /// Like [`Lb::spawn`], but without access-log lines (a long run would otherwise pile
+    /// them up in the test's memory): `RUST_LOG=info,lb::access=warn`.
+    pub fn spawn_quiet(config: &std::path::Path) -> Self {
+        let mut child = Command::new(LB)
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info,lb::access=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` for `f`, without asserting; whether it came true.
+    pub fn poll(&mut self, limit: Duration, mut f: impl FnMut(&mut Self) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if f(self) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

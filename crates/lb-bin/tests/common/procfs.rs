@@ -81,3 +81,38 @@ pub fn report(figures: serde_json::Value) {
 pub fn long_mode() -> bool {
     std::env::var("LB_RELIABILITY").is_ok_and(|v| v == "long")
 }
+
+/// Open file descriptors of `pid` once they stop changing (the same count over five reads
+/// 100 ms apart, for at most `limit`): connections that just closed on the client's side
+/// take a moment to close in the process too.
+pub fn settled_fds(pid: u32, limit: Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = open_fds(pid);
+    let mut same = 0;
+    while same < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds(pid);
+        if now == last {
+            same += 1;
+        } else {
+            same = 0;
+            last = now;
+        }
+    }
+    last
+}
+
+/// Sum of `active_requests` over the backends of `/status`.
+pub fn status_active(admin: SocketAddr) -> u64 {
+    let (_, body) = admin_get(admin, "/status");
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v["backends"].as_array().map(|b| {
+                b.iter()
+                    .map(|b| b["active_requests"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+        })
+        .unwrap_or(u64::MAX)
+}

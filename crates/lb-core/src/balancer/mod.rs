@@ -219,7 +219,7 @@ impl<S: Select> Balancer<S> {
             st.failure = Some(Failure::GatewayTimeout);
             return (st, Action::Fail(Failure::GatewayTimeout));
         }
-        let action = match self.pick(&mut st, now_ns) {
+        let action = match self.pick(&mut st, now, now_ns) {
             Some((snap, idx)) => self.commit(&mut st, &snap, idx, now, now, now_ns),
             None => {
                 st.failure = Some(Failure::NoBackend);
@@ -285,7 +285,7 @@ impl<S: Select> Balancer<S> {
         let decision = decide(
             &facts,
             || {
-                picked = self.pick(st, now_ns);
+                picked = self.pick(st, now, now_ns);
                 picked.is_some()
             },
             || self.budget.withdraw(now_ns),
@@ -435,8 +435,31 @@ impl<S: Select> Balancer<S> {
     }
 
     /// Asks the strategy for a candidate this request has not tried, and checks its answer.
-    fn pick(&self, st: &mut RequestState, now_ns: u64) -> Option<Picked<S::Table>> {
+    ///
+    /// A change of the backend set hides the removed backends at once and publishes the new
+    /// ones with the snapshot rebuilt just after; a pick in between finds nothing when every
+    /// backend of its snapshot was removed. So before answering "none", a stale snapshot is
+    /// rebuilt here (waiting for a rebuild under way) and the pick is made again from it.
+    fn pick(&self, st: &mut RequestState, now: Instant, now_ns: u64) -> Option<Picked<S::Table>> {
         let snap = self.snapshot.load();
+        let generation = snap.generation;
+        if let Some(picked) = self.pick_from(snap, st, now_ns) {
+            return Some(picked);
+        }
+        self.rebuild(now);
+        let snap = self.snapshot.load();
+        if snap.generation == generation {
+            return None;
+        }
+        self.pick_from(snap, st, now_ns)
+    }
+
+    fn pick_from(
+        &self,
+        snap: arc_swap::Guard<std::sync::Arc<Snapshot<S::Table>>>,
+        st: &mut RequestState,
+        now_ns: u64,
+    ) -> Option<Picked<S::Table>> {
         let mut cx = PickCx {
             key: st.info.hash_key,
             rng: &mut st.rng,
@@ -554,6 +577,35 @@ mod tests {
             )
             .unwrap();
         (lb, ids, t0)
+    }
+
+    #[test]
+    fn a_pick_between_a_set_change_and_its_snapshot_finds_the_new_backends() {
+        // set_backends hides the removed backends at once and publishes the new ones with
+        // the rebuild after: a pick in between, from the old snapshot, must not answer "no
+        // backend" (503) when every old one was removed. The window, frozen: members
+        // replaced, snapshot not yet rebuilt.
+        let (lb, old, t0) = two(Config::default());
+        {
+            let mut ctl = lb.control();
+            lb.replace_members(
+                &mut ctl,
+                vec![
+                    Backend::new("c", Weight::ONE),
+                    Backend::new("d", Weight::ONE),
+                ],
+                t0,
+            );
+        }
+        for _ in 0..4 {
+            let (mut st, a) = lb.start(RequestInfo::new(true, true), t0);
+            let Action::Forward { backend, .. } = a else {
+                panic!("{a:?}");
+            };
+            assert!(!old.contains(&backend), "a removed backend was picked");
+            let _ = lb.handle_outcome(&mut st, Outcome::Response { status: 200 }, t0);
+            lb.finish(st, Completion::Done, t0);
+        }
     }
 
     #[test]
