@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -95,13 +95,18 @@ const PARTS: &[Part] = &[
 
 const USAGE: &str = "usage: cargo xtask reliability [--only chaos,hostile,h2spec,fuzz,soak,idle,storm] [--fuzz-seconds N] [--out FILE]";
 
+/// One part's run, kept in `target/reliability/<part>.json` so that `--only` can refresh some
+/// parts and the report still shows the latest run of every part.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Outcome {
-    part: &'static Part,
+    key: String,
     command: String,
     passed: bool,
-    elapsed: Duration,
+    elapsed_s: f64,
     figures: Vec<Value>,
-    log: PathBuf,
+    log: String,
+    commit: String,
+    started: String,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -141,25 +146,37 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let root = workspace_root()?;
     let logs = root.join("target/reliability");
     std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
-    let started = chrono_like_now();
-    let mut outcomes = Vec::new();
+    let commit = commit_of(&root);
+    let mut failed = Vec::new();
     for part in PARTS {
         if only.as_ref().is_some_and(|o| !o.contains(part.key)) {
             continue;
         }
         eprintln!("xtask reliability: {} ...", part.title);
-        let outcome = run_part(&root, &logs, part, fuzz_seconds)?;
+        let outcome = run_part(&root, &logs, part, fuzz_seconds, &commit)?;
         eprintln!(
             "xtask reliability: {} {} in {:.0} s ({} figure lines; log {})",
             part.title,
             if outcome.passed { "PASSED" } else { "FAILED" },
-            outcome.elapsed.as_secs_f64(),
+            outcome.elapsed_s,
             outcome.figures.len(),
-            outcome.log.display()
+            outcome.log
         );
-        outcomes.push(outcome);
+        if !outcome.passed {
+            failed.push(part.key);
+        }
+        let saved = logs.join(format!("{}.json", part.key));
+        let json = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
+        std::fs::write(&saved, json).map_err(|e| format!("{}: {e}", saved.display()))?;
     }
-    let text = render(&root, &started, args, &outcomes);
+    let outcomes: Vec<(&Part, Outcome)> = PARTS
+        .iter()
+        .filter_map(|p| {
+            let text = std::fs::read_to_string(logs.join(format!("{}.json", p.key))).ok()?;
+            Some((p, serde_json::from_str(&text).ok()?))
+        })
+        .collect();
+    let text = render(&root, &outcomes);
     let out = if out.is_absolute() {
         out
     } else {
@@ -167,10 +184,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     };
     std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("xtask reliability: wrote {}", out.display());
-    if outcomes.iter().all(|o| o.passed) {
+    if failed.is_empty() {
         Ok(())
     } else {
-        Err("some parts failed: see RELIABILITY.md and target/reliability/*.log".into())
+        Err(format!(
+            "failed: {}; see RELIABILITY.md and target/reliability/*.log",
+            failed.join(", ")
+        ))
     }
 }
 
@@ -190,16 +210,18 @@ fn run_part(
     logs: &Path,
     part: &'static Part,
     fuzz_seconds: u64,
+    commit: &str,
 ) -> Result<Outcome, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (mut cmd, shown) = match part.cargo {
         Some(tests) => {
             let mut c = Command::new(&cargo);
-            c.args(["test", "--release", "-p", "lb-bin"])
+            // --no-fail-fast: one failing test binary must not hide the figures of the next.
+            c.args(["test", "--release", "--no-fail-fast", "-p", "lb-bin"])
                 .args(tests)
                 .args(["--", "--nocapture", "--test-threads=1"]);
             let shown = format!(
-                "LB_RELIABILITY=long cargo test --release -p lb-bin {} -- --nocapture --test-threads=1",
+                "LB_RELIABILITY=long cargo test --release --no-fail-fast -p lb-bin {} -- --nocapture --test-threads=1",
                 tests.join(" ")
             );
             (c, shown)
@@ -212,6 +234,7 @@ fn run_part(
         }
     };
     let log = logs.join(format!("{}.log", part.key));
+    let started = now_utc();
     let began = Instant::now();
     let output = cmd
         .current_dir(root)
@@ -230,16 +253,18 @@ fn run_part(
         .filter_map(|j| serde_json::from_str::<Value>(j.trim()).ok())
         .collect();
     Ok(Outcome {
-        part,
+        key: part.key.to_owned(),
         command: shown,
         passed: output.status.success(),
-        elapsed,
+        elapsed_s: elapsed.as_secs_f64(),
         figures,
-        log,
+        log: log.display().to_string(),
+        commit: commit.to_owned(),
+        started,
     })
 }
 
-fn chrono_like_now() -> String {
+fn now_utc() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -257,8 +282,7 @@ fn shell(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
-fn render(root: &Path, started: &str, args: &[String], outcomes: &[Outcome]) -> String {
-    let mut s = String::new();
+fn commit_of(root: &Path) -> String {
     let commit = shell(&format!(
         "git -C '{}' rev-parse --short HEAD",
         root.display()
@@ -268,43 +292,54 @@ fn render(root: &Path, started: &str, args: &[String], outcomes: &[Outcome]) -> 
         root.display()
     ))
     .is_empty();
+    if dirty {
+        format!("{commit}+changes")
+    } else {
+        commit
+    }
+}
+
+fn render(root: &Path, outcomes: &[(&Part, Outcome)]) -> String {
+    let mut s = String::new();
     let cpu = shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
     let cores = shell("nproc");
     let kernel = shell("uname -r");
-    let again = if args.is_empty() {
-        "cargo xtask reliability".to_owned()
-    } else {
-        format!("cargo xtask reliability {}", args.join(" "))
-    };
     let _ = writeln!(s, "# lb reliability report\n");
     let _ = writeln!(
         s,
-        "Generated by `{again}` (started {started}) at commit `{commit}`{}, on {cores} cores ({}), Linux {kernel}. \
+        "Generated by `cargo xtask reliability` ({}, at `{}`), on {cores} cores ({}), Linux {kernel}. \
          Every figure below is printed by the tests themselves (`RELIABILITY {{json}}` lines); the \
          same tests run in a bounded form in `cargo test --workspace` (and so in `.ci/run`), \
-         where they assert the same bars. Raw logs: `target/reliability/*.log`.\n",
-        if dirty { " (with uncommitted changes)" } else { "" },
+         where they assert the same bars. `cargo xtask reliability --only PART[,PART]` reruns \
+         some parts and keeps the latest run of the others. Raw logs: `target/reliability/*.log`.\n",
+        now_utc(),
+        commit_of(root),
         cpu.trim()
     );
-    let _ = writeln!(s, "| part | verdict | time | command |\n|---|---|---:|---|");
-    for o in outcomes {
+    let _ = writeln!(
+        s,
+        "| part | verdict | time | run at | commit | command |\n|---|---|---:|---|---|---|"
+    );
+    for (p, o) in outcomes {
         let _ = writeln!(
             s,
-            "| [{}](#{}) | {} | {:.0} s | `{}` |",
-            o.part.title,
-            anchor(o.part.title),
+            "| [{}](#{}) | {} | {:.0} s | {} | `{}` | `{}` |",
+            p.title,
+            anchor(p.title),
             if o.passed { "pass" } else { "**FAIL**" },
-            o.elapsed.as_secs_f64(),
+            o.elapsed_s,
+            o.started,
+            o.commit,
             o.command
         );
     }
-    for o in outcomes {
-        let _ = writeln!(s, "\n## {}\n\n{}\n", o.part.title, o.part.bar);
+    for (p, o) in outcomes {
+        let _ = writeln!(s, "\n## {}\n\n{}\n", p.title, p.bar);
         let _ = writeln!(
             s,
             "Verdict: **{}** in {:.0} s. Regenerate: `{}`.\n",
             if o.passed { "pass" } else { "FAIL" },
-            o.elapsed.as_secs_f64(),
+            o.elapsed_s,
             o.command
         );
         if o.figures.is_empty() {
@@ -317,7 +352,7 @@ fn render(root: &Path, started: &str, args: &[String], outcomes: &[Outcome]) -> 
             let sec = f
                 .get("section")
                 .and_then(Value::as_str)
-                .unwrap_or(o.part.key)
+                .unwrap_or(p.key)
                 .to_owned();
             if !sections.contains(&sec) {
                 sections.push(sec);
@@ -327,12 +362,7 @@ fn render(root: &Path, started: &str, args: &[String], outcomes: &[Outcome]) -> 
             let rows: Vec<&Value> = o
                 .figures
                 .iter()
-                .filter(|f| {
-                    f.get("section")
-                        .and_then(Value::as_str)
-                        .unwrap_or(o.part.key)
-                        == sec
-                })
+                .filter(|f| f.get("section").and_then(Value::as_str).unwrap_or(p.key) == sec)
                 .collect();
             let mut cols: Vec<String> = Vec::new();
             for r in &rows {
