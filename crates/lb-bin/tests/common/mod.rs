@@ -156,3 +156,5 @@ impl Drop for Lb {
         let _ = self.child.wait();
     }
 }
+
+pub mod h2raw;
