@@ -486,6 +486,14 @@ fn downgrade_corpus_exact_bytes_forwarded() {
             }
         }
     }
+    // Refused requests are not charged to the backend: every attempt is one it received.
+    let (attempts, read) = (lb.requests_total(), backend.count());
+    if attempts != read as u64 {
+        failures.push((
+            "lb_requests_total",
+            format!("{attempts} attempts counted, the backend read {read} requests"),
+        ));
+    }
     let failed: std::collections::BTreeSet<&str> = failures.iter().map(|(n, _)| *n).collect();
     let passed = cases.len() - failed.len();
     report(json!({
@@ -519,6 +527,7 @@ const RSS_HEADROOM_KIB: u64 = 96 * 1024;
 fn under_attack(
     case: &str,
     big: Option<&'static [u8]>,
+    attack_headroom_kib: u64,
     attack: impl FnOnce(&LbH2, &RecordingBackend) -> serde_json::Value,
 ) {
     let backend = RecordingBackend::start_with_big(OK, big);
@@ -550,7 +559,7 @@ fn under_attack(
         stats.failures
     );
     assert!(
-        rss_max <= rss_before + RSS_HEADROOM_KIB,
+        rss_max <= rss_before + RSS_HEADROOM_KIB + attack_headroom_kib,
         "{case}: lb's RSS grew from {rss_before} KiB to {rss_max} KiB"
     );
 }
@@ -566,10 +575,16 @@ fn req(path: &str) -> Vec<u8> {
 
 /// HEADERS then RST_STREAM(CANCEL) on a new stream, again and again, reconnecting whenever
 /// lb says GOAWAY. lb must not open an upstream request per reset stream (CVE-2023-44487).
+///
+/// Then the paced variant: each RST_STREAM sent only once lb had time to accept its stream.
+/// Such a stream is a request like any other (it reaches the backend, and costs the client
+/// a round of its own pacing); what matters is that each cancellation is cleaned up: no
+/// in-flight count left behind, the good clients served.
 #[test]
 fn rapid_reset_does_not_open_an_upstream_request_per_stream() {
     let pairs: u32 = if long() { 200_000 } else { 5_000 };
-    under_attack("rapid_reset", None, |lb, backend| {
+    let paced: u32 = if long() { 5_000 } else { 200 };
+    under_attack("rapid_reset", None, 0, |lb, backend| {
         let headers = req("/rr");
         let (mut sent, mut connections, mut goaways) = (0u32, 0u32, Vec::new());
         while sent < pairs {
@@ -599,26 +614,9 @@ fn rapid_reset_does_not_open_an_upstream_request_per_stream() {
                 }
             }
         }
-        // What lb forwarded reaches the backend soon; wait until the count settles.
-        let mut upstream = backend.count_path("/rr");
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let now = backend.count_path("/rr");
-            if now == upstream || Instant::now() > deadline {
-                break;
-            }
-            upstream = now;
-        }
-        let upstream = backend.count_path("/rr");
+        let upstream = settled(|| backend.count_path("/rr"));
         let total = lb.requests_total();
-        let good = backend.count() - upstream;
         let calm = goaways.iter().filter(|&&c| c == ENHANCE_YOUR_CALM).count();
-        eprintln!(
-            "rapid reset: {sent} pairs over {connections} connections, goaways {calm} calm of {}, \
-             {upstream} upstream, lb_requests_total {total} ({good} good)",
-            goaways.len()
-        );
         // h2 counts streams reset before they were accepted and answers more than 20 on one
         // connection with GOAWAY(ENHANCE_YOUR_CALM): the attacker pays a new connection per
         // few dozen streams, and almost none of them ever reaches the backend.
@@ -627,6 +625,57 @@ fn rapid_reset_does_not_open_an_upstream_request_per_stream() {
             upstream <= (sent / 10) as usize,
             "{upstream} upstream requests for {sent} reset streams"
         );
+
+        let headers = req("/paced");
+        let (mut paced_sent, mut paced_connections) = (0u32, 0u32);
+        let conns_before = backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst);
+        while paced_sent < paced {
+            let mut c = RawH2::connect(lb.addr, &[]);
+            paced_connections += 1;
+            let mut id = 1u32;
+            while paced_sent < paced && !c.closed {
+                if c.send(&frame(HEADERS, END_HEADERS | END_STREAM, id, &headers))
+                    .is_err()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                if c.send(&rst_stream(id, CANCEL)).is_err() {
+                    break;
+                }
+                id += 2;
+                paced_sent += 1;
+                if paced_sent % 20 == 0 {
+                    while let Some(f) = c.read_frame(Duration::from_millis(1)) {
+                        if f.kind == GOAWAY {
+                            c.closed = true;
+                        }
+                    }
+                }
+            }
+        }
+        let paced_upstream = settled(|| backend.count_path("/paced"));
+        let upstream_connections = backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            - conns_before;
+        let deadline = Instant::now() + WAIT;
+        while lb.active_requests() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "cancelled streams left requests in flight"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "rapid reset: {sent} pairs over {connections} connections, goaways {calm} calm of {}, \
+             {upstream} upstream, lb_requests_total {total}; paced: {paced_sent} over \
+             {paced_connections} connections, {paced_upstream} upstream on \
+             {upstream_connections} new upstream connections",
+            goaways.len()
+        );
         json!({
             "frames": sent * 2,
             "streams": sent,
@@ -634,8 +683,26 @@ fn rapid_reset_does_not_open_an_upstream_request_per_stream() {
             "goaway_enhance_your_calm": calm,
             "upstream_requests": upstream,
             "lb_requests_total": total,
+            "paced_streams": paced_sent,
+            "paced_connections": paced_connections,
+            "paced_upstream_requests": paced_upstream,
+            "paced_upstream_connections": upstream_connections,
         })
     });
+}
+
+/// `f()` once it has stopped changing (what lb forwarded reaches the backend soon after).
+fn settled(f: impl Fn() -> usize) -> usize {
+    let mut last = f();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = f();
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Writes `frames()` until lb closes the connection (a write fails or the read side ends), for
@@ -678,7 +745,7 @@ fn flood_until_closed(
 #[test]
 fn continuation_flood_closes_the_connection() {
     let rounds = if long() { 50 } else { 3 };
-    under_attack("continuation_flood", None, |lb, backend| {
+    under_attack("continuation_flood", None, 0, |lb, backend| {
         let filler = hpack_literal(&[(b"x-filler", &[b'a'; 1000])]);
         let (mut max_bytes, mut max_frames, mut codes) = (0, 0, Vec::new());
         for round in 0..rounds {
@@ -717,8 +784,44 @@ fn continuation_flood_closes_the_connection() {
 #[test]
 fn hpack_bomb_is_bounded() {
     let streams: u32 = if long() { 2_000 } else { 60 };
-    under_attack("hpack_bomb", None, |lb, backend| {
+    under_attack("hpack_bomb", None, 0, |lb, backend| {
         let big = vec![b'b'; 4000];
+        // First the limit itself (`limits.max_header_bytes`, 32768, which lb announces as
+        // SETTINGS_MAX_HEADER_LIST_SIZE): 7 references (7 x 4038 bytes as RFC 9113 counts
+        // them) are within it and forwarded whole, 9 are beyond it and refused.
+        {
+            let mut c = RawH2::connect(lb.addr, &[]);
+            let mut first = req("/bomb-insert");
+            first.push(0x40);
+            hpack_str(&mut first, b"x-bomb");
+            hpack_str(&mut first, &big);
+            let _ = c.send(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &first));
+            assert_eq!(c.outcome(1).status(), Some(200));
+            let mut under = req("/bomb-under");
+            under.extend([0x80 | 62; 7]);
+            let _ = c.send(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &under));
+            assert_eq!(c.outcome(3).status(), Some(200));
+            let mut over = req("/bomb-over");
+            over.extend([0x80 | 62; 9]);
+            let _ = c.send(&frame(HEADERS, END_HEADERS | END_STREAM, 5, &over));
+            let got = c.outcome(5);
+            eprintln!("over the limit: {got:?}");
+            assert_eq!(got.status(), Some(431), "over the header list limit");
+        }
+        let forwarded = backend.received();
+        let under: Vec<&Received> = forwarded
+            .iter()
+            .filter(|r| r.text().starts_with("GET /bomb-under "))
+            .collect();
+        assert_eq!(under.len(), 1);
+        let field = format!("x-bomb: {}", "b".repeat(4000));
+        let fields = under[0]
+            .text()
+            .split("\r\n")
+            .filter(|l| *l == field)
+            .count();
+        assert_eq!(fields, 7, "the 7 fields forwarded as sent");
+        assert_eq!(backend.count_path("/bomb-over"), 0);
         let (mut outcomes, mut connections) = (std::collections::BTreeMap::new(), 0);
         let mut sent = 0u32;
         let mut decoded_bytes: u64 = 0;
@@ -776,7 +879,7 @@ fn hpack_bomb_is_bounded() {
 /// connection is reset once lb's writes make no progress for `idle`.
 fn ack_flood(case: &str, mut next: impl FnMut(u64) -> Vec<u8>) {
     let connections = if long() { 20 } else { 2 };
-    under_attack(case, None, |lb, _| {
+    under_attack(case, None, 0, |lb, _| {
         let (mut max_bytes, mut max_frames) = (0usize, 0u64);
         for _ in 0..connections {
             let mut c = RawH2::connect(lb.addr, &[]);
@@ -838,14 +941,19 @@ fn ping_flood_from_a_client_that_never_reads_is_cut_off() {
 /// socket. lb must not buffer the responses, and must close both kinds after `idle`.
 #[test]
 fn clients_that_never_take_a_large_response_are_cut_off() {
-    let body_len = 8 << 20;
+    // Larger than all lb could hold for the clients below within its memory bound: a proxy
+    // buffering responses for clients that do not take them would exceed it.
+    let body_len = 32 << 20;
     let big: &'static [u8] = {
         let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n").into_bytes();
         r.resize(r.len() + body_len, b'z');
         Box::leak(r.into_boxed_slice())
     };
-    let per_kind = if long() { 100 } else { 8 };
-    under_attack("never_reads", Some(big), |lb, backend| {
+    let per_kind = if long() { 50 } else { 8 };
+    // Each stalled response may hold buffers (h2's send buffer, the upstream read buffer,
+    // sockets), a few hundred KiB: 3 MiB each is generous, and a tenth of the response.
+    let allowance = 2 * per_kind as u64 * 3 * 1024;
+    under_attack("never_reads", Some(big), allowance, |lb, backend| {
         let mut zero = Vec::new();
         let mut blocked = Vec::new();
         for i in 0..per_kind {

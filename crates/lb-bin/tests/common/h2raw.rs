@@ -888,6 +888,18 @@ impl LbH2 {
             .sum()
     }
 
+    /// The sum of `lb_backend_active_requests` (requests lb has in flight to backends).
+    pub fn active_requests(&self) -> u64 {
+        let (code, metrics) = http_get(self.admin, "/metrics");
+        assert_eq!(code, 200);
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("lb_backend_active_requests{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     pub fn assert_alive(&mut self) {
         assert!(self.lb.child.try_wait().unwrap().is_none(), "lb exited");
     }
