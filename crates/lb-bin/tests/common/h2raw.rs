@@ -543,8 +543,8 @@ impl RawH2 {
                             status = s;
                         }
                     }
-                    if f.flags & END_STREAM != 0 && status.is_some() {
-                        return Outcome::Response(status.unwrap(), body);
+                    if let (true, Some(s)) = (f.flags & END_STREAM != 0, status) {
+                        return Outcome::Response(s, body);
                     }
                 }
                 DATA => {
@@ -1150,7 +1150,7 @@ async fn good_h2_once(
     }
     let c = client.as_mut().unwrap();
     let mut ready = c.clone().ready().await.map_err(|e| e.to_string())?;
-    let req = http::Request::get(format!("http://good.example/good"))
+    let req = http::Request::get("http://good.example/good")
         .body(())
         .unwrap();
     let (resp, _) = ready.send_request(req, true).map_err(|e| e.to_string())?;
