@@ -694,7 +694,10 @@ impl RecordingBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let (r, c, st) = (requests.clone(), connections.clone(), stop.clone());
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // Two threads: writing large responses must not hold up the small ones, so that
+            // the good clients' latency is lb's, not this backend's.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .unwrap();
@@ -707,6 +710,12 @@ impl RecordingBackend {
                         continue;
                     };
                     let conn = c.fetch_add(1, Ordering::SeqCst);
+                    if big.is_some() {
+                        // Without this, loopback's autotuned buffers take hundreds of MiB of
+                        // the large responses at once: the kernel's copying, not lb, would
+                        // then be what the good clients wait for.
+                        let _ = socket2::SockRef::from(&s).set_send_buffer_size(128 << 10);
+                    }
                     tokio::spawn(serve(s, conn, r.clone(), response, big));
                 }
             });
