@@ -1005,3 +1005,44 @@ fn clients_that_never_take_a_large_response_are_cut_off() {
         })
     });
 }
+
+/// A PING flood from a client that does read the acknowledgements, for a fixed time: nothing
+/// backs it up, so it is bounded by what one worker does per frame. Figures: frames sent
+/// and acknowledged, and the good clients' latency beside it.
+#[test]
+fn ping_flood_from_a_client_that_reads_leaves_others_served() {
+    let run = Duration::from_secs(if long() { 10 } else { 2 });
+    under_attack("ping_flood_reading", None, 0, |lb, _| {
+        let mut c = RawH2::connect(lb.addr, &[]);
+        let mut reader = c.stream.try_clone().unwrap();
+        let acks = std::thread::spawn(move || {
+            // Counts acknowledgements (9 + 8 bytes each) until the connection ends.
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            reader.set_read_timeout(Some(WAIT)).unwrap();
+            while let Ok(n @ 1..) = std::io::Read::read(&mut reader, &mut buf) {
+                total += n;
+            }
+            total / 17
+        });
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut batch = Vec::new();
+        for i in 0..256u64 {
+            batch.extend(frame(PING, 0, 0, &i.to_be_bytes()));
+        }
+        while started.elapsed() < run {
+            if c.send(&batch).is_err() {
+                break;
+            }
+            sent += 256;
+        }
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        let acked = acks.join().unwrap();
+        json!({
+            "seconds": run.as_secs(),
+            "frames": sent,
+            "acks_read": acked,
+        })
+    });
+}
