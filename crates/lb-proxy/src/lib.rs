@@ -38,6 +38,7 @@ mod conn;
 mod driver;
 mod error;
 mod exchange;
+mod flood;
 mod headers;
 mod interim;
 mod observe;
