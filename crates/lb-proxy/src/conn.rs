@@ -64,7 +64,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The client socket, with the deadline of the connection's phase.
 struct ClientIo {
     stream: TcpStream,
-    /// HTTP/2: the client's budget of control frames (see [`ControlFrames`]).
+    /// HTTP/2: the client's budget of control frames (see [`ControlFrames`]); it reads the
+    /// frames on this socket, so a TLS layer would go outside it.
     control: Option<ControlFrames>,
     /// Bytes read while detecting the protocol, replayed first.
     prefix: Bytes,
@@ -265,6 +266,9 @@ impl AsyncWrite for ClientIo {
             }
         }
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(c)) = (&r, &mut this.control) {
+            c.wrote(&buf[..*n]);
+        }
         this.sent(cx, r)
     }
 
@@ -290,6 +294,17 @@ impl AsyncWrite for ClientIo {
             }
         }
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let (Poll::Ready(Ok(n)), Some(c)) = (&r, &mut this.control) {
+            let mut left = *n;
+            for b in bufs {
+                let k = left.min(b.len());
+                c.wrote(&b[..k]);
+                left -= k;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
         this.sent(cx, r)
     }
 

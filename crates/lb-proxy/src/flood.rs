@@ -7,8 +7,9 @@
 //! that reads them can send millions a second for as long as it likes, and keep a worker
 //! thread busy for every other connection it serves. RFC 9113 §10.5 lets an endpoint treat
 //! such activity as a connection error; HAProxy and Envoy count such frames too. A client
-//! gets a burst of [`BURST`] of them, then [`PER_SECOND`] a second; beyond that lb closes the
-//! connection. Keep-alive and bandwidth-probe pings stay well below (a few a second).
+//! gets a burst of [`BURST`] of them, then [`PER_SECOND`] a second, and more while responses
+//! flow (see [`ControlFrames`]); beyond that lb closes the connection. Keep-alive pings stay
+//! well below (a few a second), and so do bandwidth probes (a ping per data received).
 
 use tokio::time::Instant;
 
@@ -17,38 +18,29 @@ const BURST: u64 = 1000;
 /// Control frames a connection may send per second, sustained.
 const PER_SECOND: u64 = 100;
 
+/// Control frames each HEADERS or DATA frame lb sends earns the client.
+const PER_RESPONSE_FRAME: u64 = 2;
+
 const PREFACE_LEN: usize = 24;
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
 
-/// Reads the frame headers of what an HTTP/2 client sends (skipping payloads), and keeps its
-/// budget of control frames.
+/// Follows a stream of HTTP/2 frames by their headers, skipping payloads.
 #[derive(Debug)]
-pub(crate) struct ControlFrames {
+struct Frames {
     header: [u8; 9],
     have: usize,
     /// Bytes still to pass over: the preface, then each frame's payload.
     skip: usize,
-    tokens: u64,
-    refilled: Instant,
 }
 
-impl ControlFrames {
-    /// For a connection whose first bytes are the client preface.
-    pub(crate) const fn new(now: Instant) -> Self {
-        Self {
-            header: [0; 9],
-            have: 0,
-            skip: PREFACE_LEN,
-            tokens: BURST,
-            refilled: now,
-        }
-    }
-
-    /// Follows the client's bytes; returns false once it sent more control frames than its
-    /// budget allows.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], now: Instant) -> bool {
+impl Frames {
+    /// Calls `each(kind, flags, length)` for every frame header completed by `bytes`; stops
+    /// (and returns false) as soon as `each` does.
+    fn follow(&mut self, mut bytes: &[u8], mut each: impl FnMut(u8, u8, usize) -> bool) -> bool {
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
@@ -66,29 +58,86 @@ impl ControlFrames {
             self.have = 0;
             let [a, b, c, kind, flags, ..] = self.header;
             self.skip = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-            if matches!(kind, PING | SETTINGS) && flags & ACK == 0 && !self.take(now) {
+            if !each(kind, flags, self.skip) {
                 return false;
             }
         }
         true
     }
+}
 
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled);
-        let earned = u64::try_from(elapsed.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(PER_SECOND)
-            / 1000;
-        if earned > 0 {
-            self.tokens = self.tokens.saturating_add(earned).min(BURST);
-            self.refilled = now;
+/// An HTTP/2 connection's budget of control frames: what the client sends is read for its
+/// PING and SETTINGS, what lb sends for its responses. Each HEADERS or DATA frame lb sends
+/// earns the client [`PER_RESPONSE_FRAME`] more (as gRPC servers forgive pings while data
+/// flows): a client probing bandwidth with a PING per DATA frame it receives stays within.
+#[derive(Debug)]
+pub(crate) struct ControlFrames {
+    received: Frames,
+    sent: Frames,
+    tokens: u64,
+    refilled: Instant,
+}
+
+impl ControlFrames {
+    /// For a connection whose first bytes are the client preface.
+    pub(crate) const fn new(now: Instant) -> Self {
+        Self {
+            received: Frames {
+                header: [0; 9],
+                have: 0,
+                skip: PREFACE_LEN,
+            },
+            sent: Frames {
+                header: [0; 9],
+                have: 0,
+                skip: 0,
+            },
+            tokens: BURST,
+            refilled: now,
         }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
     }
+
+    /// Follows the client's bytes; returns false once it sent more control frames than its
+    /// budget allows.
+    pub(crate) fn feed(&mut self, bytes: &[u8], now: Instant) -> bool {
+        let Self {
+            received,
+            tokens,
+            refilled,
+            ..
+        } = self;
+        received.follow(bytes, |kind, flags, _| {
+            !(matches!(kind, PING | SETTINGS) && flags & ACK == 0) || take(tokens, refilled, now)
+        })
+    }
+
+    /// Follows lb's bytes to the client: its responses earn the client more control frames.
+    pub(crate) fn wrote(&mut self, bytes: &[u8]) {
+        let Self { sent, tokens, .. } = self;
+        sent.follow(bytes, |kind, _, len| {
+            if kind == HEADERS || (kind == DATA && len > 0) {
+                *tokens = tokens.saturating_add(PER_RESPONSE_FRAME).min(BURST);
+            }
+            true
+        });
+    }
+}
+
+fn take(tokens: &mut u64, refilled: &mut Instant, now: Instant) -> bool {
+    let elapsed = now.saturating_duration_since(*refilled);
+    let earned = u64::try_from(elapsed.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(PER_SECOND)
+        / 1000;
+    if earned > 0 {
+        *tokens = tokens.saturating_add(earned).min(BURST);
+        *refilled = now;
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
 }
 
 #[cfg(test)]
@@ -138,6 +187,21 @@ mod tests {
             assert!(c.feed(&frame(PING, 0, 8), later), "refilled");
         }
         assert!(!c.feed(&frame(PING, 0, 8), later));
+        // Responses earn pings: one per DATA frame received never runs out.
+        let mut c = ControlFrames::new(t);
+        assert!(c.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", t));
+        c.wrote(&frame(SETTINGS, 0, 6));
+        for _ in 0..10 * BURST {
+            c.wrote(&frame(DATA, 0, 100));
+            assert!(c.feed(&frame(PING, 0, 8), t));
+        }
+        // But PING acknowledgements earn nothing: what is left runs out.
+        let mut taken = 0;
+        while c.feed(&frame(PING, 0, 8), t) {
+            c.wrote(&frame(PING, ACK, 8));
+            taken += 1;
+        }
+        assert_eq!(taken, BURST - 1);
         // A keep-alive ping every few seconds never runs out.
         let mut c = ControlFrames::new(t);
         assert!(c.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", t));
