@@ -22,6 +22,10 @@
 //! at most; either expiry sends GOAWAY and closes, after a grace of `min(idle, header_read)`
 //! for a client that never acknowledges the GOAWAY's PING.
 //!
+//! # Control-frame floods
+//! An HTTP/2 client's PING and SETTINGS frames are counted as they are read, and a client
+//! sending far more than keep-alive needs is cut off (see [`crate::flood`]).
+//!
 //! # Clients that do not read
 //! In every phase, a write to the client that makes no progress for `timeouts.idle` resets
 //! the connection (NGINX's `send_timeout`): the request ends as the client's departure, never
@@ -49,6 +53,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
+use crate::flood::ControlFrames;
 use crate::phase::{Phase, HEAD, IDLE};
 use crate::respond;
 use crate::service::Shared;
@@ -59,6 +64,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The client socket, with the deadline of the connection's phase.
 struct ClientIo {
     stream: TcpStream,
+    /// HTTP/2: the client's budget of control frames (see [`ControlFrames`]); it reads the
+    /// frames on this socket, so a TLS layer would go outside it.
+    control: Option<ControlFrames>,
     /// Bytes read while detecting the protocol, replayed first.
     prefix: Bytes,
     phase: Arc<Phase>,
@@ -195,7 +203,7 @@ impl AsyncRead for ClientIo {
             buf.put_slice(&this.prefix[..n]);
             this.head.record(&this.prefix[..n]);
             this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+            return this.flood_check(&buf.filled()[buf.filled().len() - n..]);
         }
         this.follow_phase();
         if this.phase.interim.is_active() && !this.unflushed {
@@ -216,7 +224,7 @@ impl AsyncRead for ClientIo {
                 if this.armed & 0xff == HEAD {
                     this.head.record(&buf.filled()[before..]);
                 }
-                Poll::Ready(Ok(()))
+                this.flood_check(&buf.filled()[before..])
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
@@ -258,6 +266,9 @@ impl AsyncWrite for ClientIo {
             }
         }
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(c)) = (&r, &mut this.control) {
+            c.wrote(&buf[..*n]);
+        }
         this.sent(cx, r)
     }
 
@@ -283,6 +294,17 @@ impl AsyncWrite for ClientIo {
             }
         }
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let (Poll::Ready(Ok(n)), Some(c)) = (&r, &mut this.control) {
+            let mut left = *n;
+            for b in bufs {
+                let k = left.min(b.len());
+                c.wrote(&b[..k]);
+                left -= k;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
         this.sent(cx, r)
     }
 
@@ -299,6 +321,22 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl ClientIo {
+    /// Follows what an HTTP/2 client sent (`new`): past its budget of control frames, the
+    /// read fails and hyper closes the connection.
+    fn flood_check(&mut self, new: &[u8]) -> Poll<io::Result<()>> {
+        let within = self
+            .control
+            .as_mut()
+            .is_none_or(|c| c.feed(new, Instant::now()));
+        if within {
+            return Poll::Ready(Ok(()));
+        }
+        tracing::debug!(target: "lb::conn", "HTTP/2 client flooding PING or SETTINGS: closing");
+        Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()))
     }
 }
 
@@ -589,6 +627,7 @@ pub(crate) async fn serve(
     let refusal = Arc::new(AtomicU16::new(0));
     let mut io = ClientIo {
         stream,
+        control: h2.then(|| ControlFrames::new(started)),
         prefix,
         phase: Arc::clone(&phase),
         armed: HEAD,

@@ -40,6 +40,7 @@ mod error;
 mod exchange;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod flood;
 mod headers;
 mod interim;
 mod observe;

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod chaos;
+pub mod h2raw;
 pub mod load;
 pub mod procfs;
 pub mod raw;
