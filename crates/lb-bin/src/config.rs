@@ -193,7 +193,10 @@ pub(crate) fn load_text(
         // The field an unknown- or missing-field message names, under the key (table) the
         // error is in; a value of the wrong type is named by its own key.
         let field = key_of(&message);
-        let key = match e.span().and_then(|s| key_at(text, s.start)) {
+        let at = e
+            .span()
+            .and_then(|s| key_at(text, s.start).or_else(|| key_on_line(text, s.start)));
+        let key = match at {
             Some(at) if field.is_empty() || at == field || at.ends_with(&format!(".{field}")) => at,
             Some(at) => format!("{at}.{field}"),
             None => field,
@@ -327,6 +330,50 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     let mut best = None;
     key_in(doc.get_ref(), at, "", &mut best);
     best.map(|(key, _)| key)
+}
+
+/// Where the file is not TOML (a duplicate key or table, a value missing) and [`key_at`]
+/// has no document to walk: the key written on the line of byte `at` (or the table its
+/// header names), under the last table header before that line. Read from the text, so a
+/// header-like line inside a multi-line string can mislead it; it is only the fallback.
+fn key_on_line(text: &str, at: usize) -> Option<String> {
+    let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut header = |line: &str| -> Option<String> {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = dotted(name);
+            let n = counts.entry(name.clone()).or_default();
+            *n += 1;
+            Some(format!("{name}[{}]", *n - 1))
+        } else {
+            let name = line.strip_prefix('[')?.split(']').next()?;
+            Some(dotted(name))
+        }
+    };
+    let mut table = None;
+    for line in text[..start].lines() {
+        if let Some(h) = header(line) {
+            table = Some(h);
+        }
+    }
+    let line = text[start..].lines().next().unwrap_or_default();
+    if let Some(h) = header(line) {
+        return Some(h);
+    }
+    let key = dotted(line.split_once('=')?.0);
+    if key.is_empty() {
+        return None;
+    }
+    Some(table.map_or_else(|| key.clone(), |t| format!("{t}.{key}")))
+}
+
+/// `a . "b"` as `a.b`.
+fn dotted(key: &str) -> String {
+    key.split('.')
+        .map(|part| part.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Walks `table` for [`key_at`]; `best` keeps the narrowest match (its span's length).
@@ -1007,6 +1054,29 @@ weight = 1
             assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
             assert!(e.to_string().contains(key), "{e}");
         }
+    }
+
+    /// A file that is not TOML (a key or table twice, a value missing) named no key: the
+    /// error's span points into a document that cannot be walked.
+    #[test]
+    fn duplicate_keys_and_missing_values_name_the_key() {
+        let b = "[[backend]]\nurl = \"http://a:1\"\n";
+        for (text, line, key) in [
+            ("[retry]\nattempts = 1\nattempts = 2\n", 3, "retry.attempts"),
+            ("strategy = \"random\"\nstrategy = \"random\"\n", 2, "strategy"),
+            ("[timeouts]\nidle = \"1s\"\n[timeouts]\ndrain = \"1s\"\n", 3, "timeouts"),
+            ("[health]\ninterval = \n", 2, "health.interval"),
+        ] {
+            let e = with_file(&format!("{text}{b}"), &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
+            assert!(e.to_string().contains(&format!("lb.toml:{line}: {key}")), "{e}");
+        }
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://b:1\"\nweight = 1\nweight = 2\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(6), "backend[1].weight"), "{e}");
     }
 
     /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives
