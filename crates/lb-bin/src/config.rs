@@ -55,7 +55,7 @@ type S<T> = Spanned<T>;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    listen: Option<S<Vec<String>>>,
+    listen: Option<S<Vec<S<String>>>>,
     port: Option<S<u16>>,
     admin: Option<S<String>>,
     strategy: Option<S<String>>,
@@ -423,8 +423,9 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     }
     if listen.is_empty() {
         if let Some(l) = &f.listen {
-            for a in l.get_ref() {
-                listen.push(parse_addr(a).or_else(|e| cx.err("listen", Some(l.span()), e))?);
+            for (i, a) in l.get_ref().iter().enumerate() {
+                let addr = parse_addr(a.get_ref());
+                listen.push(addr.or_else(|e| cx.err(&format!("listen[{i}]"), Some(a.span()), e))?);
             }
         }
         if let Some(p) = &f.port {
@@ -1063,20 +1064,47 @@ weight = 1
         let b = "[[backend]]\nurl = \"http://a:1\"\n";
         for (text, line, key) in [
             ("[retry]\nattempts = 1\nattempts = 2\n", 3, "retry.attempts"),
-            ("strategy = \"random\"\nstrategy = \"random\"\n", 2, "strategy"),
-            ("[timeouts]\nidle = \"1s\"\n[timeouts]\ndrain = \"1s\"\n", 3, "timeouts"),
+            (
+                "strategy = \"random\"\nstrategy = \"random\"\n",
+                2,
+                "strategy",
+            ),
+            (
+                "[timeouts]\nidle = \"1s\"\n[timeouts]\ndrain = \"1s\"\n",
+                3,
+                "timeouts",
+            ),
             ("[health]\ninterval = \n", 2, "health.interval"),
         ] {
             let e = with_file(&format!("{text}{b}"), &[]).unwrap_err();
             assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
-            assert!(e.to_string().contains(&format!("lb.toml:{line}: {key}")), "{e}");
+            assert!(
+                e.to_string().contains(&format!("lb.toml:{line}: {key}")),
+                "{e}"
+            );
         }
         let e = with_file(
             "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://b:1\"\nweight = 1\nweight = 2\n",
             &[],
         )
         .unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(6), "backend[1].weight"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(6), "backend[1].weight"),
+            "{e}"
+        );
+    }
+
+    /// A bad address in a `listen` list written over several lines was reported at the
+    /// list's first line, as `listen`: its own index and line.
+    #[test]
+    fn a_bad_listen_address_names_its_index_and_line() {
+        let e = with_file(
+            "listen = [\n  \"127.0.0.1:1\",\n  \"bad\",\n]\n[[backend]]\nurl = \"http://a:1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(3), "listen[1]"), "{e}");
     }
 
     /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives
