@@ -192,7 +192,11 @@ fn a_retry_after_a_strategy_change_reload_never_reaches_a_removed_backend() {
         (status, body.as_str()) == (200, "C") || status == 502,
         "{status} {body}"
     );
-    assert_eq!(a.hits(), 0, "the retry went to a backend the reload removed");
+    assert_eq!(
+        a.hits(),
+        0,
+        "the retry went to a backend the reload removed"
+    );
     x_thread.join().unwrap();
     lb.signal("TERM");
     lb.wait_for("lb to exit", |lb| lb.child.try_wait().unwrap().is_some());
