@@ -55,6 +55,14 @@ impl Shared {
         (Arc::ptr_eq(&now.balancer, &routes.balancer) && now.target(backend).is_some())
             .then_some(now)
     }
+
+    /// Whether a reload since this request took `routes` removed `target`: an attempt
+    /// decided before it (then asleep in its backoff) must not go there (SPEC: after a
+    /// reload, no request goes to a backend the new config removed).
+    fn removed_since(&self, routes: &Routes, target: &crate::routes::Target) -> bool {
+        let now = self.routes.load();
+        !std::ptr::eq(&**now, routes) && !now.targets.values().any(|t| t.url == target.url)
+    }
 }
 
 /// The parts of the request every attempt sends.
@@ -204,6 +212,10 @@ pub(crate) async fn handle(
                     action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
+                if shared.removed_since(&routes, target) {
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
+                    continue;
+                }
                 let Ok(req) = outgoing.attempt(&target.authority) else {
                     action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
