@@ -312,12 +312,14 @@ impl<'a> Cx<'a> {
     }
 }
 
-/// The offending key in serde's "unknown field `x`" messages.
+/// The offending key in serde's "unknown field `x`" (and missing, duplicate) messages; none
+/// in any other message, whose backticks may quote a value (`invalid type: string "`b`
+/// field"`).
 fn key_of(message: &str) -> String {
-    message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.contains("field"))
+    ["unknown field `", "missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next())
         .unwrap_or_default()
         .to_owned()
 }
@@ -1105,6 +1107,23 @@ weight = 1
         )
         .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(3), "listen[1]"), "{e}");
+    }
+
+    /// A value of the wrong type quoting backticks and the word "field" was read as a serde
+    /// field message: `port = "a `b` field"` was reported as key `port.b`.
+    #[test]
+    fn a_value_quoting_a_field_message_is_named_by_its_own_key() {
+        for (text, line, key) in [
+            ("port = \"a `b` field\"\n", 1, "port"),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\nweight = \"`x` field\"\n",
+                3,
+                "backend[0].weight",
+            ),
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
+        }
     }
 
     /// lb-bin has no defaults of its own for the libraries' settings: an empty file gives
