@@ -362,6 +362,18 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
                     c.shutdown();
                 }
                 proxy.set_routes(routes);
+                // Requests in flight keep the old balancer for their retries: narrow it to
+                // the backends the new config keeps, so that none of them goes to a removed
+                // one (SPEC: whatever a reload changed, strategy included). Kept backends
+                // keep their ids there, so the old routes still know them.
+                let kept = old_settings
+                    .backends
+                    .iter()
+                    .filter(|(url, _)| new.backends.iter().any(|(u, _)| u == url))
+                    .map(|(url, w)| lb_core::Backend::new(url.clone(), *w));
+                if let Err(e) = current.balancer().set_backends(kept, Instant::now()) {
+                    tracing::warn!(target: "lb", error = %e, "reload: the old balancer kept its backends");
+                }
             })
     };
     if let Err(e) = swapped {

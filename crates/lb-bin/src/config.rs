@@ -55,7 +55,7 @@ type S<T> = Spanned<T>;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    listen: Option<S<Vec<String>>>,
+    listen: Option<S<Vec<S<String>>>>,
     port: Option<S<u16>>,
     admin: Option<S<String>>,
     strategy: Option<S<String>>,
@@ -193,7 +193,10 @@ pub(crate) fn load_text(
         // The field an unknown- or missing-field message names, under the key (table) the
         // error is in; a value of the wrong type is named by its own key.
         let field = key_of(&message);
-        let key = match e.span().and_then(|s| key_at(text, s.start)) {
+        let at = e
+            .span()
+            .and_then(|s| key_at(text, s.start).or_else(|| key_on_line(text, s.start)));
+        let key = match at {
             Some(at) if field.is_empty() || at == field || at.ends_with(&format!(".{field}")) => at,
             Some(at) => format!("{at}.{field}"),
             None => field,
@@ -309,12 +312,14 @@ impl<'a> Cx<'a> {
     }
 }
 
-/// The offending key in serde's "unknown field `x`" messages.
+/// The offending key in serde's "unknown field `x`" (and missing, duplicate) messages; none
+/// in any other message, whose backticks may quote a value (`invalid type: string "`b`
+/// field"`).
 fn key_of(message: &str) -> String {
-    message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.contains("field"))
+    ["unknown field `", "missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next())
         .unwrap_or_default()
         .to_owned()
 }
@@ -327,6 +332,50 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     let mut best = None;
     key_in(doc.get_ref(), at, "", &mut best);
     best.map(|(key, _)| key)
+}
+
+/// Where the file is not TOML (a duplicate key or table, a value missing) and [`key_at`]
+/// has no document to walk: the key written on the line of byte `at` (or the table its
+/// header names), under the last table header before that line. Read from the text, so a
+/// header-like line inside a multi-line string can mislead it; it is only the fallback.
+fn key_on_line(text: &str, at: usize) -> Option<String> {
+    let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut header = |line: &str| -> Option<String> {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = dotted(name);
+            let n = counts.entry(name.clone()).or_default();
+            *n += 1;
+            Some(format!("{name}[{}]", *n - 1))
+        } else {
+            let name = line.strip_prefix('[')?.split(']').next()?;
+            Some(dotted(name))
+        }
+    };
+    let mut table = None;
+    for line in text[..start].lines() {
+        if let Some(h) = header(line) {
+            table = Some(h);
+        }
+    }
+    let line = text[start..].lines().next().unwrap_or_default();
+    if let Some(h) = header(line) {
+        return Some(h);
+    }
+    let key = dotted(line.split_once('=')?.0);
+    if key.is_empty() {
+        return None;
+    }
+    Some(table.map_or_else(|| key.clone(), |t| format!("{t}.{key}")))
+}
+
+/// `a . "b"` as `a.b`.
+fn dotted(key: &str) -> String {
+    key.split('.')
+        .map(|part| part.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Walks `table` for [`key_at`]; `best` keeps the narrowest match (its span's length).
@@ -376,8 +425,9 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     }
     if listen.is_empty() {
         if let Some(l) = &f.listen {
-            for a in l.get_ref() {
-                listen.push(parse_addr(a).or_else(|e| cx.err("listen", Some(l.span()), e))?);
+            for (i, a) in l.get_ref().iter().enumerate() {
+                let addr = parse_addr(a.get_ref());
+                listen.push(addr.or_else(|e| cx.err(&format!("listen[{i}]"), Some(a.span()), e))?);
             }
         }
         if let Some(p) = &f.port {
@@ -1006,6 +1056,73 @@ weight = 1
             let e = with_file(text, &[]).unwrap_err();
             assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
             assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    /// A file that is not TOML (a key or table twice, a value missing) named no key: the
+    /// error's span points into a document that cannot be walked.
+    #[test]
+    fn duplicate_keys_and_missing_values_name_the_key() {
+        let b = "[[backend]]\nurl = \"http://a:1\"\n";
+        for (text, line, key) in [
+            ("[retry]\nattempts = 1\nattempts = 2\n", 3, "retry.attempts"),
+            (
+                "strategy = \"random\"\nstrategy = \"random\"\n",
+                2,
+                "strategy",
+            ),
+            (
+                "[timeouts]\nidle = \"1s\"\n[timeouts]\ndrain = \"1s\"\n",
+                3,
+                "timeouts",
+            ),
+            ("[health]\ninterval = \n", 2, "health.interval"),
+        ] {
+            let e = with_file(&format!("{text}{b}"), &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
+            assert!(
+                e.to_string().contains(&format!("lb.toml:{line}: {key}")),
+                "{e}"
+            );
+        }
+        let e = with_file(
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://b:1\"\nweight = 1\nweight = 2\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(6), "backend[1].weight"),
+            "{e}"
+        );
+    }
+
+    /// A bad address in a `listen` list written over several lines was reported at the
+    /// list's first line, as `listen`: its own index and line.
+    #[test]
+    fn a_bad_listen_address_names_its_index_and_line() {
+        let e = with_file(
+            "listen = [\n  \"127.0.0.1:1\",\n  \"bad\",\n]\n[[backend]]\nurl = \"http://a:1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(3), "listen[1]"), "{e}");
+    }
+
+    /// A value of the wrong type quoting backticks and the word "field" was read as a serde
+    /// field message: `port = "a `b` field"` was reported as key `port.b`.
+    #[test]
+    fn a_value_quoting_a_field_message_is_named_by_its_own_key() {
+        for (text, line, key) in [
+            ("port = \"a `b` field\"\n", 1, "port"),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\nweight = \"`x` field\"\n",
+                3,
+                "backend[0].weight",
+            ),
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
         }
     }
 

@@ -55,6 +55,14 @@ impl Shared {
         (Arc::ptr_eq(&now.balancer, &routes.balancer) && now.target(backend).is_some())
             .then_some(now)
     }
+
+    /// Whether a reload since this request took `routes` removed `target`: an attempt
+    /// decided before it (then asleep in its backoff) must not go there (SPEC: after a
+    /// reload, no request goes to a backend the new config removed).
+    fn removed_since(&self, routes: &Routes, target: &crate::routes::Target) -> bool {
+        let now = self.routes.load();
+        !std::ptr::eq(&**now, routes) && !now.targets.values().any(|t| t.url == target.url)
+    }
 }
 
 /// The parts of the request every attempt sends.
@@ -119,7 +127,7 @@ pub(crate) async fn handle(
             .collect();
         (offered, hyper::upgrade::on(&mut req))
     });
-    let hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
+    let mut hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
@@ -154,15 +162,34 @@ pub(crate) async fn handle(
         },
     };
 
-    let mut info = RequestInfo::new(
+    let base = RequestInfo::new(
         outgoing.method.is_idempotent(),
         outgoing.source.replayable() && !upgrade,
     );
-    if let Some(key) = hash_key {
-        info = info.with_hash_key(key);
-    }
-    let balancer = Arc::clone(&routes.balancer);
-    let (st, mut action) = balancer.start(info, now());
+    // Reading the body may take long, and a reload meanwhile must apply to this request,
+    // which has picked nothing yet: a reload that changed the strategy left the removed
+    // backends out of the new balancer only. So the routes in force now; and if their
+    // balancer is swapped out just before the pick and had none left, the newer routes.
+    let mut reloads = 0;
+    let (balancer, st, mut action) = loop {
+        let current = shared.routes.load_full();
+        if !Arc::ptr_eq(&current, &routes) {
+            if current.hash_key != routes.hash_key {
+                hash_key = current.hash_key.of(&parts.uri, &outgoing.headers, peer);
+            }
+            ex.routes = Arc::clone(&current);
+            routes = current;
+        }
+        let info = hash_key.map_or(base, |key| base.with_hash_key(key));
+        let balancer = Arc::clone(&routes.balancer);
+        let (st, action) = balancer.start(info, now());
+        let swapped = || !Arc::ptr_eq(&shared.routes.load().balancer, &balancer);
+        if action == Action::Fail(Failure::NoBackend) && reloads < 3 && swapped() {
+            reloads += 1;
+            continue;
+        }
+        break (balancer, st, action);
+    };
     let st = ex.st.insert(st);
     loop {
         match action {
@@ -185,6 +212,10 @@ pub(crate) async fn handle(
                     action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;
                 };
+                if shared.removed_since(&routes, target) {
+                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
+                    continue;
+                }
                 let Ok(req) = outgoing.attempt(&target.authority) else {
                     action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
                     continue;

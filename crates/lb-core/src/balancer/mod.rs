@@ -358,8 +358,8 @@ impl<S: Select> Balancer<S> {
 
     /// Expires ejections, advances slow-start ramps and rebuilds the table after an
     /// ejection, whatever is due by `now`. Spurious calls are no-ops. This is where table
-    /// rebuilds caused on the request path happen: call it from a timer task, never inline
-    /// in a request.
+    /// rebuilds caused on the request path happen (but a pick that finds nothing does a due
+    /// rebuild itself first): call it from a timer task, never inline in a request.
     pub fn handle_timeout(&self, now: Instant) {
         let now_ns = self.ticks(now);
         if self.deadline.load() > now_ns {

@@ -272,7 +272,10 @@ impl<S: Select> Balancer<S> {
     /// Publishes a snapshot of the current eligible set if it may have changed, building the
     /// strategy's table only if its input did. The build runs outside the control lock (the
     /// request path takes that lock for ejections), serialized by a lock of its own so
-    /// snapshots publish in order. Never called on the request path.
+    /// snapshots publish in order. On the request path only from a pick that found nothing
+    /// (`Balancer::pick`): then usually nothing is dirty and it returns at once; or it waits
+    /// for the rebuild of a set change under way, or does the one the timer would have done
+    /// after an ejection (once: that clears `dirty`).
     pub(super) fn rebuild(&self, now: Instant) {
         let _serial = self
             .rebuilding
