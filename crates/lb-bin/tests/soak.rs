@@ -14,13 +14,14 @@ use std::time::Duration;
 /// Memory lb may gain between the start (after the warm-up) and the end.
 ///
 /// Why this bound: a leak of 100 bytes per request (112 with malloc's header) is 10.7 MiB
-/// over the 100,000 requests of CI (107 MiB over the long run's million), more than 6 MiB
+/// over the 100,000 requests of CI (107 MiB over the long run's million), more than 9 MiB
 /// whatever the rest does, so it fails (checked: with such a leak put into lb-proxy's
 /// request path, this test fails, at +17 MiB). What a healthy lb gains measured 2.6 MiB
 /// here (debug build, load average 12), once the warm-up has taken the upstream pool and
 /// the allocator beyond the run's needs; with a warm-up like the run, 2.3–7 MiB, as the
-/// pool kept growing (see [`UPSTREAM_BOUND`]) and memory with it.
-const RSS_SLACK_KIB: u64 = 6 * 1024;
+/// pool kept growing (see [`UPSTREAM_BOUND`]) and memory with it. 9 MiB leaves a busy
+/// machine that margin while a 100-byte leak (10.7 MiB on top of the healthy gain) fails.
+const RSS_SLACK_KIB: u64 = 9 * 1024;
 
 /// File descriptors other than pooled upstream connections (listeners, epoll, timers,
 /// client connections once closed) must be the same at the end as at the start, give or

@@ -38,9 +38,9 @@ mod conn;
 mod driver;
 mod error;
 mod exchange;
+mod flood;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-mod flood;
 mod headers;
 mod interim;
 mod observe;

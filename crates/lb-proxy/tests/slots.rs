@@ -413,9 +413,7 @@ async fn a_backend_that_answers_then_stops_reading_the_upload_loses_it_after_the
     let core = core_config();
     // The attempt timeout also bounds the wait for the early answer's head: 2 s, not less,
     // so that a busy machine's scheduling delay is never taken for a backend timeout (504).
-    let retry = core
-        .retry()
-        .with_attempt_timeout(Duration::from_secs(2));
+    let retry = core.retry().with_attempt_timeout(Duration::from_secs(2));
     let config = ProxyConfig {
         body_read_timeout: Duration::from_secs(30),
         ..short(1)
