@@ -3,7 +3,7 @@
 //! * `cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS]`: lb against
 //!   direct, nginx and haproxy in one interleaved run; writes `target/bench/report.{md,json,svg}`.
 //! * `cargo xtask bench --micro [criterion args]`: the criterion micro-benchmarks of lb-core.
-//! * `cargo xtask reliability [--only PARTS] [--fuzz-seconds N]`: the long form of the
+//! * `cargo xtask reliability [--only PARTS] [--fuzz-seconds N] [--render]`: the long form of the
 //!   reliability program (chaos, hostile clients, h2spec, fuzzing, soak, idle, reload storms);
 //!   writes `RELIABILITY.md`.
 //! * `cargo xtask backend BASE_PORT COUNT BODY_BYTES`: the benchmark's upstream (internal).

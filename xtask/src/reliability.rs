@@ -3,6 +3,8 @@
 //! their bounded form), collects the `RELIABILITY {json}` figure lines they print, and writes
 //! `RELIABILITY.md` with every figure, each part's verdict and the command that regenerates it.
 //!
+//! `--render` only rewrites `RELIABILITY.md` from the saved runs (`target/reliability/*.json`).
+//!
 //! The figures come from the tests themselves, so that a bar asserted in CI and the number
 //! published for it can never come from two different harnesses.
 
@@ -36,7 +38,15 @@ const PARTS: &[Part] = &[
               their backend died are counted apart), zero POSTs delivered twice (counted at the \
               backends). The same schedule runs against the seed design (3 retries on the same \
               backend 10 ms apart, then mark it down) as the baseline, and against HAProxy or \
-              NGINX when installed.",
+              NGINX when installed. Reading the figures: `failed_streamed` are responses cut \
+              off after their status line had reached the client (no proxy can retry those); \
+              `failed_post` are POSTs already sent to a backend that then died, reset or \
+              black-holed them (502/504: they may have been processed, so they are never \
+              replayed; the seed design replays them, hence its `post_duplicates`); `detect` \
+              gives, per fault, when it began and how long lb took to stop routing to it \
+              passively (ejection) and by probe; `exact_backends` are the backends whose own \
+              count equals `lb_requests_total` exactly (never killed, never closing \
+              connections under lb).",
         cargo: Some(&["--test", "chaos"]),
     },
     Part {
@@ -93,7 +103,7 @@ const PARTS: &[Part] = &[
     },
 ];
 
-const USAGE: &str = "usage: cargo xtask reliability [--only chaos,hostile,h2spec,fuzz,soak,idle,storm] [--fuzz-seconds N] [--out FILE]";
+const USAGE: &str = "usage: cargo xtask reliability [--only chaos,hostile,h2spec,fuzz,soak,idle,storm] [--fuzz-seconds N] [--out FILE] [--render]";
 
 /// One part's run, kept in `target/reliability/<part>.json` so that `--only` can refresh some
 /// parts and the report still shows the latest run of every part.
@@ -113,6 +123,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut only: Option<BTreeSet<String>> = None;
     let mut fuzz_seconds: u64 = 300;
     let mut out = PathBuf::from("RELIABILITY.md");
+    let mut render_only = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -128,6 +139,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                     .map_err(|_| format!("--fuzz-seconds: not a number\n{USAGE}"))?;
             }
             "--out" => out = PathBuf::from(value()?),
+            "--render" => render_only = true,
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return Ok(());
@@ -149,7 +161,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let commit = commit_of(&root);
     let mut failed = Vec::new();
     for part in PARTS {
-        if only.as_ref().is_some_and(|o| !o.contains(part.key)) {
+        if render_only || only.as_ref().is_some_and(|o| !o.contains(part.key)) {
             continue;
         }
         eprintln!("xtask reliability: {} ...", part.title);
@@ -375,16 +387,78 @@ fn render(root: &Path, outcomes: &[(&Part, Outcome)]) -> String {
                 }
             }
             let _ = writeln!(s, "`{sec}`\n");
-            let _ = writeln!(s, "| {} |", cols.join(" | "));
-            let _ = writeln!(s, "|{}", "---|".repeat(cols.len().max(1)));
-            for r in rows {
-                let cells: Vec<String> = cols.iter().map(|c| cell(r.get(c))).collect();
-                let _ = writeln!(s, "| {} |", cells.join(" | "));
+            // Lists of records (a run's detections, say) get tables of their own below.
+            let nested: Vec<String> = cols
+                .iter()
+                .filter(|c| rows.iter().any(|r| is_records(r.get(c.as_str()))))
+                .cloned()
+                .collect();
+            let flat: Vec<String> = cols
+                .iter()
+                .filter(|c| !nested.contains(c))
+                .cloned()
+                .collect();
+            if flat.len() > 8 && rows.len() <= 6 {
+                // Wide and short: one column per run reads better than forty columns.
+                let labels: Vec<String> =
+                    rows.iter().enumerate().map(|(i, r)| label(r, i)).collect();
+                let _ = writeln!(s, "| figure | {} |", labels.join(" | "));
+                let _ = writeln!(s, "|---|{}", "---|".repeat(labels.len()));
+                for c in &flat {
+                    let cells: Vec<String> = rows.iter().map(|r| cell(r.get(c.as_str()))).collect();
+                    let _ = writeln!(s, "| {c} | {} |", cells.join(" | "));
+                }
+            } else {
+                let _ = writeln!(s, "| {} |", flat.join(" | "));
+                let _ = writeln!(s, "|{}", "---|".repeat(flat.len().max(1)));
+                for r in &rows {
+                    let cells: Vec<String> = flat.iter().map(|c| cell(r.get(c.as_str()))).collect();
+                    let _ = writeln!(s, "| {} |", cells.join(" | "));
+                }
             }
             let _ = writeln!(s);
+            for (i, r) in rows.iter().enumerate() {
+                for c in &nested {
+                    let Some(Value::Array(items)) = r.get(c.as_str()) else {
+                        continue;
+                    };
+                    let mut sub: Vec<String> = Vec::new();
+                    for item in items {
+                        if let Some(obj) = item.as_object() {
+                            for k in obj.keys() {
+                                if !sub.contains(k) {
+                                    sub.push(k.clone());
+                                }
+                            }
+                        }
+                    }
+                    let _ = writeln!(s, "`{sec}` {}: `{c}`\n", label(r, i));
+                    let _ = writeln!(s, "| {} |", sub.join(" | "));
+                    let _ = writeln!(s, "|{}", "---|".repeat(sub.len().max(1)));
+                    for item in items {
+                        let cells: Vec<String> =
+                            sub.iter().map(|k| cell(item.get(k.as_str()))).collect();
+                        let _ = writeln!(s, "| {} |", cells.join(" | "));
+                    }
+                    let _ = writeln!(s);
+                }
+            }
         }
     }
     s
+}
+
+fn is_records(v: Option<&Value>) -> bool {
+    matches!(v, Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_object))
+}
+
+/// A run's name in its section: its first naming field, else its place.
+fn label(r: &Value, i: usize) -> String {
+    ["proxy", "case", "protocol", "target"]
+        .iter()
+        .find_map(|k| r.get(*k).and_then(Value::as_str))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("run {}", i + 1))
 }
 
 fn cell(v: Option<&Value>) -> String {
