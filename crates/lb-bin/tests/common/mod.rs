@@ -30,6 +30,11 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(name: &'static str) -> Self {
+        Self::start_delayed(name, Duration::ZERO)
+    }
+
+    /// Like [`Backend::start`], answering each request only after `delay`.
+    pub fn start_delayed(name: &'static str, delay: Duration) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -51,6 +56,9 @@ impl Backend {
                         let svc = hyper::service::service_fn(move |_req| {
                             h.fetch_add(1, Ordering::SeqCst);
                             async move {
+                                if !delay.is_zero() {
+                                    tokio::time::sleep(delay).await;
+                                }
                                 Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
                                     name,
                                 ))))
