@@ -398,7 +398,7 @@ fn render(root: &Path, outcomes: &[(&Part, Outcome)]) -> String {
                 .filter(|c| !nested.contains(c))
                 .cloned()
                 .collect();
-            if flat.len() > 8 && rows.len() <= 6 {
+            if flat.len() > 8 && rows.len() <= 10 {
                 // Wide and short: one column per run reads better than forty columns.
                 let labels: Vec<String> =
                     rows.iter().enumerate().map(|(i, r)| label(r, i)).collect();
