@@ -101,12 +101,7 @@ fn plan() -> Plan {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use common::free_port_addr as free_addr;
 
 /// The `lb` process, its stdout kept with the moment each line arrived.
 struct LbProc {

@@ -9,15 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// A free port on 127.0.0.1 (a fixed port, so that `lb` runs one worker per core).
-fn free_addr() -> SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
+use common::free_port_addr as free_addr;
 
 fn config(addr: SocketAddr, strategy: &str, urls: &[String], max_connections: usize) -> String {
     let mut text = format!(

@@ -832,15 +832,7 @@ async fn serve(
 
 // --- lb, its admin server and its process.
 
-/// A free port on 127.0.0.1 (fixed ports: lb runs one worker per core, as in production).
-pub fn free_addr() -> SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
+pub use super::free_port_addr as free_addr;
 
 /// `lb` with one listener (HTTP/1.1 and h2c), the admin server and `backends`.
 pub struct LbH2 {
@@ -961,28 +953,7 @@ impl RssWatch {
 
 /// A GET over a fresh HTTP/1.1 connection: (status, body), status 0 if there was none.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: good.example\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    super::procfs::admin_get(addr, path)
 }
 
 // --- Well-behaved clients beside an attack.

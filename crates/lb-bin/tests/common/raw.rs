@@ -501,15 +501,7 @@ pub fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
 
 // === lb ===
 
-/// A free port on 127.0.0.1 (a fixed port, so that `lb` runs one worker per core).
-pub fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
+pub use super::free_port_addr as free_addr;
 
 /// `lb` on a free port with its admin server, probes off, in front of `backend_url`, with
 /// `extra` TOML (a `[timeouts]` table, say) in its config file.
