@@ -171,108 +171,129 @@ pub(crate) async fn handle(
     // backends out of the new balancer only. So the routes in force now; and if their
     // balancer is swapped out just before the pick and had none left, the newer routes.
     let mut reloads = 0;
-    let (balancer, st, mut action) = loop {
-        let current = shared.routes.load_full();
-        if !Arc::ptr_eq(&current, &routes) {
-            if current.hash_key != routes.hash_key {
-                hash_key = current.hash_key.of(&parts.uri, &outgoing.headers, peer);
+    // A reload can also leave a request that has started nowhere to go: its balancer (the
+    // old one, narrowed to the backends the new config kept) may have none untried. A
+    // request safe to send again (idempotent and replayable, or never sent) then starts
+    // again on the routes in force.
+    let resendable = base.idempotent() && base.replayable();
+    let mut restarts = 0;
+    'restart: loop {
+        let (balancer, st, mut action) = loop {
+            let current = shared.routes.load_full();
+            if !Arc::ptr_eq(&current, &routes) {
+                if current.hash_key != routes.hash_key {
+                    hash_key = current.hash_key.of(&parts.uri, &outgoing.headers, peer);
+                }
+                ex.routes = Arc::clone(&current);
+                routes = current;
             }
-            ex.routes = Arc::clone(&current);
-            routes = current;
-        }
-        let info = hash_key.map_or(base, |key| base.with_hash_key(key));
-        let balancer = Arc::clone(&routes.balancer);
-        let (st, action) = balancer.start(info, now());
-        let swapped = || !Arc::ptr_eq(&shared.routes.load().balancer, &balancer);
-        if action == Action::Fail(Failure::NoBackend) && reloads < 3 && swapped() {
-            reloads += 1;
-            continue;
-        }
-        break (balancer, st, action);
-    };
-    let st = ex.st.insert(st);
-    loop {
-        match action {
-            Action::Forward {
-                backend,
-                not_before,
-                try_deadline,
-            } => {
-                // tokio rounds a sleep up to its next millisecond tick: no backoff, no sleep.
-                if not_before > now() {
-                    tokio::time::sleep_until(not_before.into()).await;
-                }
-                if routes.target(backend).is_none() {
-                    if let Some(newer) = shared.routes_knowing(&routes, backend) {
-                        ex.routes = Arc::clone(&newer);
-                        routes = newer;
+            let info = hash_key.map_or(base, |key| base.with_hash_key(key));
+            let balancer = Arc::clone(&routes.balancer);
+            let (st, action) = balancer.start(info, now());
+            let swapped = || !Arc::ptr_eq(&shared.routes.load().balancer, &balancer);
+            if action == Action::Fail(Failure::NoBackend) && reloads < 3 && swapped() {
+                reloads += 1;
+                continue;
+            }
+            break (balancer, st, action);
+        };
+        let st = ex.st.insert(st);
+        loop {
+            match action {
+                Action::Forward {
+                    backend,
+                    not_before,
+                    try_deadline,
+                } => {
+                    // tokio rounds a sleep up to its next millisecond tick: no backoff, no sleep.
+                    if not_before > now() {
+                        tokio::time::sleep_until(not_before.into()).await;
                     }
-                }
-                let Some(target) = routes.target(backend) else {
-                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
-                    continue;
-                };
-                if shared.removed_since(&routes, target) {
-                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
-                    continue;
-                }
-                let Ok(req) = outgoing.attempt(&target.authority) else {
-                    action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
-                    continue;
-                };
-                let this_attempt = st.attempt_count().saturating_sub(1);
-                let timeout = try_deadline.saturating_duration_since(now());
-                let body = outgoing.source.watch();
-                let send = shared.upstream.send(&target.key, req, body, || {
-                    // The pool saw its connection die under a request it took, so it may have
-                    // been written (`Reset`; one never taken the pool sends on by itself): lb-core
-                    // allows one such resend per request, and records it in the trace.
-                    if balancer.handle_resend(st, Outcome::Reset, now()) {
-                        outgoing.attempt(&target.authority).ok()
-                    } else {
-                        None
+                    if routes.target(backend).is_none() {
+                        if let Some(newer) = shared.routes_knowing(&routes, backend) {
+                            ex.routes = Arc::clone(&newer);
+                            routes = newer;
+                        }
                     }
-                });
-                let result: AttemptResult<Lease> = within(try_deadline, timeout, body, send).await;
-                if st.resent() == Some(this_attempt) {
-                    // The dead pooled send, counted like every send (`lb_requests_total`).
-                    shared.observer.attempt(target, Outcome::StaleConnection);
-                }
-                let outcome = match classify(&result, outgoing.source.fault()) {
-                    Verdict::Backend(outcome) => outcome,
-                    Verdict::Client(fault, outcome) => {
-                        // The request reached the backend before the client's body failed:
-                        // a send like any other in `lb_requests_total` (and /status).
-                        shared.observer.attempt(target, outcome);
-                        tracing::debug!(target: "lb::upstream", backend = %target.authority, fault = fault.as_str(), "the client's request body failed");
-                        return client_fault(ex, fault, version);
-                    }
-                };
-                shared.observer.attempt(target, outcome);
-                match &result {
-                    Ok(Err(e)) => {
-                        tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
-                    }
-                    Ok(Ok(_)) if outcome == Outcome::Reset => {
-                        tracing::debug!(target: "lb::upstream", backend = %target.authority, "response with a transfer coding other than chunked");
-                    }
-                    _ => {}
-                }
-                action = balancer.handle_outcome(st, outcome, now());
-                if let Some(decision) = st.last_decision() {
-                    shared.observer.decision(decision);
-                }
-                if action == Action::Relay {
-                    let Ok(Ok((resp, mut lease))) = result else {
-                        // Relay only ever follows a response.
-                        return reply(ex, respond::failure(Failure::BadGateway), version);
+                    let Some(target) = routes.target(backend) else {
+                        action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
+                        continue;
                     };
-                    lease.bound_body(outgoing.source.watch(), timeout);
-                    return relay(ex, resp, lease, version, client_upgrade);
+                    if shared.removed_since(&routes, target) {
+                        action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
+                        continue;
+                    }
+                    let Ok(req) = outgoing.attempt(&target.authority) else {
+                        action = balancer.handle_outcome(st, NOT_SENT_HERE, now());
+                        continue;
+                    };
+                    let this_attempt = st.attempt_count().saturating_sub(1);
+                    let timeout = try_deadline.saturating_duration_since(now());
+                    let body = outgoing.source.watch();
+                    let send = shared.upstream.send(&target.key, req, body, || {
+                        // The pool saw its connection die under a request it took, so it may have
+                        // been written (`Reset`; one never taken the pool sends on by itself): lb-core
+                        // allows one such resend per request, and records it in the trace.
+                        if balancer.handle_resend(st, Outcome::Reset, now()) {
+                            outgoing.attempt(&target.authority).ok()
+                        } else {
+                            None
+                        }
+                    });
+                    let result: AttemptResult<Lease> =
+                        within(try_deadline, timeout, body, send).await;
+                    if st.resent() == Some(this_attempt) {
+                        // The dead pooled send, counted like every send (`lb_requests_total`).
+                        shared.observer.attempt(target, Outcome::StaleConnection);
+                    }
+                    let outcome = match classify(&result, outgoing.source.fault()) {
+                        Verdict::Backend(outcome) => outcome,
+                        Verdict::Client(fault, outcome) => {
+                            // The request reached the backend before the client's body failed:
+                            // a send like any other in `lb_requests_total` (and /status).
+                            shared.observer.attempt(target, outcome);
+                            tracing::debug!(target: "lb::upstream", backend = %target.authority, fault = fault.as_str(), "the client's request body failed");
+                            return client_fault(ex, fault, version);
+                        }
+                    };
+                    shared.observer.attempt(target, outcome);
+                    match &result {
+                        Ok(Err(e)) => {
+                            tracing::debug!(target: "lb::upstream", backend = %target.authority, error = %e, ?outcome, "attempt failed");
+                        }
+                        Ok(Ok(_)) if outcome == Outcome::Reset => {
+                            tracing::debug!(target: "lb::upstream", backend = %target.authority, "response with a transfer coding other than chunked");
+                        }
+                        _ => {}
+                    }
+                    action = balancer.handle_outcome(st, outcome, now());
+                    if let Some(decision) = st.last_decision() {
+                        shared.observer.decision(decision);
+                    }
+                    if action == Action::Relay {
+                        let Ok(Ok((resp, mut lease))) = result else {
+                            // Relay only ever follows a response.
+                            return reply(ex, respond::failure(Failure::BadGateway), version);
+                        };
+                        lease.bound_body(outgoing.source.watch(), timeout);
+                        return relay(ex, resp, lease, version, client_upgrade);
+                    }
+                }
+                Action::Relay => return reply(ex, respond::failure(Failure::BadGateway), version),
+                Action::Fail(f) => {
+                    let swapped = !Arc::ptr_eq(&shared.routes.load().balancer, &balancer);
+                    let never_sent = st.resent().is_none()
+                        && st
+                            .attempts()
+                            .iter()
+                            .all(|a| a.outcome().is_some_and(|o| !o.was_sent()));
+                    if (resendable || never_sent) && swapped && restarts < 2 {
+                        restarts += 1;
+                        continue 'restart;
+                    }
+                    return reply(ex, respond::failure(f), version);
                 }
             }
-            Action::Relay => return reply(ex, respond::failure(Failure::BadGateway), version),
-            Action::Fail(f) => return reply(ex, respond::failure(f), version),
         }
     }
 }
