@@ -242,8 +242,11 @@ async fn run(
         let thread = std::thread::Builder::new()
             .name(format!("lb-worker-{i}"))
             .spawn(move || {
+                // Access-log lines wait in this thread's buffer until it runs out of work.
+                crate::log::buffer_this_thread();
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_park(crate::log::flush_this_thread)
                     .build()?;
                 rt.block_on(async move {
                     let mut bound = Vec::with_capacity(set.len());

@@ -10,6 +10,7 @@ mod admin;
 mod app;
 mod cli;
 mod config;
+mod log;
 mod metrics;
 
 use std::path::{Path, PathBuf};
@@ -77,7 +78,7 @@ pub fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    init_logging(settings.log_format);
+    log::init(settings.log_format);
     match app::start(cli, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -93,78 +94,5 @@ pub fn main() -> ExitCode {
             tracing::error!(target: "lb", error = %msg, "failed");
             ExitCode::from(1)
         }
-    }
-}
-
-/// The HTTP libraries' own targets. They log what peers do (h2 warns once per unsolicited PING
-/// ack), so any client could fill the log: they log at `error` only, unless `RUST_LOG` names
-/// them.
-const PEER_DRIVEN_TARGETS: [&str; 3] = ["h2", "hyper", "hyper_util"];
-
-/// The log filter: `RUST_LOG` (default `info`), with [`PEER_DRIVEN_TARGETS`] at `error`
-/// unless it names them.
-fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
-    use tracing_subscriber::EnvFilter;
-    let (mut filter, spec) = match rust_log.map(|s| (EnvFilter::try_new(s), s)) {
-        Some((Ok(filter), spec)) => (filter, spec),
-        _ => (EnvFilter::new("info"), "info"),
-    };
-    for target in PEER_DRIVEN_TARGETS {
-        if names_target(spec, target) {
-            continue;
-        }
-        if let Ok(directive) = format!("{target}=error").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    filter
-}
-
-/// Whether one of the filter's directives is about `target` or a module inside it.
-fn names_target(spec: &str, target: &str) -> bool {
-    spec.split(',').any(|directive| {
-        let name = directive.split(['=', '[']).next().unwrap_or("").trim();
-        name == target
-            || name
-                .strip_prefix(target)
-                .is_some_and(|rest| rest.starts_with("::"))
-    })
-}
-
-/// Logs to stdout, filtered by [`log_filter`]; `--log-format json` gives one JSON object per
-/// line.
-fn init_logging(format: cli::LogFormat) {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let filter = log_filter(rust_log.as_deref());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(false);
-    match format {
-        cli::LogFormat::Text => builder.init(),
-        cli::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::names_target;
-
-    #[test]
-    fn a_filter_names_a_target_only_by_a_directive_for_it() {
-        assert!(!names_target("info", "h2"));
-        assert!(!names_target("debug,lb=trace", "hyper"));
-        assert!(!names_target("hyper_util=debug", "hyper"));
-        assert!(!names_target("h2c=debug", "h2"));
-        assert!(names_target("info,h2=warn", "h2"));
-        assert!(names_target("h2", "h2"));
-        assert!(names_target("h2::proto::ping_pong=debug", "h2"));
-        assert!(names_target("hyper[conn]=debug", "hyper"));
-        assert!(names_target("info, hyper_util = debug", "hyper_util"));
     }
 }

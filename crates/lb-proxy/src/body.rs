@@ -324,7 +324,8 @@ impl BodySource {
         let body = ClientBody::new(body, Arc::clone(&watch), body_read);
         match content_length {
             Some(n) if n <= cap as u64 => {
-                let Ok(collected) = body.collect().await else {
+                // Boxed, like every rare step of a request (see `Upstream::send`).
+                let Ok(collected) = Box::pin(body.collect()).await else {
                     return Err(watch.fault().unwrap_or(ClientFault::Malformed));
                 };
                 let bytes = collected.to_bytes();

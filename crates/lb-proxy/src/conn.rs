@@ -653,7 +653,9 @@ pub(crate) async fn serve(
         let xff = crate::headers::client_value(peer.ip());
         move |req| {
             let (shared, phase, xff) = (Arc::clone(&shared), Arc::clone(&phase), xff.clone());
-            crate::service::handle(shared, req, peer, xff, phase)
+            // Boxed: hyper moves the service's future into place (twice, with the wrapper
+            // below), and a request's future is kilobytes of state; a pointer moves for free.
+            Box::pin(crate::service::handle(shared, req, peer, xff, phase))
         }
     };
     let io = TokioIo::new(io);

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -230,18 +231,23 @@ pub(crate) async fn handle(
                     let this_attempt = st.attempt_count().saturating_sub(1);
                     let timeout = try_deadline.saturating_duration_since(now());
                     let body = outgoing.source.watch();
-                    let send = shared.upstream.send(&target.key, req, body, || {
-                        // The pool saw its connection die under a request it took, so it may have
-                        // been written (`Reset`; one never taken the pool sends on by itself): lb-core
-                        // allows one such resend per request, and records it in the trace.
-                        if balancer.handle_resend(st, Outcome::Reset, now()) {
-                            outgoing.attempt(&target.authority).ok()
-                        } else {
-                            None
-                        }
-                    });
-                    let result: AttemptResult<Lease> =
-                        within(try_deadline, timeout, body, send).await;
+                    // Pinned in place: moved into `within`, the attempt's future would take
+                    // two slots of this one's state (every request's future, which hyper
+                    // moves, byte for byte, into place).
+                    let result: AttemptResult<Lease> = {
+                        let send =
+                            std::pin::pin!(shared.upstream.send(&target.key, req, body, || {
+                                // The pool saw its connection die under a request it took, so it may have
+                                // been written (`Reset`; one never taken the pool sends on by itself): lb-core
+                                // allows one such resend per request, and records it in the trace.
+                                if balancer.handle_resend(st, Outcome::Reset, now()) {
+                                    outgoing.attempt(&target.authority).ok()
+                                } else {
+                                    None
+                                }
+                            }));
+                        within(try_deadline, timeout, body, send).await
+                    };
                     if st.resent() == Some(this_attempt) {
                         // The dead pooled send, counted like every send (`lb_requests_total`).
                         shared.observer.attempt(target, Outcome::StaleConnection);
@@ -305,9 +311,8 @@ async fn within<T>(
     try_deadline: Instant,
     timeout: Duration,
     body: Option<&Arc<BodyWatch>>,
-    attempt: impl Future<Output = T>,
+    mut attempt: Pin<&mut impl Future<Output = T>>,
 ) -> Result<T, TimedOut> {
-    tokio::pin!(attempt);
     let mut at = tokio::time::Instant::from_std(try_deadline);
     loop {
         if let Ok(out) = tokio::time::timeout_at(at, attempt.as_mut()).await {

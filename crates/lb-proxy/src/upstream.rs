@@ -486,7 +486,10 @@ impl Upstream {
                 },
             }
         }
-        let mut conn = self.connect(&key.authority).await?;
+        // Boxed: connecting is the rare case, and its future (the TCP connect and hyper's
+        // handshake) would otherwise make every request's future larger, and every move of it
+        // (hyper moves the service's future into place) a longer copy.
+        let mut conn = Box::pin(self.connect(&key.authority)).await?;
         watch(&conn);
         match conn.request(req).await {
             Ok(resp) => Ok((resp, lease(conn))),
