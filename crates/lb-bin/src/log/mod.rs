@@ -22,6 +22,8 @@ use std::io::{self, Write};
 
 use crate::cli;
 
+mod access;
+
 /// The HTTP libraries' own targets. They log what peers do (h2 warns once per unsolicited PING
 /// ack), so any client could fill the log: they log at `error` only, unless `RUST_LOG` names
 /// them.
@@ -64,18 +66,25 @@ fn names_target(spec: &str, target: &str) -> bool {
 /// Logs to stdout, filtered by [`filter`]; `--log-format json` gives one JSON object per
 /// line.
 pub(crate) fn init(format: cli::LogFormat) {
+    use tracing_subscriber::fmt::format::{Format, JsonFields};
     let rust_log = std::env::var("RUST_LOG").ok();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(rust_log.as_deref()))
         .with_writer(|| Lines)
         .with_ansi(false);
     match format {
-        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Text => builder
+            .event_format(access::Fast::text(Format::default()))
+            .init(),
         cli::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(access::Fast::json(
+                Format::default()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            ))
             .init(),
     }
 }
