@@ -1305,3 +1305,66 @@ fn heads_refused_before_a_request_are_counted_in_lb_responses_total() {
     lb.signal("TERM");
     assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
 }
+
+/// The access log waits in a buffer per worker thread (see `lb-bin/src/log`). It must still
+/// be the log users had: a request's line shows up with no more traffic to push it out; under
+/// concurrent load on every worker each line is whole (long lines, so that a buffer holds
+/// only a few and two workers write at once) and there is exactly one per request; and what
+/// is buffered when SIGTERM comes is written before lb exits.
+#[test]
+fn buffered_access_lines_are_prompt_whole_and_one_per_request() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+        "--log-format".into(),
+        "json".into(),
+    ]);
+    lb.wait_listening(addr);
+    let access = |lb: &Lb| -> Vec<String> {
+        lb.logs()
+            .into_iter()
+            .filter(|l| l.contains("\"lb::access\""))
+            .collect()
+    };
+    assert_eq!(get(addr, "/first").0, 200);
+    wait_until("the one request's line, with no more traffic", || {
+        access(&lb).len() == 1
+    });
+
+    let (threads, each) = (4, 150);
+    let long = "x".repeat(1500);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let long = &long;
+            s.spawn(move || {
+                for i in 0..each {
+                    assert_eq!(get(addr, &format!("/t{t}-{i}/{long}")).0, 200);
+                }
+            });
+        }
+    });
+    let want = 1 + threads * each;
+    wait_until("a line per request", || access(&lb).len() >= want);
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(20)), 0);
+    let lines = access(&lb);
+    assert_eq!(lines.len(), want, "one line per request");
+    let mut seen = std::collections::HashSet::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a whole JSON line, not {line:?}: {e}"));
+        assert_eq!(v["status"], 200, "{line}");
+        assert!(
+            seen.insert(v["path"].as_str().unwrap().to_owned()),
+            "{line}"
+        );
+    }
+    assert!(lb.logs().iter().any(|l| l.contains("stopped")));
+}
