@@ -1,9 +1,19 @@
-//! `cargo xtask bench`: lb side by side with direct, nginx and haproxy, in one run.
+//! `cargo xtask bench`: lb side by side with direct, nginx, haproxy and Pingora, in one run.
 //!
 //! Every row runs every target in interleaved rounds (A B C A B C …) so that drift on a
 //! noisy machine hits all alike; the report quotes medians of the rounds and the ratios
-//! lb/nginx, lb/haproxy and lb/direct. Load comes from `wrk` (HTTP/1.1; a Lua hook prints
-//! exact percentiles) and `h2load` (h2c). Peer configs are written to `target/bench/`.
+//! lb/nginx, lb/haproxy, lb/pingora and lb/direct. Load comes from `wrk` (HTTP/1.1; a Lua
+//! hook prints exact percentiles) and `h2load` (h2c); the idle row opens its connections
+//! itself ([`crate::idle`]). Peer configs are written to `target/bench/`.
+//!
+//! lb runs as users run it: its access log on (`RUST_LOG` unset), written to
+//! `target/bench/lb-access.log` (truncated each time lb starts); `--lb-log off` (or
+//! `on,off`, both as targets) measures it without. The peers log nothing.
+//!
+//! Flags: `--quick`, `--install`, `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]`
+//! (rows whose name contains one), `--lb-bin PATH[,PATH]` (more lb binaries, round robin,
+//! as targets beside the built one in the same rounds: an A/B of two builds),
+//! `--lb-log on|off|on,off`, `--no-pingora`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,6 +27,9 @@ use serde::Serialize;
 const BACKEND_BASE: u16 = 21000;
 const PROXY_PORT: u16 = 19080;
 
+/// Connections the idle row opens and holds (the issue's measurement).
+const IDLE_CONNS: u32 = 9000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 enum Proto {
     /// HTTP/1.1 keep-alive.
@@ -25,23 +38,52 @@ enum Proto {
     H1Close,
     /// HTTP/2 cleartext, prior knowledge.
     H2c,
+    /// `conns` idle HTTP/1.1 connections, one request each: memory per connection.
+    Idle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 enum Target {
     Direct,
-    Lb(&'static str),
+    Lb(Lb),
     Nginx,
     Haproxy,
+    Pingora,
+}
+
+/// One way of running lb.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+struct Lb {
+    strategy: &'static str,
+    /// The label of an `--lb-bin` binary; `None` for the one built from this tree.
+    bin: Option<String>,
+    /// Access log on (as users run it) or off.
+    log: bool,
+}
+
+impl Lb {
+    fn new(strategy: &'static str, bin: Option<String>, log: bool) -> Target {
+        Target::Lb(Self { strategy, bin, log })
+    }
 }
 
 impl Target {
     fn name(&self) -> String {
         match self {
             Self::Direct => "direct".into(),
-            Self::Lb(s) => format!("lb {s}"),
+            Self::Lb(lb) => {
+                let mut name = format!("lb {}", lb.strategy);
+                if let Some(label) = &lb.bin {
+                    let _ = write!(name, " [{label}]");
+                }
+                if !lb.log {
+                    name.push_str(" (log off)");
+                }
+                name
+            }
             Self::Nginx => "nginx".into(),
             Self::Haproxy => "haproxy".into(),
+            Self::Pingora => "pingora".into(),
         }
     }
 }
@@ -67,6 +109,8 @@ struct Measure {
     errors: u64,
     cpu_s_per_100k: Option<f64>,
     peak_rss_mib: Option<f64>,
+    /// The idle row's figures.
+    idle: Option<crate::idle::Idle>,
 }
 
 struct Opts {
@@ -75,6 +119,14 @@ struct Opts {
     rounds: usize,
     duration: Duration,
     out: PathBuf,
+    /// `--only`: rows whose name contains one of these.
+    only: Vec<String>,
+    /// `--lb-bin`: (label, path) of more lb binaries to measure.
+    lb_bins: Vec<(String, PathBuf)>,
+    /// `--lb-log`: access log on, off, or both (each a target).
+    lb_logs: Vec<bool>,
+    /// Whether to build and run the Pingora peer.
+    pingora: bool,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -82,6 +134,23 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         return micro(args.iter().filter(|a| *a != "--micro").cloned().collect());
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let list = |name: &str| -> Vec<String> {
+        flag::<String>(args, name)
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let lb_logs = match flag::<String>(args, "--lb-log").as_deref() {
+        None | Some("on") => vec![true],
+        Some("off") => vec![false],
+        Some("on,off") => vec![true, false],
+        Some("off,on") => vec![false, true],
+        Some(other) => return Err(format!("--lb-log {other:?}: on, off or on,off")),
+    };
     let opts = Opts {
         quick,
         install: args.iter().any(|a| a == "--install"),
@@ -92,17 +161,46 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             4
         })),
         out: PathBuf::from("target/bench"),
+        only: list("--only"),
+        lb_bins: lb_bins(&list("--lb-bin"))?,
+        lb_logs,
+        pingora: !args.iter().any(|a| a == "--no-pingora"),
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| e.to_string())?;
     tools(&opts)?;
     let lb = build_lb()?;
     let has = |t: &str| which(t).is_some();
-    let peers: Vec<Target> = [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")]
+    let mut peers: Vec<Target> = [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")]
         .into_iter()
         .filter(|(_, bin)| has(bin))
         .map(|(t, _)| t)
         .collect();
-    let rows = rows(&opts, &peers, has("h2load"));
+    if opts.pingora {
+        peers.push(Target::Pingora);
+    }
+    let mut rows = rows(&opts, &peers, has("h2load"));
+    if !opts.only.is_empty() {
+        rows.retain(|r| opts.only.iter().any(|o| r.name.contains(o.as_str())));
+        if rows.is_empty() {
+            return Err(format!("--only {}: no row matches", opts.only.join(",")));
+        }
+    }
+    let mut pingora = None;
+    if rows.iter().any(|r| r.targets.contains(&Target::Pingora)) {
+        match crate::pingora::ensure_built(&opts.out) {
+            Ok(built) => pingora = Some(built),
+            Err(e) => {
+                eprintln!("xtask: no Pingora target in this run: {e}");
+                for r in &mut rows {
+                    r.targets.retain(|t| *t != Target::Pingora);
+                }
+            }
+        }
+    }
+    let bins = Bins {
+        lb,
+        pingora: pingora.as_ref().map(|b| b.exe.clone()),
+    };
     let total: u64 = rows
         .iter()
         .map(|r| (r.targets.len() * opts.rounds) as u64)
@@ -117,6 +215,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut results: Vec<(Row, BTreeMap<Target, Vec<Measure>>)> = Vec::new();
     // Rows that share backends (count, body size) share one backend process.
     let mut groups: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
+    let order: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     for r in rows {
         groups.entry((r.backends, r.body)).or_default().push(r);
     }
@@ -132,7 +231,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                         target.name(),
                         round + 1
                     ));
-                    let m = measure(&opts, &lb, &row, target, &backends)?;
+                    let m = measure(&opts, &bins, &row, target, &backends)?;
                     by_target.entry(target.clone()).or_default().push(m);
                     bar.inc(1);
                 }
@@ -142,7 +241,40 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         drop(backends);
     }
     bar.finish_and_clear();
-    report(&opts, &results)
+    // Back to the order of `rows`: the headline first.
+    results.sort_by_key(|(r, _)| order.iter().position(|n| *n == r.name));
+    let version = pingora.map(|b| b.version);
+    report(&opts, version.as_deref(), &results)
+}
+
+/// The binaries the targets run.
+struct Bins {
+    lb: PathBuf,
+    pingora: Option<PathBuf>,
+}
+
+/// Labels the `--lb-bin` paths by file name (by `parent/name` where two share a name).
+fn lb_bins(paths: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
+    let paths: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).map_err(|e| format!("--lb-bin {p}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let name = |p: &Path| {
+        p.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    };
+    Ok(paths
+        .iter()
+        .map(|p| {
+            let label = if paths.iter().filter(|q| name(q) == name(p)).count() > 1 {
+                let parent = p.parent().map_or(String::new(), |d| name(d));
+                format!("{parent}/{}", name(p))
+            } else {
+                name(p)
+            };
+            (label, p.clone())
+        })
+        .collect())
 }
 
 fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
@@ -165,7 +297,7 @@ fn micro(rest: Vec<String>) -> Result<(), String> {
         .ok_or_else(|| format!("cargo bench failed: {status}"))
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -175,12 +307,16 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 fn tools(opts: &Opts) -> Result<(), String> {
-    let wanted = [
+    let mut wanted = vec![
         ("wrk", "wrk"),
         ("h2load", "nghttp2-client"),
         ("nginx", "nginx-light"),
         ("haproxy", "haproxy"),
     ];
+    // Pingora's build compiles zlib-ng with cmake; not needed once it is built.
+    if opts.pingora && !crate::pingora::is_built(&opts.out) {
+        wanted.push(("cmake", "cmake"));
+    }
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(t, _)| which(t).is_none())
@@ -234,10 +370,28 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         "consistent-hash",
         "random",
     ];
+    // Each lb variant of this run (log on/off, --lb-bin binaries) with one strategy.
+    let lbs = |strategy: &'static str, bins: bool| -> Vec<Target> {
+        let mut v = Vec::new();
+        for &log in &opts.lb_logs {
+            v.push(Lb::new(strategy, None, log));
+            if bins {
+                v.extend(
+                    opts.lb_bins
+                        .iter()
+                        .map(|(label, _)| Lb::new(strategy, Some(label.clone()), log)),
+                );
+            }
+        }
+        v
+    };
     let mut all: Vec<Target> = vec![Target::Direct];
-    all.extend(strategies.iter().map(|s| Target::Lb(s)));
+    for s in strategies {
+        all.extend(lbs(s, s == "round-robin"));
+    }
     all.extend(peers.iter().cloned());
-    let mut core: Vec<Target> = vec![Target::Direct, Target::Lb("round-robin")];
+    let mut core: Vec<Target> = vec![Target::Direct];
+    core.extend(lbs("round-robin", true));
     core.extend(peers.iter().cloned());
     let proxies: Vec<Target> = core
         .iter()
@@ -260,7 +414,16 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         3,
         &all,
     )];
-    if opts.quick {
+    let idle = row(
+        &format!("idle keep-alive {IDLE_CONNS} connections"),
+        Proto::Idle,
+        1024,
+        IDLE_CONNS,
+        3,
+        &proxies,
+    );
+    if opts.quick && opts.only.is_empty() {
+        rows.push(idle);
         return rows;
     }
     rows.push(row(
@@ -314,6 +477,7 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         1000,
         &proxies,
     ));
+    rows.push(idle);
     rows
 }
 
@@ -364,7 +528,7 @@ impl Drop for Backends {
 /// Starts the target (if it is a proxy), runs the load, stops it.
 fn measure(
     opts: &Opts,
-    lb: &Path,
+    bins: &Bins,
     row: &Row,
     target: &Target,
     backends: &Backends,
@@ -376,16 +540,36 @@ fn measure(
             "port {PROXY_PORT} is busy: stop whatever listens there and run again"
         ));
     }
+    // Room for the idle row's connections (and the rlimit to hold them).
+    let nofile = "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn) 2>/dev/null";
     let (port, mut proxy) = match target {
         Target::Direct => (BACKEND_BASE, None),
-        Target::Lb(strategy) => {
+        Target::Lb(lb) => {
+            let exe = match &lb.bin {
+                None => bins.lb.clone(),
+                Some(label) => opts
+                    .lb_bins
+                    .iter()
+                    .find(|(l, _)| l == label)
+                    .map(|(_, p)| p.clone())
+                    .ok_or_else(|| format!("no --lb-bin labelled {label}"))?,
+            };
             let list: Vec<String> = backends.addrs().map(|a| format!("http://{a}")).collect();
             let cmd = format!(
-                "ulimit -n $(ulimit -Hn) 2>/dev/null; exec {} --listen 127.0.0.1:{PROXY_PORT} --health-interval 0 --strategy {strategy} --backends {}",
-                lb.display(),
+                "{nofile}; exec {} --listen 127.0.0.1:{PROXY_PORT} --health-interval 0 --strategy {} --backends {}",
+                exe.display(),
+                lb.strategy,
                 list.join(",")
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            let child = if lb.log {
+                // As users run it: the default filter, the access log to a file.
+                let log = std::fs::File::create(opts.out.join("lb-access.log"))
+                    .map_err(|e| format!("lb-access.log: {e}"))?;
+                spawn_sh(&cmd, None, Stdio::from(log))?
+            } else {
+                spawn_sh(&cmd, Some("warn"), Stdio::null())?
+            };
+            (PROXY_PORT, Some(child))
         }
         Target::Nginx => {
             let conf = nginx_conf(opts, row, backends)?;
@@ -394,22 +578,54 @@ fn measure(
                 opts.out.display(),
                 conf.display()
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
         Target::Haproxy => {
             let conf = haproxy_conf(opts, row, backends)?;
+            let cmd = format!("{nofile}; exec haproxy -db -f {}", conf.display());
+            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
+        }
+        Target::Pingora => {
+            let exe = bins.pingora.as_ref().ok_or("pingora is not built")?;
+            let list: Vec<String> = backends.addrs().collect();
+            let h2c = if row.proto == Proto::H2c { " h2c" } else { "" };
             let cmd = format!(
-                "ulimit -n $(ulimit -Hn) 2>/dev/null; exec haproxy -db -f {}",
-                conf.display()
+                "{nofile}; exec {} 127.0.0.1:{PROXY_PORT} {}{h2c}",
+                exe.display(),
+                list.join(",")
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
     };
     let result = (|| {
         wait_port(port, proxy.as_mut()).map_err(|e| format!("{}: {e}", target.name()))?;
         let pid = proxy.as_ref().map(Child::id);
         // Warm up pools and caches, then measure.
-        load(opts, row, port, Duration::from_secs(1))?;
+        let warm = Row {
+            proto: if row.proto == Proto::Idle {
+                Proto::H1
+            } else {
+                row.proto
+            },
+            conns: if row.proto == Proto::Idle {
+                64
+            } else {
+                row.conns
+            },
+            ..row.clone()
+        };
+        load(opts, &warm, port, Duration::from_secs(1))?;
+        if row.proto == Proto::Idle {
+            let pid = pid.ok_or("the idle row needs a proxy")?;
+            let idle = crate::idle::measure(pid, port, row.conns)?;
+            return Ok(Measure {
+                requests: u64::from(idle.ok),
+                errors: u64::from(row.conns - idle.ok),
+                peak_rss_mib: Some(tree_rss_kib(pid) as f64 / 1024.0),
+                idle: Some(idle),
+                ..Measure::default()
+            });
+        }
         let cpu0 = pid.map(tree_cpu_ticks);
         let m = load(opts, row, port, opts.duration)?;
         let cpu1 = pid.map(tree_cpu_ticks);
@@ -427,16 +643,16 @@ fn measure(
     result
 }
 
-/// Starts a proxy through `sh -c` (for `ulimit` and `exec`), quiet, logging at warn.
-fn spawn_sh(cmd: &str) -> Result<Child, String> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())
+/// Starts a proxy through `sh -c` (for `ulimit` and `exec`) with `RUST_LOG` set to
+/// `rust_log` (unset if `None`), its stdout to `stdout`, stderr to nowhere.
+fn spawn_sh(cmd: &str, rust_log: Option<&str>, stdout: Stdio) -> Result<Child, String> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd).stdout(stdout).stderr(Stdio::null());
+    match rust_log {
+        Some(level) => c.env("RUST_LOG", level),
+        None => c.env_remove("RUST_LOG"),
+    };
+    c.spawn().map_err(|e| e.to_string())
 }
 
 fn stop(child: &mut Child) {
@@ -526,6 +742,7 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
                 ..Measure::default()
             })
         }
+        Proto::Idle => Err("the idle row sends no load".into()),
         Proto::H2c => {
             let cmd = format!(
                 "ulimit -n $(ulimit -Hn) 2>/dev/null; exec h2load -t2 -c{} -m10 -D {secs} {url}",
@@ -571,13 +788,19 @@ fn tree_cpu_ticks(pid: u32) -> u64 {
         .sum()
 }
 
+/// Peak RSS of `pid`'s tree: the sum of each process's VmHWM, in KiB.
 fn tree_rss_kib(pid: u32) -> u64 {
+    tree_status_kib(pid, "VmHWM:")
+}
+
+/// The sum over `pid` and its children of one `/proc/PID/status` field in kB (`VmRSS:`).
+pub(crate) fn tree_status_kib(pid: u32, field: &str) -> u64 {
     tree(pid)
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .sum()
@@ -627,10 +850,16 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
     } else {
         ""
     };
+    // The idle row's connections may all land on one worker.
+    let (nofile, conns) = if row.proto == Proto::Idle {
+        (65536, 30000)
+    } else {
+        (16384, 8192)
+    };
     let conf = format!(
         "# generated by cargo xtask bench: nginx as a peer of lb, configured equivalently\n\
-         worker_processes 2;\nworker_rlimit_nofile 16384;\npid nginx.pid;\nerror_log stderr error;\n\
-         events {{ worker_connections 8192; }}\n\
+         worker_processes 2;\nworker_rlimit_nofile {nofile};\npid nginx.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections {conns}; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
          upstream b {{\n{servers}    keepalive 512;\n  }}\n\
          server {{\n    listen 127.0.0.1:{PROXY_PORT}{h2};\n    location / {{\n      proxy_pass http://b;\n\
@@ -655,9 +884,14 @@ fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, 
     } else {
         ""
     };
+    let maxconn = if row.proto == Proto::Idle {
+        30000
+    } else {
+        8000
+    };
     let conf = format!(
         "# generated by cargo xtask bench: haproxy as a peer of lb, configured equivalently\n\
-         global\n  nbthread 2\n  maxconn 8000\n\n\
+         global\n  nbthread 2\n  maxconn {maxconn}\n\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\
          \x20 option http-keep-alive\n  http-reuse always\n\n\
          frontend f\n  bind 127.0.0.1:{PROXY_PORT}{proto}\n  option forwardfor\n  default_backend b\n\n\
@@ -686,16 +920,18 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 #[derive(Serialize)]
-struct Summary {
-    row: String,
-    target: String,
-    rps: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    p999_ms: Option<f64>,
-    cpu_s_per_100k: Option<f64>,
-    peak_rss_mib: Option<f64>,
-    errors: u64,
+pub(crate) struct Summary {
+    pub(crate) row: String,
+    pub(crate) target: String,
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
+    pub(crate) p999_ms: Option<f64>,
+    pub(crate) cpu_s_per_100k: Option<f64>,
+    pub(crate) peak_rss_mib: Option<f64>,
+    pub(crate) errors: u64,
+    /// The idle row's figures: medians over the rounds, `ok` the fewest.
+    pub(crate) idle: Option<crate::idle::Idle>,
     rounds: Vec<Measure>,
 }
 
@@ -704,6 +940,20 @@ fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
         let mut v: Vec<f64> = ms.iter().filter_map(f).collect();
         (!v.is_empty()).then(|| median(&mut v))
     };
+    let idles: Vec<&crate::idle::Idle> = ms.iter().filter_map(|m| m.idle.as_ref()).collect();
+    let idle = (!idles.is_empty()).then(|| {
+        let med = |f: &dyn Fn(&crate::idle::Idle) -> f64| {
+            median(&mut idles.iter().map(|i| f(i)).collect::<Vec<_>>())
+        };
+        crate::idle::Idle {
+            before_kib: med(&|i| i.before_kib as f64) as u64,
+            after_kib: med(&|i| i.after_kib as f64) as u64,
+            conns: idles[0].conns,
+            ok: idles.iter().map(|i| i.ok).min().unwrap_or(0),
+            kib_per_conn: med(&|i| i.kib_per_conn),
+            open_s: med(&|i| i.open_s),
+        }
+    });
     Summary {
         row: row.name.clone(),
         target: target.name(),
@@ -714,25 +964,50 @@ fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
         cpu_s_per_100k: med(&|m| m.cpu_s_per_100k),
         peak_rss_mib: ms.iter().filter_map(|m| m.peak_rss_mib).reduce(f64::max),
         errors: ms.iter().map(|m| m.errors).sum(),
+        idle,
         rounds: ms.to_vec(),
     }
 }
 
-fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Result<(), String> {
+fn report(
+    opts: &Opts,
+    pingora: Option<&str>,
+    results: &[(Row, BTreeMap<Target, Vec<Measure>>)],
+) -> Result<(), String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |x| format!("{x:.digits$}"));
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Medians of {} round(s) of {} s each; ratios are lb ÷ peer requests/s in the same row.\n",
+        "Medians of {} round(s) of {} s each; ratios are lb ÷ peer requests/s in the same row.",
         opts.rounds,
         opts.duration.as_secs()
     );
-    let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷direct |");
+    let log = match opts.lb_logs.as_slice() {
+        [true] => "lb with its access log on, as users run it (`RUST_LOG` unset, stdout to target/bench/lb-access.log)",
+        [false] => "lb with its access log off (`--lb-log off`: `RUST_LOG=warn`, stdout discarded)",
+        _ => "lb with its access log on (`RUST_LOG` unset, stdout to target/bench/lb-access.log) and off (`(log off)`: `RUST_LOG=warn`)",
+    };
+    let _ = write!(
+        md,
+        "{log}; nginx, haproxy and pingora with logging off (`access_log off`, no log section, no logger)"
+    );
+    if let Some(v) = pingora {
+        let _ = write!(
+            md,
+            "; pingora is pingora-proxy {v} (2 threads, round robin)"
+        );
+    }
+    for (label, path) in &opts.lb_bins {
+        let _ = write!(md, "; `[{label}]` is {}", path.display());
+    }
+    let _ = writeln!(md, ".\n");
+    let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷pingora | ÷direct |");
     let _ = writeln!(
         md,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut summaries = Vec::new();
+    let mut idle_md = String::new();
     for (row, by_target) in results {
         let rps_of = |t: &Target| by_target.get(t).map(|ms| summarise(row, t, ms).rps);
         for target in &row.targets {
@@ -740,13 +1015,28 @@ fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Res
                 continue;
             };
             let s = summarise(row, target, ms);
+            if let Some(i) = &s.idle {
+                let _ = writeln!(
+                    idle_md,
+                    "| {} | {:.1} | {:.1} | {:.2} | {}/{} | {:.1} |",
+                    s.target,
+                    i.before_kib as f64 / 1024.0,
+                    i.after_kib as f64 / 1024.0,
+                    i.kib_per_conn,
+                    i.ok,
+                    i.conns,
+                    i.open_s,
+                );
+                summaries.push(s);
+                continue;
+            }
             let ratio = |peer: &Target| match (target, rps_of(peer)) {
                 (Target::Lb(_), Some(p)) if p > 0.0 => format!("{:.2}", s.rps / p),
                 _ => String::new(),
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.name,
                 s.target,
                 s.rps,
@@ -758,24 +1048,47 @@ fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Res
                 s.errors,
                 ratio(&Target::Nginx),
                 ratio(&Target::Haproxy),
+                ratio(&Target::Pingora),
                 ratio(&Target::Direct),
             );
             summaries.push(s);
         }
     }
+    if !idle_md.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Idle keep-alive connections\n\n\
+             {IDLE_CONNS} HTTP/1.1 connections opened one after another by the xtask, one `GET /` \
+             each (answer read whole), then held silent; VmRSS summed over the proxy's process \
+             tree after a 1 s warm-up and no client, then {:.0} s after the last connection.\n",
+            crate::idle::SETTLE.as_secs_f64()
+        );
+        let _ = writeln!(
+            md,
+            "| target | RSS before MiB | RSS with them MiB | KiB per connection | answered 200 | open s |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        md.push_str(&idle_md);
+    }
+    let lb = Lb::new("round-robin", None, opts.lb_logs[0]).name();
+    let bars = crate::bars::bars(&summaries, &lb);
+    md.push_str(&crate::bars::markdown(&bars, &lb));
     print!("{md}");
     std::fs::write(opts.out.join("report.md"), &md).map_err(|e| e.to_string())?;
     let json = serde_json::to_string_pretty(&summaries).map_err(|e| e.to_string())?;
     std::fs::write(opts.out.join("report.json"), json).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&bars).map_err(|e| e.to_string())?;
+    std::fs::write(opts.out.join("bars.json"), json).map_err(|e| e.to_string())?;
     crate::chart::draw(
         &opts.out.join("report.svg"),
         &summaries
             .iter()
+            .filter(|s| s.idle.is_none())
             .map(|s| (s.row.clone(), s.target.clone(), s.rps, s.p99_ms))
             .collect::<Vec<_>>(),
     )?;
     eprintln!(
-        "wrote {0}/report.md, {0}/report.json, {0}/report.svg",
+        "wrote {0}/report.md, {0}/report.json, {0}/bars.json, {0}/report.svg",
         opts.out.display()
     );
     Ok(())
