@@ -13,7 +13,8 @@
 //! Flags: `--quick`, `--install`, `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]`
 //! (rows whose name contains one), `--lb-bin PATH[,PATH]` (more lb binaries, round robin,
 //! as targets beside the built one in the same rounds: an A/B of two builds),
-//! `--lb-log on|off|on,off`, `--no-pingora`.
+//! `--lb-log on|off|on,off`, `--no-pingora`, `--port-offset K` (ports 21000+K.. for the
+//! backends and 19080+K for the proxy, for a second run beside another).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,8 +25,19 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-const BACKEND_BASE: u16 = 21000;
-const PROXY_PORT: u16 = 19080;
+/// Default ports: backends from 21000 on, the proxy under test on 19080. `--port-offset K`
+/// moves both by K, so that two runs (two worktrees) can share the machine.
+const BACKEND_BASE_DEFAULT: u16 = 21000;
+const PROXY_PORT_DEFAULT: u16 = 19080;
+static PORT_OFFSET: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+fn backend_base() -> u16 {
+    BACKEND_BASE_DEFAULT + PORT_OFFSET.get().copied().unwrap_or(0)
+}
+
+fn proxy_port() -> u16 {
+    PROXY_PORT_DEFAULT + PORT_OFFSET.get().copied().unwrap_or(0)
+}
 
 /// Connections the idle row opens and holds (the issue's measurement).
 const IDLE_CONNS: u32 = 9000;
@@ -134,6 +146,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         return micro(args.iter().filter(|a| *a != "--micro").cloned().collect());
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let offset: u16 = flag(args, "--port-offset").unwrap_or(0);
+    if offset > 20000 {
+        return Err("--port-offset: at most 20000".into());
+    }
+    let _ = PORT_OFFSET.set(offset);
     let list = |name: &str| -> Vec<String> {
         flag::<String>(args, name)
             .map(|v| {
@@ -493,7 +510,7 @@ impl Backends {
         let mut child = Command::new(exe)
             .args([
                 "backend",
-                &BACKEND_BASE.to_string(),
+                &backend_base().to_string(),
                 &count.to_string(),
                 &body.to_string(),
             ])
@@ -506,15 +523,14 @@ impl Backends {
             .map_err(|e| e.to_string())?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            return Err(format!(
-                "backends did not start (ports {BACKEND_BASE}..): {line}"
-            ));
+            let base = backend_base();
+            return Err(format!("backends did not start (ports {base}..): {line}"));
         }
         Ok(Self { child, count })
     }
 
     fn addrs(&self) -> impl Iterator<Item = String> + '_ {
-        (0..self.count).map(|i| format!("127.0.0.1:{}", usize::from(BACKEND_BASE) + i))
+        (0..self.count).map(|i| format!("127.0.0.1:{}", usize::from(backend_base()) + i))
     }
 }
 
@@ -533,17 +549,19 @@ fn measure(
     target: &Target,
     backends: &Backends,
 ) -> Result<Measure, String> {
-    if *target != Target::Direct && std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_ok()
+    let proxy = proxy_port();
+    if *target != Target::Direct
+        && std::net::TcpStream::connect(("127.0.0.1", proxy_port())).is_ok()
     {
         // Whatever listens there would be measured instead of the target.
         return Err(format!(
-            "port {PROXY_PORT} is busy: stop whatever listens there and run again"
+            "port {proxy} is busy: stop whatever listens there and run again"
         ));
     }
-    // Room for the idle row's connections (and the rlimit to hold them).
-    let nofile = "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn) 2>/dev/null";
+    // Room for the idle row's connections.
+    let nofile = RAISE_NOFILE;
     let (port, mut proxy) = match target {
-        Target::Direct => (BACKEND_BASE, None),
+        Target::Direct => (backend_base(), None),
         Target::Lb(lb) => {
             let exe = match &lb.bin {
                 None => bins.lb.clone(),
@@ -556,7 +574,7 @@ fn measure(
             };
             let list: Vec<String> = backends.addrs().map(|a| format!("http://{a}")).collect();
             let cmd = format!(
-                "{nofile}; exec {} --listen 127.0.0.1:{PROXY_PORT} --health-interval 0 --strategy {} --backends {}",
+                "{nofile}; exec {} --listen 127.0.0.1:{proxy} --health-interval 0 --strategy {} --backends {}",
                 exe.display(),
                 lb.strategy,
                 list.join(",")
@@ -569,7 +587,7 @@ fn measure(
             } else {
                 spawn_sh(&cmd, Some("warn"), Stdio::null())?
             };
-            (PROXY_PORT, Some(child))
+            (proxy_port(), Some(child))
         }
         Target::Nginx => {
             let conf = nginx_conf(opts, row, backends)?;
@@ -578,23 +596,23 @@ fn measure(
                 opts.out.display(),
                 conf.display()
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
         Target::Haproxy => {
             let conf = haproxy_conf(opts, row, backends)?;
             let cmd = format!("{nofile}; exec haproxy -db -f {}", conf.display());
-            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
         Target::Pingora => {
             let exe = bins.pingora.as_ref().ok_or("pingora is not built")?;
             let list: Vec<String> = backends.addrs().collect();
             let h2c = if row.proto == Proto::H2c { " h2c" } else { "" };
             let cmd = format!(
-                "{nofile}; exec {} 127.0.0.1:{PROXY_PORT} {}{h2c}",
+                "{nofile}; exec {} 127.0.0.1:{proxy} {}{h2c}",
                 exe.display(),
                 list.join(",")
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
     };
     let result = (|| {
@@ -643,6 +661,22 @@ fn measure(
     result
 }
 
+/// Raises a shell's open-file limit as far as it goes: 65536, or the hard limit if this
+/// machine allows no more (20000 on some containers).
+pub(crate) const RAISE_NOFILE: &str =
+    "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn) 2>/dev/null";
+
+/// The open-file limit the proxies get through [`RAISE_NOFILE`].
+fn nofile_limit() -> u32 {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("{RAISE_NOFILE}; ulimit -n"))
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(16384)
+}
+
 /// Starts a proxy through `sh -c` (for `ulimit` and `exec`) with `RUST_LOG` set to
 /// `rust_log` (unset if `None`), its stdout to `stdout`, stderr to nowhere.
 fn spawn_sh(cmd: &str, rust_log: Option<&str>, stdout: Stdio) -> Result<Child, String> {
@@ -670,7 +704,7 @@ fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
     // Proxies with worker processes (nginx) must be gone before the next one binds the port.
-    let _ = wait_port_free(PROXY_PORT);
+    let _ = wait_port_free(proxy_port());
 }
 
 fn wait_port(port: u16, mut proxy: Option<&mut Child>) -> Result<(), String> {
@@ -841,6 +875,7 @@ fn tree(root: u32) -> Vec<u32> {
 }
 
 fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+    let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .map(|a| format!("    server {a};\n"))
@@ -852,7 +887,8 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
     };
     // The idle row's connections may all land on one worker.
     let (nofile, conns) = if row.proto == Proto::Idle {
-        (65536, 30000)
+        let limit = nofile_limit();
+        (limit, limit.saturating_sub(100))
     } else {
         (16384, 8192)
     };
@@ -862,7 +898,7 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
          events {{ worker_connections {conns}; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
          upstream b {{\n{servers}    keepalive 512;\n  }}\n\
-         server {{\n    listen 127.0.0.1:{PROXY_PORT}{h2};\n    location / {{\n      proxy_pass http://b;\n\
+         server {{\n    listen 127.0.0.1:{proxy}{h2};\n    location / {{\n      proxy_pass http://b;\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
          \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
     );
@@ -874,6 +910,7 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
 }
 
 fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+    let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .enumerate()
@@ -884,8 +921,9 @@ fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, 
     } else {
         ""
     };
+    // HAProxy wants two descriptors per connection (and refuses to start without them).
     let maxconn = if row.proto == Proto::Idle {
-        30000
+        nofile_limit().saturating_sub(100) / 2
     } else {
         8000
     };
@@ -894,7 +932,7 @@ fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, 
          global\n  nbthread 2\n  maxconn {maxconn}\n\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\
          \x20 option http-keep-alive\n  http-reuse always\n\n\
-         frontend f\n  bind 127.0.0.1:{PROXY_PORT}{proto}\n  option forwardfor\n  default_backend b\n\n\
+         frontend f\n  bind 127.0.0.1:{proxy}{proto}\n  option forwardfor\n  default_backend b\n\n\
          backend b\n  balance roundrobin\n{servers}"
     );
     let path = opts.out.join("haproxy.cfg");
@@ -1001,11 +1039,7 @@ fn report(
         let _ = write!(md, "; `[{label}]` is {}", path.display());
     }
     let _ = writeln!(md, ".\n");
-    let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷pingora | ÷direct |");
-    let _ = writeln!(
-        md,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
+    let mut table = String::new();
     let mut summaries = Vec::new();
     let mut idle_md = String::new();
     for (row, by_target) in results {
@@ -1035,7 +1069,7 @@ fn report(
                 _ => String::new(),
             };
             let _ = writeln!(
-                md,
+                table,
                 "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.name,
                 s.target,
@@ -1053,6 +1087,14 @@ fn report(
             );
             summaries.push(s);
         }
+    }
+    if !table.is_empty() {
+        let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷pingora | ÷direct |");
+        let _ = writeln!(
+            md,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        md.push_str(&table);
     }
     if !idle_md.is_empty() {
         let _ = writeln!(

@@ -41,7 +41,8 @@ pub(crate) fn measure(pid: u32, port: u16, conns: u32) -> Result<Idle, String> {
     let before_kib = crate::bench::tree_status_kib(pid, "VmRSS:");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let cmd = format!(
-        "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn) 2>/dev/null; exec {} idle-open {port} {conns}",
+        "{}; exec {} idle-open {port} {conns}",
+        crate::bench::RAISE_NOFILE,
         exe.display()
     );
     let mut child = Command::new("sh")

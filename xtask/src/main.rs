@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: developer tasks too long or too specialised for `cargo test`.
 //!
 //! * `cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS] [--only SUBSTR[,..]]
-//!   [--lb-bin PATH[,..]] [--lb-log on|off|on,off] [--no-pingora]`: lb against direct, nginx,
+//!   [--lb-bin PATH[,..]] [--lb-log on|off|on,off] [--no-pingora] [--port-offset K]`: lb against direct, nginx,
 //!   haproxy and Pingora in one interleaved run; writes `target/bench/report.{md,json,svg}`.
 //! * `cargo xtask bench --micro [criterion args]`: the criterion micro-benchmarks of lb-core.
 //! * `cargo xtask reliability [--only PARTS] [--fuzz-seconds N] [--render]`: the long form of the
@@ -21,7 +21,7 @@ mod reliability;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS] [--only SUBSTR[,SUBSTR]] [--lb-bin PATH[,PATH]] [--lb-log on|off|on,off] [--no-pingora] | bench --micro [criterion args] | reliability [--only PARTS] [--fuzz-seconds N] [--out FILE]";
+const USAGE: &str = "usage: cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS] [--only SUBSTR[,SUBSTR]] [--lb-bin PATH[,PATH]] [--lb-log on|off|on,off] [--no-pingora] [--port-offset K] | bench --micro [criterion args] | reliability [--only PARTS] [--fuzz-seconds N] [--out FILE]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
