@@ -28,11 +28,13 @@ publish = false
 
 [dependencies]
 async-trait = "0.1"
+# The current crates.io release; default features: no TLS library (no openssl, no boringssl).
 pingora-core = { version = "0.9", default-features = false }
 pingora-proxy = { version = "0.9", default-features = false }
 pingora-load-balancing = { version = "0.9", default-features = false }
 pingora-http = "0.9"
 
+# Cargo's default release profile (no LTO), as lb's own release build.
 [profile.release]
 codegen-units = 16
 "#;
