@@ -74,7 +74,8 @@ struct Lb {
 }
 
 impl Lb {
-    fn new(strategy: &'static str, bin: Option<String>, log: bool) -> Target {
+    /// The target that runs lb this way.
+    fn target(strategy: &'static str, bin: Option<String>, log: bool) -> Target {
         Target::Lb(Self { strategy, bin, log })
     }
 }
@@ -203,10 +204,23 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     let mut pingora = None;
+    let mut pingora_note = if opts.pingora {
+        String::new()
+    } else {
+        "; no pingora (`--no-pingora`)".to_owned()
+    };
     if rows.iter().any(|r| r.targets.contains(&Target::Pingora)) {
         match crate::pingora::ensure_built(&opts.out) {
-            Ok(built) => pingora = Some(built),
+            Ok(built) => {
+                pingora_note = format!(
+                    "; pingora is pingora-proxy {} (round robin, 2 threads, built in target/bench/pingora-lb)",
+                    built.version
+                );
+                pingora = Some(built);
+            }
             Err(e) => {
+                pingora_note =
+                    "; no pingora: its build failed (target/bench/pingora-lb/build.log)".to_owned();
                 eprintln!("xtask: no Pingora target in this run: {e}");
                 for r in &mut rows {
                     r.targets.retain(|t| *t != Target::Pingora);
@@ -260,8 +274,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     bar.finish_and_clear();
     // Back to the order of `rows`: the headline first.
     results.sort_by_key(|(r, _)| order.iter().position(|n| *n == r.name));
-    let version = pingora.map(|b| b.version);
-    report(&opts, version.as_deref(), &results)
+    report(&opts, &pingora_note, &results)
 }
 
 /// The binaries the targets run.
@@ -284,7 +297,7 @@ fn lb_bins(paths: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
         .iter()
         .map(|p| {
             let label = if paths.iter().filter(|q| name(q) == name(p)).count() > 1 {
-                let parent = p.parent().map_or(String::new(), |d| name(d));
+                let parent = p.parent().map_or(String::new(), name);
                 format!("{parent}/{}", name(p))
             } else {
                 name(p)
@@ -391,12 +404,12 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
     let lbs = |strategy: &'static str, bins: bool| -> Vec<Target> {
         let mut v = Vec::new();
         for &log in &opts.lb_logs {
-            v.push(Lb::new(strategy, None, log));
+            v.push(Lb::target(strategy, None, log));
             if bins {
                 v.extend(
                     opts.lb_bins
                         .iter()
-                        .map(|(label, _)| Lb::new(strategy, Some(label.clone()), log)),
+                        .map(|(label, _)| Lb::target(strategy, Some(label.clone()), log)),
                 );
             }
         }
@@ -1009,7 +1022,7 @@ fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
 
 fn report(
     opts: &Opts,
-    pingora: Option<&str>,
+    pingora_note: &str,
     results: &[(Row, BTreeMap<Target, Vec<Measure>>)],
 ) -> Result<(), String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |x| format!("{x:.digits$}"));
@@ -1029,12 +1042,7 @@ fn report(
         md,
         "{log}; nginx, haproxy and pingora with logging off (`access_log off`, no log section, no logger)"
     );
-    if let Some(v) = pingora {
-        let _ = write!(
-            md,
-            "; pingora is pingora-proxy {v} (2 threads, round robin)"
-        );
-    }
+    md.push_str(pingora_note);
     for (label, path) in &opts.lb_bins {
         let _ = write!(md, "; `[{label}]` is {}", path.display());
     }
@@ -1112,7 +1120,7 @@ fn report(
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
         md.push_str(&idle_md);
     }
-    let lb = Lb::new("round-robin", None, opts.lb_logs[0]).name();
+    let lb = Lb::target("round-robin", None, opts.lb_logs[0]).name();
     let bars = crate::bars::bars(&summaries, &lb);
     md.push_str(&crate::bars::markdown(&bars, &lb));
     print!("{md}");
