@@ -94,23 +94,23 @@ pub(crate) fn bars(summaries: &[Summary], lb: &str) -> Vec<Bar> {
         }
     }
     {
-        // Over the load rows that ran both (the idle row has a table of its own).
-        let bar = "peak RSS ≤ 2 × nginx's (largest over the load rows)".to_owned();
-        let peak = |t: &str| {
-            summaries
-                .iter()
-                .filter(|s| s.target == t && s.idle.is_none())
-                .filter(|s| get(&s.row, "nginx").is_some() && get(&s.row, lb).is_some())
-                .filter_map(|s| s.peak_rss_mib)
-                .reduce(f64::max)
-        };
-        match (peak(lb), peak("nginx")) {
-            (Some(l), Some(n)) => out.push(Bar {
+        // The worst load row that ran both (the idle row has a table of its own).
+        let bar = "peak RSS ≤ 2 × nginx's (the worst load row)".to_owned();
+        let worst = summaries
+            .iter()
+            .filter(|s| s.target == lb && s.idle.is_none())
+            .filter_map(|l| {
+                let n = get(&l.row, "nginx")?.peak_rss_mib?;
+                Some((l.row.as_str(), l.peak_rss_mib?, n))
+            })
+            .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)));
+        match worst {
+            Some((row, l, n)) => out.push(Bar {
                 bar,
-                measured: format!("{l:.1} vs nginx {n:.1} MiB = {:.2}×", l / n),
+                measured: format!("{l:.1} vs nginx {n:.1} MiB = {:.2}× ({row})", l / n),
                 met: Some(l <= 2.0 * n),
             }),
-            _ => out.push(not_measured(bar)),
+            None => out.push(not_measured(bar)),
         }
     }
     for (row, bar) in [
@@ -207,4 +207,56 @@ pub(crate) fn markdown(bars: &[Bar], lb: &str) -> String {
         let _ = writeln!(md, "| {} | {} | {met} |", b.bar, b.measured);
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find<'a>(bars: &'a [Bar], start: &str) -> &'a Bar {
+        bars.iter().find(|b| b.bar.starts_with(start)).unwrap()
+    }
+
+    #[test]
+    fn throughput_bar_needs_ten_percent_over_the_best_peer_and_no_worse_p99() {
+        let lb = "lb round-robin";
+        let s = |t: &str, rps, p99| Summary::for_test(C64, t, rps, p99, 1.0);
+        let got = bars(
+            &[
+                s(lb, 110.0, 1.0),
+                s("nginx", 100.0, 1.0),
+                s("haproxy", 90.0, 2.0),
+            ],
+            lb,
+        );
+        assert_eq!(find(&got, "1 KiB keep-alive c64").met, Some(true));
+        assert_eq!(find(&got, "1 KiB keep-alive c256").met, None);
+        let got = bars(&[s(lb, 109.0, 1.0), s("nginx", 100.0, 1.0)], lb);
+        assert_eq!(find(&got, "1 KiB keep-alive c64").met, Some(false));
+        // 10 % ahead, but a p99 worse than either peer's.
+        let got = bars(
+            &[
+                s(lb, 120.0, 1.5),
+                s("nginx", 100.0, 3.0),
+                s("haproxy", 90.0, 1.0),
+            ],
+            lb,
+        );
+        assert_eq!(find(&got, "1 KiB keep-alive c64").met, Some(false));
+    }
+
+    #[test]
+    fn backends_bar_compares_lb_with_itself() {
+        let lb = "lb round-robin";
+        let got = bars(
+            &[
+                Summary::for_test(C256, lb, 1.0, 1.0, 2.0),
+                Summary::for_test(BACKENDS_1000, lb, 1.0, 1.0, 2.1),
+            ],
+            lb,
+        );
+        let b = find(&got, "1,000 backends");
+        assert_eq!(b.met, Some(true), "{}", b.measured);
+        assert_eq!(find(&got, "a Pingora row").met, Some(false));
+    }
 }

@@ -986,6 +986,26 @@ pub(crate) struct Summary {
     rounds: Vec<Measure>,
 }
 
+impl Summary {
+    /// A summary with the figures the bars read, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(row: &str, target: &str, rps: f64, p99_ms: f64, cpu: f64) -> Self {
+        Self {
+            row: row.into(),
+            target: target.into(),
+            rps,
+            p50_ms: None,
+            p99_ms: Some(p99_ms),
+            p999_ms: None,
+            cpu_s_per_100k: Some(cpu),
+            peak_rss_mib: Some(20.0),
+            errors: 0,
+            idle: None,
+            rounds: Vec::new(),
+        }
+    }
+}
+
 fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
     let med = |f: &dyn Fn(&Measure) -> Option<f64>| {
         let mut v: Vec<f64> = ms.iter().filter_map(f).collect();
@@ -1142,4 +1162,40 @@ fn report(
         opts.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lb_bins_are_labelled_by_file_name_and_parent_when_names_clash() {
+        let dir = std::env::temp_dir().join(format!("xtask-lb-bins-{}", std::process::id()));
+        for sub in ["a", "b"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join("lb"), "").unwrap();
+        }
+        std::fs::write(dir.join("a").join("lb-next"), "").unwrap();
+        let p = |s: &str| dir.join(s).display().to_string();
+        let labels: Vec<String> = lb_bins(&[p("a/lb"), p("b/lb"), p("a/lb-next")])
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        assert_eq!(labels, ["a/lb", "b/lb", "lb-next"]);
+        assert!(lb_bins(&[p("missing")]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lb_target_names_show_the_binary_and_a_log_turned_off() {
+        assert_eq!(
+            Lb::target("round-robin", None, true).name(),
+            "lb round-robin"
+        );
+        assert_eq!(
+            Lb::target("round-robin", Some("lb-next".into()), false).name(),
+            "lb round-robin [lb-next] (log off)"
+        );
+    }
 }
