@@ -10,11 +10,16 @@
 //! `target/bench/lb-access.log` (truncated each time lb starts); `--lb-log off` (or
 //! `on,off`, both as targets) measures it without. The peers log nothing.
 //!
-//! Flags: `--quick`, `--install`, `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]`
-//! (rows whose name contains one), `--lb-bin PATH[,PATH]` (more lb binaries, round robin,
-//! as targets beside the built one in the same rounds: an A/B of two builds),
-//! `--lb-log on|off|on,off`, `--no-pingora`, `--port-offset K` (ports 21000+K.. for the
-//! backends and 19080+K for the proxy, for a second run beside another).
+//! Pingora is built on demand outside the workspace ([`crate::pingora`]); the report ends
+//! with the bars of issue 11 and this run's value for each ([`crate::bars`]).
+//!
+//! Flags: `--quick` (one 2 s round of the headline row and the idle row), `--install`,
+//! `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]` (of all rows, those whose name
+//! contains one; with `--quick` too), `--lb-bin PATH[,PATH]` (more lb binaries, labelled
+//! by file name, run with round robin as targets beside the built one in the same rounds:
+//! an A/B of two builds), `--lb-log on|off|on,off`, `--no-pingora`, `--port-offset K`
+//! (ports 21000+K.. for the backends and 19080+K for the proxy, for a second run beside
+//! another).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,8 +1,9 @@
 //! `cargo xtask <task>`: developer tasks too long or too specialised for `cargo test`.
 //!
-//! * `cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS] [--only SUBSTR[,..]]
-//!   [--lb-bin PATH[,..]] [--lb-log on|off|on,off] [--no-pingora] [--port-offset K]`: lb against direct, nginx,
-//!   haproxy and Pingora in one interleaved run; writes `target/bench/report.{md,json,svg}`.
+//! * `cargo xtask bench [--quick] [--install] [--rounds N] [--duration SECS]
+//!   [--only SUBSTR[,..]] [--lb-bin PATH[,..]] [--lb-log on|off|on,off] [--no-pingora]
+//!   [--port-offset K]`: lb against direct, nginx, haproxy and Pingora in one interleaved
+//!   run; writes `target/bench/report.{md,json,svg}` and `bars.json` (see `bench.rs`).
 //! * `cargo xtask bench --micro [criterion args]`: the criterion micro-benchmarks of lb-core.
 //! * `cargo xtask reliability [--only PARTS] [--fuzz-seconds N] [--render]`: the long form of the
 //!   reliability program (chaos, hostile clients, h2spec, fuzzing, soak, idle, reload storms);
