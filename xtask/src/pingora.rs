@@ -10,7 +10,8 @@
 //! which `--install` installs.
 //!
 //! Like the other peers: 2 threads, keep-alive to the backends (Pingora's connection pool),
-//! `X-Forwarded-For` appended, round robin over every backend, no logging, no health checks.
+//! `X-Forwarded-For` appended, round robin over every backend, no logging, no health checks;
+//! compiled as lb is (fat LTO, one codegen unit).
 //! `h2c` as its third argument makes it accept HTTP/2 cleartext too (the h2c row).
 
 use std::path::{Path, PathBuf};
@@ -34,9 +35,10 @@ pingora-proxy = { version = "0.9", default-features = false }
 pingora-load-balancing = { version = "0.9", default-features = false }
 pingora-http = "0.9"
 
-# Cargo's default release profile (no LTO), as lb's own release build.
+# The optimisation lb's own release build gets (the workspace's profile.release).
 [profile.release]
-codegen-units = 16
+lto = "fat"
+codegen-units = 1
 "#;
 
 /// The generated project's src/main.rs.
