@@ -1,9 +1,25 @@
-//! `cargo xtask bench`: lb side by side with direct, nginx and haproxy, in one run.
+//! `cargo xtask bench`: lb side by side with direct, nginx, haproxy and Pingora, in one run.
 //!
 //! Every row runs every target in interleaved rounds (A B C A B C …) so that drift on a
 //! noisy machine hits all alike; the report quotes medians of the rounds and the ratios
-//! lb/nginx, lb/haproxy and lb/direct. Load comes from `wrk` (HTTP/1.1; a Lua hook prints
-//! exact percentiles) and `h2load` (h2c). Peer configs are written to `target/bench/`.
+//! lb/nginx, lb/haproxy, lb/pingora and lb/direct. Load comes from `wrk` (HTTP/1.1; a Lua
+//! hook prints exact percentiles) and `h2load` (h2c); the idle row opens its connections
+//! itself ([`crate::idle`]). Peer configs are written to `target/bench/`.
+//!
+//! lb runs as users run it: its access log on (`RUST_LOG` unset), written to
+//! `target/bench/lb-access.log` (truncated each time lb starts); `--lb-log off` (or
+//! `on,off`, both as targets) measures it without. The peers log nothing.
+//!
+//! Pingora is built on demand outside the workspace ([`crate::pingora`]); the report ends
+//! with the bars of issue 11 and this run's value for each ([`crate::bars`]).
+//!
+//! Flags: `--quick` (one 2 s round of the headline row and the idle row), `--install`,
+//! `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]` (of all rows, those whose name
+//! contains one; with `--quick` too), `--lb-bin PATH[,PATH]` (more lb binaries, labelled
+//! by file name, run with round robin as targets beside the built one in the same rounds:
+//! an A/B of two builds), `--lb-log on|off|on,off`, `--no-pingora`, `--port-offset K`
+//! (ports 21000+K.. for the backends and 19080+K for the proxy, for a second run beside
+//! another).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,8 +30,22 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-const BACKEND_BASE: u16 = 21000;
-const PROXY_PORT: u16 = 19080;
+/// Default ports: backends from 21000 on, the proxy under test on 19080. `--port-offset K`
+/// moves both by K, so that two runs (two worktrees) can share the machine.
+const BACKEND_BASE_DEFAULT: u16 = 21000;
+const PROXY_PORT_DEFAULT: u16 = 19080;
+static PORT_OFFSET: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+fn backend_base() -> u16 {
+    BACKEND_BASE_DEFAULT + PORT_OFFSET.get().copied().unwrap_or(0)
+}
+
+fn proxy_port() -> u16 {
+    PROXY_PORT_DEFAULT + PORT_OFFSET.get().copied().unwrap_or(0)
+}
+
+/// Connections the idle row opens and holds (the issue's measurement).
+const IDLE_CONNS: u32 = 9000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 enum Proto {
@@ -25,23 +55,53 @@ enum Proto {
     H1Close,
     /// HTTP/2 cleartext, prior knowledge.
     H2c,
+    /// `conns` idle HTTP/1.1 connections, one request each: memory per connection.
+    Idle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 enum Target {
     Direct,
-    Lb(&'static str),
+    Lb(Lb),
     Nginx,
     Haproxy,
+    Pingora,
+}
+
+/// One way of running lb.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+struct Lb {
+    strategy: &'static str,
+    /// The label of an `--lb-bin` binary; `None` for the one built from this tree.
+    bin: Option<String>,
+    /// Access log on (as users run it) or off.
+    log: bool,
+}
+
+impl Lb {
+    /// The target that runs lb this way.
+    fn target(strategy: &'static str, bin: Option<String>, log: bool) -> Target {
+        Target::Lb(Self { strategy, bin, log })
+    }
 }
 
 impl Target {
     fn name(&self) -> String {
         match self {
             Self::Direct => "direct".into(),
-            Self::Lb(s) => format!("lb {s}"),
+            Self::Lb(lb) => {
+                let mut name = format!("lb {}", lb.strategy);
+                if let Some(label) = &lb.bin {
+                    let _ = write!(name, " [{label}]");
+                }
+                if !lb.log {
+                    name.push_str(" (log off)");
+                }
+                name
+            }
             Self::Nginx => "nginx".into(),
             Self::Haproxy => "haproxy".into(),
+            Self::Pingora => "pingora".into(),
         }
     }
 }
@@ -67,6 +127,8 @@ struct Measure {
     errors: u64,
     cpu_s_per_100k: Option<f64>,
     peak_rss_mib: Option<f64>,
+    /// The idle row's figures.
+    idle: Option<crate::idle::Idle>,
 }
 
 struct Opts {
@@ -75,6 +137,14 @@ struct Opts {
     rounds: usize,
     duration: Duration,
     out: PathBuf,
+    /// `--only`: rows whose name contains one of these.
+    only: Vec<String>,
+    /// `--lb-bin`: (label, path) of more lb binaries to measure.
+    lb_bins: Vec<(String, PathBuf)>,
+    /// `--lb-log`: access log on, off, or both (each a target).
+    lb_logs: Vec<bool>,
+    /// Whether to build and run the Pingora peer.
+    pingora: bool,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -82,6 +152,28 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         return micro(args.iter().filter(|a| *a != "--micro").cloned().collect());
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let offset: u16 = flag(args, "--port-offset").unwrap_or(0);
+    if offset > 20000 {
+        return Err("--port-offset: at most 20000".into());
+    }
+    let _ = PORT_OFFSET.set(offset);
+    let list = |name: &str| -> Vec<String> {
+        flag::<String>(args, name)
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let lb_logs = match flag::<String>(args, "--lb-log").as_deref() {
+        None | Some("on") => vec![true],
+        Some("off") => vec![false],
+        Some("on,off") => vec![true, false],
+        Some("off,on") => vec![false, true],
+        Some(other) => return Err(format!("--lb-log {other:?}: on, off or on,off")),
+    };
     let opts = Opts {
         quick,
         install: args.iter().any(|a| a == "--install"),
@@ -92,17 +184,59 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             4
         })),
         out: PathBuf::from("target/bench"),
+        only: list("--only"),
+        lb_bins: lb_bins(&list("--lb-bin"))?,
+        lb_logs,
+        pingora: !args.iter().any(|a| a == "--no-pingora"),
     };
     std::fs::create_dir_all(&opts.out).map_err(|e| e.to_string())?;
     tools(&opts)?;
     let lb = build_lb()?;
     let has = |t: &str| which(t).is_some();
-    let peers: Vec<Target> = [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")]
+    let mut peers: Vec<Target> = [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")]
         .into_iter()
         .filter(|(_, bin)| has(bin))
         .map(|(t, _)| t)
         .collect();
-    let rows = rows(&opts, &peers, has("h2load"));
+    if opts.pingora {
+        peers.push(Target::Pingora);
+    }
+    let mut rows = rows(&opts, &peers, has("h2load"));
+    if !opts.only.is_empty() {
+        rows.retain(|r| opts.only.iter().any(|o| r.name.contains(o.as_str())));
+        if rows.is_empty() {
+            return Err(format!("--only {}: no row matches", opts.only.join(",")));
+        }
+    }
+    let mut pingora = None;
+    let mut pingora_note = if opts.pingora {
+        String::new()
+    } else {
+        "; no pingora (`--no-pingora`)".to_owned()
+    };
+    if rows.iter().any(|r| r.targets.contains(&Target::Pingora)) {
+        match crate::pingora::ensure_built(&opts.out) {
+            Ok(built) => {
+                pingora_note = format!(
+                    "; pingora is pingora-proxy {} (round robin, 2 threads, built in target/bench/pingora-lb)",
+                    built.version
+                );
+                pingora = Some(built);
+            }
+            Err(e) => {
+                pingora_note =
+                    "; no pingora: its build failed (target/bench/pingora-lb/build.log)".to_owned();
+                eprintln!("xtask: no Pingora target in this run: {e}");
+                for r in &mut rows {
+                    r.targets.retain(|t| *t != Target::Pingora);
+                }
+            }
+        }
+    }
+    let bins = Bins {
+        lb,
+        pingora: pingora.as_ref().map(|b| b.exe.clone()),
+    };
     let total: u64 = rows
         .iter()
         .map(|r| (r.targets.len() * opts.rounds) as u64)
@@ -117,6 +251,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut results: Vec<(Row, BTreeMap<Target, Vec<Measure>>)> = Vec::new();
     // Rows that share backends (count, body size) share one backend process.
     let mut groups: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
+    let order: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     for r in rows {
         groups.entry((r.backends, r.body)).or_default().push(r);
     }
@@ -132,7 +267,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                         target.name(),
                         round + 1
                     ));
-                    let m = measure(&opts, &lb, &row, target, &backends)?;
+                    let m = measure(&opts, &bins, &row, target, &backends)?;
                     by_target.entry(target.clone()).or_default().push(m);
                     bar.inc(1);
                 }
@@ -142,7 +277,39 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         drop(backends);
     }
     bar.finish_and_clear();
-    report(&opts, &results)
+    // Back to the order of `rows`: the headline first.
+    results.sort_by_key(|(r, _)| order.iter().position(|n| *n == r.name));
+    report(&opts, &pingora_note, &results)
+}
+
+/// The binaries the targets run.
+struct Bins {
+    lb: PathBuf,
+    pingora: Option<PathBuf>,
+}
+
+/// Labels the `--lb-bin` paths by file name (by `parent/name` where two share a name).
+fn lb_bins(paths: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
+    let paths: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).map_err(|e| format!("--lb-bin {p}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let name = |p: &Path| {
+        p.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    };
+    Ok(paths
+        .iter()
+        .map(|p| {
+            let label = if paths.iter().filter(|q| name(q) == name(p)).count() > 1 {
+                let parent = p.parent().map_or(String::new(), name);
+                format!("{parent}/{}", name(p))
+            } else {
+                name(p)
+            };
+            (label, p.clone())
+        })
+        .collect())
 }
 
 fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
@@ -165,7 +332,7 @@ fn micro(rest: Vec<String>) -> Result<(), String> {
         .ok_or_else(|| format!("cargo bench failed: {status}"))
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -175,12 +342,16 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 fn tools(opts: &Opts) -> Result<(), String> {
-    let wanted = [
+    let mut wanted = vec![
         ("wrk", "wrk"),
         ("h2load", "nghttp2-client"),
         ("nginx", "nginx-light"),
         ("haproxy", "haproxy"),
     ];
+    // Pingora's build compiles zlib-ng with cmake; not needed once it is built.
+    if opts.pingora && !crate::pingora::is_built(&opts.out) {
+        wanted.push(("cmake", "cmake"));
+    }
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(t, _)| which(t).is_none())
@@ -234,10 +405,28 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         "consistent-hash",
         "random",
     ];
+    // Each lb variant of this run (log on/off, --lb-bin binaries) with one strategy.
+    let lbs = |strategy: &'static str, bins: bool| -> Vec<Target> {
+        let mut v = Vec::new();
+        for &log in &opts.lb_logs {
+            v.push(Lb::target(strategy, None, log));
+            if bins {
+                v.extend(
+                    opts.lb_bins
+                        .iter()
+                        .map(|(label, _)| Lb::target(strategy, Some(label.clone()), log)),
+                );
+            }
+        }
+        v
+    };
     let mut all: Vec<Target> = vec![Target::Direct];
-    all.extend(strategies.iter().map(|s| Target::Lb(s)));
+    for s in strategies {
+        all.extend(lbs(s, s == "round-robin"));
+    }
     all.extend(peers.iter().cloned());
-    let mut core: Vec<Target> = vec![Target::Direct, Target::Lb("round-robin")];
+    let mut core: Vec<Target> = vec![Target::Direct];
+    core.extend(lbs("round-robin", true));
     core.extend(peers.iter().cloned());
     let proxies: Vec<Target> = core
         .iter()
@@ -260,7 +449,16 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         3,
         &all,
     )];
-    if opts.quick {
+    let idle = row(
+        &format!("idle keep-alive {IDLE_CONNS} connections"),
+        Proto::Idle,
+        1024,
+        IDLE_CONNS,
+        3,
+        &proxies,
+    );
+    if opts.quick && opts.only.is_empty() {
+        rows.push(idle);
         return rows;
     }
     rows.push(row(
@@ -314,6 +512,7 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
         1000,
         &proxies,
     ));
+    rows.push(idle);
     rows
 }
 
@@ -329,7 +528,7 @@ impl Backends {
         let mut child = Command::new(exe)
             .args([
                 "backend",
-                &BACKEND_BASE.to_string(),
+                &backend_base().to_string(),
                 &count.to_string(),
                 &body.to_string(),
             ])
@@ -342,15 +541,14 @@ impl Backends {
             .map_err(|e| e.to_string())?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            return Err(format!(
-                "backends did not start (ports {BACKEND_BASE}..): {line}"
-            ));
+            let base = backend_base();
+            return Err(format!("backends did not start (ports {base}..): {line}"));
         }
         Ok(Self { child, count })
     }
 
     fn addrs(&self) -> impl Iterator<Item = String> + '_ {
-        (0..self.count).map(|i| format!("127.0.0.1:{}", usize::from(BACKEND_BASE) + i))
+        (0..self.count).map(|i| format!("127.0.0.1:{}", usize::from(backend_base()) + i))
     }
 }
 
@@ -364,28 +562,50 @@ impl Drop for Backends {
 /// Starts the target (if it is a proxy), runs the load, stops it.
 fn measure(
     opts: &Opts,
-    lb: &Path,
+    bins: &Bins,
     row: &Row,
     target: &Target,
     backends: &Backends,
 ) -> Result<Measure, String> {
-    if *target != Target::Direct && std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_ok()
+    let proxy = proxy_port();
+    if *target != Target::Direct
+        && std::net::TcpStream::connect(("127.0.0.1", proxy_port())).is_ok()
     {
         // Whatever listens there would be measured instead of the target.
         return Err(format!(
-            "port {PROXY_PORT} is busy: stop whatever listens there and run again"
+            "port {proxy} is busy: stop whatever listens there and run again"
         ));
     }
+    // Room for the idle row's connections.
+    let nofile = RAISE_NOFILE;
     let (port, mut proxy) = match target {
-        Target::Direct => (BACKEND_BASE, None),
-        Target::Lb(strategy) => {
+        Target::Direct => (backend_base(), None),
+        Target::Lb(lb) => {
+            let exe = match &lb.bin {
+                None => bins.lb.clone(),
+                Some(label) => opts
+                    .lb_bins
+                    .iter()
+                    .find(|(l, _)| l == label)
+                    .map(|(_, p)| p.clone())
+                    .ok_or_else(|| format!("no --lb-bin labelled {label}"))?,
+            };
             let list: Vec<String> = backends.addrs().map(|a| format!("http://{a}")).collect();
             let cmd = format!(
-                "ulimit -n $(ulimit -Hn) 2>/dev/null; exec {} --listen 127.0.0.1:{PROXY_PORT} --health-interval 0 --strategy {strategy} --backends {}",
-                lb.display(),
+                "{nofile}; exec {} --listen 127.0.0.1:{proxy} --health-interval 0 --strategy {} --backends {}",
+                exe.display(),
+                lb.strategy,
                 list.join(",")
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            let child = if lb.log {
+                // As users run it: the default filter, the access log to a file.
+                let log = std::fs::File::create(opts.out.join("lb-access.log"))
+                    .map_err(|e| format!("lb-access.log: {e}"))?;
+                spawn_sh(&cmd, None, Stdio::from(log))?
+            } else {
+                spawn_sh(&cmd, Some("warn"), Stdio::null())?
+            };
+            (proxy_port(), Some(child))
         }
         Target::Nginx => {
             let conf = nginx_conf(opts, row, backends)?;
@@ -394,22 +614,54 @@ fn measure(
                 opts.out.display(),
                 conf.display()
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
         Target::Haproxy => {
             let conf = haproxy_conf(opts, row, backends)?;
+            let cmd = format!("{nofile}; exec haproxy -db -f {}", conf.display());
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
+        }
+        Target::Pingora => {
+            let exe = bins.pingora.as_ref().ok_or("pingora is not built")?;
+            let list: Vec<String> = backends.addrs().collect();
+            let h2c = if row.proto == Proto::H2c { " h2c" } else { "" };
             let cmd = format!(
-                "ulimit -n $(ulimit -Hn) 2>/dev/null; exec haproxy -db -f {}",
-                conf.display()
+                "{nofile}; exec {} 127.0.0.1:{proxy} {}{h2c}",
+                exe.display(),
+                list.join(",")
             );
-            (PROXY_PORT, Some(spawn_sh(&cmd)?))
+            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
         }
     };
     let result = (|| {
         wait_port(port, proxy.as_mut()).map_err(|e| format!("{}: {e}", target.name()))?;
         let pid = proxy.as_ref().map(Child::id);
         // Warm up pools and caches, then measure.
-        load(opts, row, port, Duration::from_secs(1))?;
+        let warm = Row {
+            proto: if row.proto == Proto::Idle {
+                Proto::H1
+            } else {
+                row.proto
+            },
+            conns: if row.proto == Proto::Idle {
+                64
+            } else {
+                row.conns
+            },
+            ..row.clone()
+        };
+        load(opts, &warm, port, Duration::from_secs(1))?;
+        if row.proto == Proto::Idle {
+            let pid = pid.ok_or("the idle row needs a proxy")?;
+            let idle = crate::idle::measure(pid, port, row.conns)?;
+            return Ok(Measure {
+                requests: u64::from(idle.ok),
+                errors: u64::from(row.conns - idle.ok),
+                peak_rss_mib: Some(tree_rss_kib(pid) as f64 / 1024.0),
+                idle: Some(idle),
+                ..Measure::default()
+            });
+        }
         let cpu0 = pid.map(tree_cpu_ticks);
         let m = load(opts, row, port, opts.duration)?;
         let cpu1 = pid.map(tree_cpu_ticks);
@@ -427,16 +679,32 @@ fn measure(
     result
 }
 
-/// Starts a proxy through `sh -c` (for `ulimit` and `exec`), quiet, logging at warn.
-fn spawn_sh(cmd: &str) -> Result<Child, String> {
+/// Raises a shell's open-file limit as far as it goes: 65536, or the hard limit if this
+/// machine allows no more (20000 on some containers).
+pub(crate) const RAISE_NOFILE: &str =
+    "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn) 2>/dev/null";
+
+/// The open-file limit the proxies get through [`RAISE_NOFILE`].
+fn nofile_limit() -> u32 {
     Command::new("sh")
         .arg("-c")
-        .arg(cmd)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())
+        .arg(format!("{RAISE_NOFILE}; ulimit -n"))
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(16384)
+}
+
+/// Starts a proxy through `sh -c` (for `ulimit` and `exec`) with `RUST_LOG` set to
+/// `rust_log` (unset if `None`), its stdout to `stdout`, stderr to nowhere.
+fn spawn_sh(cmd: &str, rust_log: Option<&str>, stdout: Stdio) -> Result<Child, String> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd).stdout(stdout).stderr(Stdio::null());
+    match rust_log {
+        Some(level) => c.env("RUST_LOG", level),
+        None => c.env_remove("RUST_LOG"),
+    };
+    c.spawn().map_err(|e| e.to_string())
 }
 
 fn stop(child: &mut Child) {
@@ -454,7 +722,7 @@ fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
     // Proxies with worker processes (nginx) must be gone before the next one binds the port.
-    let _ = wait_port_free(PROXY_PORT);
+    let _ = wait_port_free(proxy_port());
 }
 
 fn wait_port(port: u16, mut proxy: Option<&mut Child>) -> Result<(), String> {
@@ -526,6 +794,7 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
                 ..Measure::default()
             })
         }
+        Proto::Idle => Err("the idle row sends no load".into()),
         Proto::H2c => {
             let cmd = format!(
                 "ulimit -n $(ulimit -Hn) 2>/dev/null; exec h2load -t2 -c{} -m10 -D {secs} {url}",
@@ -571,13 +840,19 @@ fn tree_cpu_ticks(pid: u32) -> u64 {
         .sum()
 }
 
+/// Peak RSS of `pid`'s tree: the sum of each process's VmHWM, in KiB.
 fn tree_rss_kib(pid: u32) -> u64 {
+    tree_status_kib(pid, "VmHWM:")
+}
+
+/// The sum over `pid` and its children of one `/proc/PID/status` field in kB (`VmRSS:`).
+pub(crate) fn tree_status_kib(pid: u32, field: &str) -> u64 {
     tree(pid)
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .sum()
@@ -618,6 +893,7 @@ fn tree(root: u32) -> Vec<u32> {
 }
 
 fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+    let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .map(|a| format!("    server {a};\n"))
@@ -627,13 +903,20 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
     } else {
         ""
     };
+    // The idle row's connections may all land on one worker.
+    let (nofile, conns) = if row.proto == Proto::Idle {
+        let limit = nofile_limit();
+        (limit, limit.saturating_sub(100))
+    } else {
+        (16384, 8192)
+    };
     let conf = format!(
         "# generated by cargo xtask bench: nginx as a peer of lb, configured equivalently\n\
-         worker_processes 2;\nworker_rlimit_nofile 16384;\npid nginx.pid;\nerror_log stderr error;\n\
-         events {{ worker_connections 8192; }}\n\
+         worker_processes 2;\nworker_rlimit_nofile {nofile};\npid nginx.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections {conns}; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
          upstream b {{\n{servers}    keepalive 512;\n  }}\n\
-         server {{\n    listen 127.0.0.1:{PROXY_PORT}{h2};\n    location / {{\n      proxy_pass http://b;\n\
+         server {{\n    listen 127.0.0.1:{proxy}{h2};\n    location / {{\n      proxy_pass http://b;\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
          \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
     );
@@ -645,6 +928,7 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
 }
 
 fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+    let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .enumerate()
@@ -655,12 +939,18 @@ fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, 
     } else {
         ""
     };
+    // HAProxy wants two descriptors per connection (and refuses to start without them).
+    let maxconn = if row.proto == Proto::Idle {
+        nofile_limit().saturating_sub(100) / 2
+    } else {
+        8000
+    };
     let conf = format!(
         "# generated by cargo xtask bench: haproxy as a peer of lb, configured equivalently\n\
-         global\n  nbthread 2\n  maxconn 8000\n\n\
+         global\n  nbthread 2\n  maxconn {maxconn}\n\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\
          \x20 option http-keep-alive\n  http-reuse always\n\n\
-         frontend f\n  bind 127.0.0.1:{PROXY_PORT}{proto}\n  option forwardfor\n  default_backend b\n\n\
+         frontend f\n  bind 127.0.0.1:{proxy}{proto}\n  option forwardfor\n  default_backend b\n\n\
          backend b\n  balance roundrobin\n{servers}"
     );
     let path = opts.out.join("haproxy.cfg");
@@ -686,17 +976,39 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 #[derive(Serialize)]
-struct Summary {
-    row: String,
-    target: String,
-    rps: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    p999_ms: Option<f64>,
-    cpu_s_per_100k: Option<f64>,
-    peak_rss_mib: Option<f64>,
-    errors: u64,
+pub(crate) struct Summary {
+    pub(crate) row: String,
+    pub(crate) target: String,
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
+    pub(crate) p999_ms: Option<f64>,
+    pub(crate) cpu_s_per_100k: Option<f64>,
+    pub(crate) peak_rss_mib: Option<f64>,
+    pub(crate) errors: u64,
+    /// The idle row's figures: medians over the rounds, `ok` the fewest.
+    pub(crate) idle: Option<crate::idle::Idle>,
     rounds: Vec<Measure>,
+}
+
+impl Summary {
+    /// A summary with the figures the bars read, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(row: &str, target: &str, rps: f64, p99_ms: f64, cpu: f64) -> Self {
+        Self {
+            row: row.into(),
+            target: target.into(),
+            rps,
+            p50_ms: None,
+            p99_ms: Some(p99_ms),
+            p999_ms: None,
+            cpu_s_per_100k: Some(cpu),
+            peak_rss_mib: Some(20.0),
+            errors: 0,
+            idle: None,
+            rounds: Vec::new(),
+        }
+    }
 }
 
 fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
@@ -704,6 +1016,20 @@ fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
         let mut v: Vec<f64> = ms.iter().filter_map(f).collect();
         (!v.is_empty()).then(|| median(&mut v))
     };
+    let idles: Vec<&crate::idle::Idle> = ms.iter().filter_map(|m| m.idle.as_ref()).collect();
+    let idle = (!idles.is_empty()).then(|| {
+        let med = |f: &dyn Fn(&crate::idle::Idle) -> f64| {
+            median(&mut idles.iter().map(|i| f(i)).collect::<Vec<_>>())
+        };
+        crate::idle::Idle {
+            before_kib: med(&|i| i.before_kib as f64) as u64,
+            after_kib: med(&|i| i.after_kib as f64) as u64,
+            conns: idles[0].conns,
+            ok: idles.iter().map(|i| i.ok).min().unwrap_or(0),
+            kib_per_conn: med(&|i| i.kib_per_conn),
+            open_s: med(&|i| i.open_s),
+        }
+    });
     Summary {
         row: row.name.clone(),
         target: target.name(),
@@ -714,25 +1040,41 @@ fn summarise(row: &Row, target: &Target, ms: &[Measure]) -> Summary {
         cpu_s_per_100k: med(&|m| m.cpu_s_per_100k),
         peak_rss_mib: ms.iter().filter_map(|m| m.peak_rss_mib).reduce(f64::max),
         errors: ms.iter().map(|m| m.errors).sum(),
+        idle,
         rounds: ms.to_vec(),
     }
 }
 
-fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Result<(), String> {
+fn report(
+    opts: &Opts,
+    pingora_note: &str,
+    results: &[(Row, BTreeMap<Target, Vec<Measure>>)],
+) -> Result<(), String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |x| format!("{x:.digits$}"));
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Medians of {} round(s) of {} s each; ratios are lb ÷ peer requests/s in the same row.\n",
+        "Medians of {} round(s) of {} s each; ratios are lb ÷ peer requests/s in the same row.",
         opts.rounds,
         opts.duration.as_secs()
     );
-    let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷direct |");
-    let _ = writeln!(
+    let log = match opts.lb_logs.as_slice() {
+        [true] => "lb with its access log on, as users run it (`RUST_LOG` unset, stdout to target/bench/lb-access.log)",
+        [false] => "lb with its access log off (`--lb-log off`: `RUST_LOG=warn`, stdout discarded)",
+        _ => "lb with its access log on (`RUST_LOG` unset, stdout to target/bench/lb-access.log) and off (`(log off)`: `RUST_LOG=warn`)",
+    };
+    let _ = write!(
         md,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "{log}; nginx, haproxy and pingora with logging off (`access_log off`, no log section, no logger)"
     );
+    md.push_str(pingora_note);
+    for (label, path) in &opts.lb_bins {
+        let _ = write!(md, "; `[{label}]` is {}", path.display());
+    }
+    let _ = writeln!(md, ".\n");
+    let mut table = String::new();
     let mut summaries = Vec::new();
+    let mut idle_md = String::new();
     for (row, by_target) in results {
         let rps_of = |t: &Target| by_target.get(t).map(|ms| summarise(row, t, ms).rps);
         for target in &row.targets {
@@ -740,13 +1082,28 @@ fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Res
                 continue;
             };
             let s = summarise(row, target, ms);
+            if let Some(i) = &s.idle {
+                let _ = writeln!(
+                    idle_md,
+                    "| {} | {:.1} | {:.1} | {:.2} | {}/{} | {:.1} |",
+                    s.target,
+                    i.before_kib as f64 / 1024.0,
+                    i.after_kib as f64 / 1024.0,
+                    i.kib_per_conn,
+                    i.ok,
+                    i.conns,
+                    i.open_s,
+                );
+                summaries.push(s);
+                continue;
+            }
             let ratio = |peer: &Target| match (target, rps_of(peer)) {
                 (Target::Lb(_), Some(p)) if p > 0.0 => format!("{:.2}", s.rps / p),
                 _ => String::new(),
             };
             let _ = writeln!(
-                md,
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                table,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.name,
                 s.target,
                 s.rps,
@@ -758,25 +1115,92 @@ fn report(opts: &Opts, results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> Res
                 s.errors,
                 ratio(&Target::Nginx),
                 ratio(&Target::Haproxy),
+                ratio(&Target::Pingora),
                 ratio(&Target::Direct),
             );
             summaries.push(s);
         }
     }
+    if !table.is_empty() {
+        let _ = writeln!(md, "| row | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | peak RSS MiB | errors | ÷nginx | ÷haproxy | ÷pingora | ÷direct |");
+        let _ = writeln!(
+            md,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        md.push_str(&table);
+    }
+    if !idle_md.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Idle keep-alive connections\n\n\
+             {IDLE_CONNS} HTTP/1.1 connections opened one after another by the xtask, one `GET /` \
+             each (answer read whole), then held silent; VmRSS summed over the proxy's process \
+             tree after a 1 s warm-up and no client, then {:.0} s after the last connection.\n",
+            crate::idle::SETTLE.as_secs_f64()
+        );
+        let _ = writeln!(
+            md,
+            "| target | RSS before MiB | RSS with them MiB | KiB per connection | answered 200 | open s |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        md.push_str(&idle_md);
+    }
+    let lb = Lb::target("round-robin", None, opts.lb_logs[0]).name();
+    let bars = crate::bars::bars(&summaries, &lb);
+    md.push_str(&crate::bars::markdown(&bars, &lb));
     print!("{md}");
     std::fs::write(opts.out.join("report.md"), &md).map_err(|e| e.to_string())?;
     let json = serde_json::to_string_pretty(&summaries).map_err(|e| e.to_string())?;
     std::fs::write(opts.out.join("report.json"), json).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&bars).map_err(|e| e.to_string())?;
+    std::fs::write(opts.out.join("bars.json"), json).map_err(|e| e.to_string())?;
     crate::chart::draw(
         &opts.out.join("report.svg"),
         &summaries
             .iter()
+            .filter(|s| s.idle.is_none())
             .map(|s| (s.row.clone(), s.target.clone(), s.rps, s.p99_ms))
             .collect::<Vec<_>>(),
     )?;
     eprintln!(
-        "wrote {0}/report.md, {0}/report.json, {0}/report.svg",
+        "wrote {0}/report.md, {0}/report.json, {0}/bars.json, {0}/report.svg",
         opts.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lb_bins_are_labelled_by_file_name_and_parent_when_names_clash() {
+        let dir = std::env::temp_dir().join(format!("xtask-lb-bins-{}", std::process::id()));
+        for sub in ["a", "b"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join("lb"), "").unwrap();
+        }
+        std::fs::write(dir.join("a").join("lb-next"), "").unwrap();
+        let p = |s: &str| dir.join(s).display().to_string();
+        let labels: Vec<String> = lb_bins(&[p("a/lb"), p("b/lb"), p("a/lb-next")])
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        assert_eq!(labels, ["a/lb", "b/lb", "lb-next"]);
+        assert!(lb_bins(&[p("missing")]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lb_target_names_show_the_binary_and_a_log_turned_off() {
+        assert_eq!(
+            Lb::target("round-robin", None, true).name(),
+            "lb round-robin"
+        );
+        assert_eq!(
+            Lb::target("round-robin", Some("lb-next".into()), false).name(),
+            "lb round-robin [lb-next] (log off)"
+        );
+    }
 }

@@ -76,18 +76,23 @@ pub(crate) fn draw(path: &Path, rows: &[(String, String, f64, Option<f64>)]) -> 
     root.present().map_err(|e| e.to_string())
 }
 
-/// Bar labels short enough to sit side by side.
+/// Bar labels short enough to sit side by side (an `--lb-bin` label or "(log off)" kept).
 fn short(target: &str) -> String {
-    match target {
-        "lb round-robin" => "lb rr",
-        "lb weighted-round-robin" => "lb wrr",
-        "lb least-connections" => "lb lc",
-        "lb p2c-ewma" => "lb p2c",
-        "lb consistent-hash" => "lb hash",
-        "lb random" => "lb rand",
-        other => other,
+    let mut s = target.replace(" (log off)", " -log");
+    for (long, short) in [
+        ("lb weighted-round-robin", "lb wrr"),
+        ("lb round-robin", "lb rr"),
+        ("lb least-connections", "lb lc"),
+        ("lb p2c-ewma", "lb p2c"),
+        ("lb consistent-hash", "lb hash"),
+        ("lb random", "lb rand"),
+    ] {
+        if let Some(rest) = s.strip_prefix(long) {
+            s = format!("{short}{rest}");
+            break;
+        }
     }
-    .to_owned()
+    s
 }
 
 /// `xtask chart REPORT.json OUT.svg`: redraws the chart of a saved report.
