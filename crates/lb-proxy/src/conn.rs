@@ -668,65 +668,99 @@ pub(crate) async fn serve(
         }
     };
     let io = TokioIo::new(io);
+    let first = started.checked_add(config.header_read_timeout);
     if h2 {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-        let service = {
-            let phase = Arc::clone(&phase);
-            hyper::service::service_fn(move |req| {
-                let (response, phase) = (handle(req), Arc::clone(&phase));
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        response.await.map(|body| Outgoing::new(body, phase)),
-                    )
-                }
-            })
-        };
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
-        let first = started.checked_add(config.header_read_timeout);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = shutdown.wait_for(|s| *s) => {}
-            why = h2_expiry(&phase, first, idle) => {
-                if why == H2Expiry::Stalled {
-                    tracing::debug!(target: "lb::conn", %peer, "HTTP/2 client not taking its responses: closing");
-                    return;
-                }
-                tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection idle or without a request in time: closing");
-            }
-        }
-        conn.as_mut().graceful_shutdown();
-        // Short: the client has nothing open, or had `idle` to finish what it had.
-        let grace = idle.min(config.header_read_timeout);
-        if let Err(why) = h2_expiry_after_goaway(conn.as_mut(), &phase, grace).await {
-            tracing::debug!(target: "lb::conn", %peer, ?why, "HTTP/2 connection did not close after GOAWAY");
-        }
+        // Boxed: an HTTP/2 connection's state is the larger, and every HTTP/1 connection's
+        // task would be as large as it (a task is allocated as big as its future's biggest
+        // state), idle or not.
+        Box::pin(serve_h2(&config, io, handle, &phase, first, shutdown, peer)).await;
     } else {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .max_header_size(config.max_header_bytes)
-            .keep_alive(true);
-        let service = hyper::service::service_fn(move |req| {
-            let response = handle(req);
-            async move { Ok::<_, std::convert::Infallible>(response.await) }
-        });
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                report_refusal(&shared, &r, &refusal);
-                if let Err(e) = r {
-                    tracing::debug!(target: "lb::conn", %peer, error = %e, "client connection error");
-                }
+        serve_h1(&shared, io, handle, &refusal, shutdown, peer).await;
+    }
+}
+
+/// An HTTP/2 connection until it closes (see [`serve`]).
+async fn serve_h2<F>(
+    config: &crate::config::ProxyConfig,
+    io: TokioIo<ClientIo>,
+    handle: impl Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    phase: &Arc<Phase>,
+    first: Option<Instant>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    F: Future<Output = hyper::Response<crate::body::ResponseBody>> + Send + 'static,
+{
+    let idle = config.idle_timeout;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    let service = {
+        let phase = Arc::clone(phase);
+        hyper::service::service_fn(move |req| {
+            let (response, phase) = (handle(req), Arc::clone(&phase));
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    response.await.map(|body| Outgoing::new(body, phase)),
+                )
+            }
+        })
+    };
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = shutdown.wait_for(|s| *s) => {}
+        why = h2_expiry(phase, first, idle) => {
+            if why == H2Expiry::Stalled {
+                tracing::debug!(target: "lb::conn", %peer, "HTTP/2 client not taking its responses: closing");
                 return;
             }
-            _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            tracing::debug!(target: "lb::conn", %peer, "HTTP/2 connection idle or without a request in time: closing");
         }
-        let r = conn.await;
-        report_refusal(&shared, &r, &refusal);
     }
+    conn.as_mut().graceful_shutdown();
+    // Short: the client has nothing open, or had `idle` to finish what it had.
+    let grace = idle.min(config.header_read_timeout);
+    if let Err(why) = h2_expiry_after_goaway(conn.as_mut(), phase, grace).await {
+        tracing::debug!(target: "lb::conn", %peer, ?why, "HTTP/2 connection did not close after GOAWAY");
+    }
+}
+
+/// An HTTP/1 connection until it closes (see [`serve`]).
+async fn serve_h1<F>(
+    shared: &Shared,
+    io: TokioIo<ClientIo>,
+    handle: impl Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    refusal: &AtomicU16,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    F: Future<Output = hyper::Response<crate::body::ResponseBody>> + Send + 'static,
+{
+    let config = shared.config;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_header_size(config.max_header_bytes)
+        .keep_alive(true);
+    let service = hyper::service::service_fn(move |req| {
+        let response = handle(req);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            report_refusal(shared, &r, refusal);
+            if let Err(e) = r {
+                tracing::debug!(target: "lb::conn", %peer, error = %e, "client connection error");
+            }
+            return;
+        }
+        _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let r = conn.await;
+    report_refusal(shared, &r, refusal);
 }
