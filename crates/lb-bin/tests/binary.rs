@@ -1368,3 +1368,99 @@ fn buffered_access_lines_are_prompt_whole_and_one_per_request() {
     }
     assert!(lb.logs().iter().any(|l| l.contains("stopped")));
 }
+
+/// A backend (plain threads, no runtime) that streams an endless body to `/stream*` as fast
+/// as the socket takes it, and answers anything else with a short 200.
+fn streaming_backend() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let chunk = vec![b'z'; 256 * 1024];
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut head = String::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => head.push_str(&line),
+                        }
+                    }
+                    if head.split(' ').nth(1).is_some_and(|p| p.starts_with("/stream")) {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 50);
+                        while s.write_all(&chunk).is_ok() {}
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Buffered access lines must still show up without waiting for traffic of their own: a
+/// worker busy relaying large downloads (there is always one more chunk to move, so its
+/// runtime does not run out of work and does not park) must not sit on the line of a short
+/// request it finished meanwhile. Before the buffer each line was written as its request
+/// ended; now it waits in the buffer until the worker parks, the buffer reaches PIPE_BUF, or
+/// the thread ends: seconds here, unbounded in general.
+#[test]
+fn access_lines_show_up_while_a_worker_is_kept_busy_by_downloads() {
+    let backend = streaming_backend();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        // A port-0 address makes lb run one worker: every request below shares it.
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--backend".into(),
+        format!("http://{backend}"),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                write!(s, "GET /stream{i} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(get(addr, "/short").0, 200);
+    let answered = Instant::now();
+    let logged = |lb: &Lb| lb.logs().iter().any(|l| l.contains("path=/short "));
+    while !logged(&lb) && answered.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waited = answered.elapsed();
+    let shown = logged(&lb);
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    assert!(
+        shown,
+        "the access line of a finished request still unwritten {waited:?} after its \
+         response, while downloads kept the worker busy"
+    );
+}
