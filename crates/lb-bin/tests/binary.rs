@@ -1391,12 +1391,22 @@ fn streaming_backend() -> SocketAddr {
                             Ok(_) => head.push_str(&line),
                         }
                     }
-                    if head.split(' ').nth(1).is_some_and(|p| p.starts_with("/stream")) {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 50);
+                    if head
+                        .split(' ')
+                        .nth(1)
+                        .is_some_and(|p| p.starts_with("/stream"))
+                    {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            1u64 << 50
+                        );
                         while s.write_all(&chunk).is_ok() {}
                         return;
                     }
-                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .is_err()
+                    {
                         return;
                     }
                 }
