@@ -1416,6 +1416,64 @@ fn streaming_backend() -> SocketAddr {
     addr
 }
 
+/// lb on one worker (a port-0 address makes it run one), kept busy by 16 endless downloads
+/// read as fast as it relays them; `stop` ends the readers.
+struct BusyWorker {
+    lb: Lb,
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyWorker {
+    fn start() -> Self {
+        let backend = streaming_backend();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut lb = Lb::spawn(&[
+            "--listen".into(),
+            addr.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--backend".into(),
+            format!("http://{backend}"),
+            "--health-interval".into(),
+            "0".into(),
+        ]);
+        lb.wait_listening(addr);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers = (0..16)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    write!(s, "GET /stream{i} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while !stop.load(Ordering::Relaxed) {
+                        if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        Self {
+            lb,
+            addr,
+            stop,
+            readers,
+        }
+    }
+
+    fn stop_downloads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
 /// Buffered access lines must still show up without waiting for traffic of their own: a
 /// worker busy relaying large downloads (there is always one more chunk to move, so its
 /// runtime does not run out of work and does not park) must not sit on the line of a short
@@ -1424,53 +1482,40 @@ fn streaming_backend() -> SocketAddr {
 /// the thread ends: seconds here, unbounded in general.
 #[test]
 fn access_lines_show_up_while_a_worker_is_kept_busy_by_downloads() {
-    let backend = streaming_backend();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut lb = Lb::spawn(&[
-        "--listen".into(),
-        addr.to_string(),
-        // A port-0 address makes lb run one worker: every request below shares it.
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--backend".into(),
-        format!("http://{backend}"),
-        "--health-interval".into(),
-        "0".into(),
-    ]);
-    lb.wait_listening(addr);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let readers: Vec<_> = (0..16)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                write!(s, "GET /stream{i} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-                let mut buf = vec![0u8; 256 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(get(addr, "/short").0, 200);
+    let mut busy = BusyWorker::start();
+    assert_eq!(get(busy.addr, "/short").0, 200);
     let answered = Instant::now();
     let logged = |lb: &Lb| lb.logs().iter().any(|l| l.contains("path=/short "));
-    while !logged(&lb) && answered.elapsed() < Duration::from_secs(5) {
+    while !logged(&busy.lb) && answered.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let waited = answered.elapsed();
-    let shown = logged(&lb);
-    stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        let _ = r.join();
-    }
+    let shown = logged(&busy.lb);
+    busy.stop_downloads();
     assert!(
         shown,
         "the access line of a finished request still unwritten {waited:?} after its \
          response, while downloads kept the worker busy"
+    );
+}
+
+/// The log is one story: a request answered before a reload is logged before the reload's
+/// "configuration reloaded" (the control thread writes its lines at once, the worker's wait
+/// in its buffer). An operator reading why traffic moved sees the requests in the wrong
+/// configuration's era.
+#[test]
+fn a_request_answered_before_a_reload_is_logged_before_it() {
+    let mut busy = BusyWorker::start();
+    assert_eq!(get(busy.addr, "/before-reload").0, 200);
+    busy.lb.signal("HUP");
+    busy.lb.wait_log("configuration reloaded");
+    busy.stop_downloads();
+    busy.lb.wait_log("path=/before-reload ");
+    let logs = busy.lb.logs();
+    let at = |needle: &str| logs.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(
+        at("path=/before-reload ") < at("configuration reloaded"),
+        "the request's line comes after the reload it preceded:\n{}",
+        logs.join("\n")
     );
 }
