@@ -1519,3 +1519,50 @@ fn a_request_answered_before_a_reload_is_logged_before_it() {
         logs.join("\n")
     );
 }
+
+/// When stdout goes away (the log collector died: a closed pipe), lines lost are said so on
+/// stderr, as tracing-subscriber does for every line it cannot write. The worker's buffer
+/// drops its lines silently: the access log, the lines that matter, vanish without a trace.
+#[test]
+fn access_lines_lost_to_a_closed_stdout_are_reported_on_stderr() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(LB)
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            &backend.url(),
+            "--health-interval",
+            "0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader of lb's stdout is gone: every write to it fails (EPIPE).
+    drop(child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "lb did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let requests = 5;
+    for i in 0..requests {
+        assert_eq!(get(addr, &format!("/lost-{i}")).0, 200);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let reported = err.matches("Unable to write an event").count();
+    assert!(
+        reported >= requests,
+        "{requests} access lines lost, {reported} reported on stderr:\n{err}"
+    );
+}
