@@ -1368,3 +1368,201 @@ fn buffered_access_lines_are_prompt_whole_and_one_per_request() {
     }
     assert!(lb.logs().iter().any(|l| l.contains("stopped")));
 }
+
+/// A backend (plain threads, no runtime) that streams an endless body to `/stream*` as fast
+/// as the socket takes it, and answers anything else with a short 200.
+fn streaming_backend() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let chunk = vec![b'z'; 256 * 1024];
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut head = String::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => head.push_str(&line),
+                        }
+                    }
+                    if head
+                        .split(' ')
+                        .nth(1)
+                        .is_some_and(|p| p.starts_with("/stream"))
+                    {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            1u64 << 50
+                        );
+                        while s.write_all(&chunk).is_ok() {}
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// lb on one worker (a port-0 address makes it run one), kept busy by 16 endless downloads
+/// read as fast as it relays them; `stop` ends the readers.
+struct BusyWorker {
+    lb: Lb,
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyWorker {
+    fn start() -> Self {
+        let backend = streaming_backend();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut lb = Lb::spawn(&[
+            "--listen".into(),
+            addr.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--backend".into(),
+            format!("http://{backend}"),
+            "--health-interval".into(),
+            "0".into(),
+        ]);
+        lb.wait_listening(addr);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers = (0..16)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    write!(s, "GET /stream{i} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while !stop.load(Ordering::Relaxed) {
+                        if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        Self {
+            lb,
+            addr,
+            stop,
+            readers,
+        }
+    }
+
+    fn stop_downloads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Buffered access lines must still show up without waiting for traffic of their own: a
+/// worker busy relaying large downloads (there is always one more chunk to move, so its
+/// runtime does not run out of work and does not park) must not sit on the line of a short
+/// request it finished meanwhile. Before the buffer each line was written as its request
+/// ended; now it waits in the buffer until the worker parks, the buffer reaches PIPE_BUF, or
+/// the thread ends: seconds here, unbounded in general.
+#[test]
+fn access_lines_show_up_while_a_worker_is_kept_busy_by_downloads() {
+    let mut busy = BusyWorker::start();
+    assert_eq!(get(busy.addr, "/short").0, 200);
+    let answered = Instant::now();
+    let logged = |lb: &Lb| lb.logs().iter().any(|l| l.contains("path=/short "));
+    while !logged(&busy.lb) && answered.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waited = answered.elapsed();
+    let shown = logged(&busy.lb);
+    busy.stop_downloads();
+    assert!(
+        shown,
+        "the access line of a finished request still unwritten {waited:?} after its \
+         response, while downloads kept the worker busy"
+    );
+}
+
+/// The log is one story: a request answered before a reload is logged before the reload's
+/// "configuration reloaded" (the control thread writes its lines at once, the worker's wait
+/// in its buffer). An operator reading why traffic moved sees the requests in the wrong
+/// configuration's era.
+#[test]
+fn a_request_answered_before_a_reload_is_logged_before_it() {
+    let mut busy = BusyWorker::start();
+    assert_eq!(get(busy.addr, "/before-reload").0, 200);
+    busy.lb.signal("HUP");
+    busy.lb.wait_log("configuration reloaded");
+    busy.stop_downloads();
+    busy.lb.wait_log("path=/before-reload ");
+    let logs = busy.lb.logs();
+    let at = |needle: &str| logs.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(
+        at("path=/before-reload ") < at("configuration reloaded"),
+        "the request's line comes after the reload it preceded:\n{}",
+        logs.join("\n")
+    );
+}
+
+/// When stdout goes away (the log collector died: a closed pipe), lines lost are said so on
+/// stderr, as tracing-subscriber does for every line it cannot write. The worker's buffer
+/// drops its lines silently: the access log, the lines that matter, vanish without a trace.
+#[test]
+fn access_lines_lost_to_a_closed_stdout_are_reported_on_stderr() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(LB)
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            &backend.url(),
+            "--health-interval",
+            "0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader of lb's stdout is gone: every write to it fails (EPIPE).
+    drop(child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "lb did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let requests = 5;
+    for i in 0..requests {
+        assert_eq!(get(addr, &format!("/lost-{i}")).0, 200);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let reported = err.matches("Unable to write an event").count();
+    assert!(
+        reported >= requests,
+        "{requests} access lines lost, {reported} reported on stderr:\n{err}"
+    );
+}
