@@ -256,6 +256,8 @@ async fn run(
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
+                    // Ends with the runtime, after `serve`.
+                    tokio::spawn(crate::log::flush_periodically());
                     worker
                         .serve(bound, stopped, drain)
                         .await
@@ -265,11 +267,24 @@ async fn run(
         threads.push(thread);
     }
     let running = Mutex::new(Running { settings, checker });
+    let workers = threads.len();
     loop {
+        // The lines of requests answered before the signal go before its own.
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!(target: "lb", "SIGTERM: draining"); break; }
-            _ = sigint.recv() => { tracing::info!(target: "lb", "SIGINT: draining"); break; }
-            _ = sighup.recv() => reload(&cli, &proxy, &running, &sink).await,
+            _ = sigterm.recv() => {
+                crate::log::flush_workers(workers).await;
+                tracing::info!(target: "lb", "SIGTERM: draining");
+                break;
+            }
+            _ = sigint.recv() => {
+                crate::log::flush_workers(workers).await;
+                tracing::info!(target: "lb", "SIGINT: draining");
+                break;
+            }
+            _ = sighup.recv() => {
+                crate::log::flush_workers(workers).await;
+                reload(&cli, &proxy, &running, &sink).await;
+            }
         }
     }
     let _ = stop_tx.send(true);

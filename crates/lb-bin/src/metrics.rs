@@ -385,7 +385,9 @@ struct Latency(std::sync::Arc<Buckets>);
 struct Buckets {
     /// Per bucket (the last is `+Inf`), not cumulative.
     buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
+    /// Whole microseconds: 2^64 of them is 584,000 years of summed request time, so the sum
+    /// never wraps (nanoseconds would, in months, with thousands of long-lived streams).
+    sum_micros: AtomicU64,
 }
 
 impl std::ops::Deref for Latency {
@@ -400,8 +402,8 @@ impl Latency {
         let secs = d.as_secs_f64();
         let i = BUCKETS.partition_point(|&le| le < secs);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 }
 
@@ -420,7 +422,7 @@ impl EncodeMetric for Latency {
             .collect();
         // The count is the buckets' sum, so `+Inf` and `_count` agree even while requests end.
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -514,7 +516,7 @@ mod tests {
             ours.observe(d);
             theirs.observe(d.as_secs_f64());
         }
-        // The sums differ in the last float digits (ours is whole nanoseconds).
+        // The sums differ in the last float digits (ours is whole microseconds).
         let strip = |t: String| -> String {
             t.lines()
                 .filter(|l| !l.starts_with("lb_request_duration_seconds_sum"))
@@ -574,7 +576,7 @@ mod tests {
     }
 
     /// `lb_request_duration_seconds_sum` is a counter: it must never go down. Kept as a `u64`
-    /// of nanoseconds it wraps after 2^64 ns (584 years) of summed request time: 213 days for
+    /// of nanoseconds it would wrap after 2^64 ns (584 years) of summed request time: 213 days for
     /// an lb holding 1,000 long-lived streams (SSE, downloads) open, 21 days for 10,000, where
     /// prometheus-client's own `f64` sum (the previous implementation) keeps growing.
     #[test]

@@ -9,16 +9,25 @@
 //! syscall per request. The buffer is written out
 //!
 //! * whenever the worker runs out of work (tokio's park hook), so an idle or lightly loaded
-//!   lb shows each line at once: nothing waits for a timer;
+//!   lb shows each line at once;
+//! * every [`FLUSH_EVERY`] at the latest ([`flush_periodically`]): a worker kept busy (by
+//!   large downloads, say) may not run out of work for minutes;
+//! * when the control thread is about to log a signal or a reload ([`flush_workers`]), so
+//!   that a request answered before it is logged before it;
 //! * before it would pass `PIPE_BUF` bytes, so that every write holds whole lines and is
 //!   atomic even on a pipe shared with the other threads;
 //! * when the thread ends.
 //!
 //! Other threads (start-up, signals, reload, health checks) log rarely and write each line
-//! at once.
+//! at once. Lines that cannot be written (stdout closed) are reported on stderr, one notice
+//! per line, as tracing-subscriber reports the lines it loses.
 
 use std::cell::RefCell;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::cli;
 
@@ -125,14 +134,63 @@ pub(crate) fn flush_this_thread() {
     });
 }
 
+/// The longest a worker's line waits in its buffer while the worker is busy.
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Wakes every worker's [`flush_periodically`] now.
+static FLUSH_NOW: Notify = Notify::const_new();
+
+/// Flushes done by [`flush_periodically`], over all workers.
+static FLUSHES: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs on each serving thread, beside its connections: writes out the thread's lines every
+/// [`FLUSH_EVERY`], and when [`flush_workers`] asks.
+pub(crate) async fn flush_periodically() {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = FLUSH_NOW.notified() => {}
+        }
+        flush_this_thread();
+        FLUSHES.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Has the `workers` serving threads write out their lines, and waits until they did (for
+/// [`FLUSH_EVERY`] at most: a worker stuck in a long poll is not waited for).
+pub(crate) async fn flush_workers(workers: usize) {
+    let before = FLUSHES.load(Ordering::Acquire);
+    FLUSH_NOW.notify_waiters();
+    let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+    while FLUSHES.load(Ordering::Acquire) < before + workers
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Writes `buf` to stdout in one call and empties it. A failed write (stdout closed, say)
-/// drops the lines: the log must never stop the proxy.
+/// drops the lines, said on stderr: the log must never stop the proxy.
 fn write_out(buf: &mut Vec<u8>) {
     if buf.is_empty() {
         return;
     }
-    let _ = io::stdout().lock().write_all(buf);
+    if let Err(e) = io::stdout().lock().write_all(buf) {
+        lost(buf, &e);
+    }
     buf.clear();
+}
+
+/// Reports the lines in `buf` that could not be written, one notice each (as
+/// tracing-subscriber does); stderr failing too is ignored.
+fn lost(buf: &[u8], e: &io::Error) {
+    let lines = buf.iter().filter(|&&b| b == b'\n').count().max(1);
+    let mut err = io::stderr().lock();
+    for _ in 0..lines {
+        let _ = writeln!(err, "[lb] Unable to write an event to stdout! Error: {e}");
+    }
 }
 
 /// Where the formatter puts each line (it hands over one whole line per `write`).
@@ -160,6 +218,7 @@ impl Write for Lines {
             })
             .unwrap_or(false);
         if !buffered {
+            // tracing-subscriber reports the failure on stderr.
             io::stdout().lock().write_all(line)?;
         }
         Ok(line.len())
