@@ -604,4 +604,26 @@ mod tests {
             "the sum went down from {before} to {after}"
         );
     }
+
+    /// Review 11b: whole microseconds truncate every observation: lb's own quick answers
+    /// (a few microseconds each) are summed up to a third too low, and the mean
+    /// (`_sum / _count`) of any load is biased down by half a microsecond, where the previous
+    /// sums (nanoseconds, or prometheus-client's `f64`) were exact to the nanosecond.
+    #[test]
+    fn the_latency_sum_is_not_truncated_per_request() {
+        let ours = Latency::default();
+        let mut r = Registry::default();
+        r.register("lb_request_duration_seconds", "d", ours.clone());
+        for _ in 0..1000 {
+            ours.observe(Duration::from_nanos(2_900));
+        }
+        let sum: f64 = text(&r)
+            .lines()
+            .find_map(|l| l.strip_prefix("lb_request_duration_seconds_sum "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        // 1000 x 2.9 us = 2.9 ms; a microsecond per request off would be 1 ms.
+        assert!((sum - 0.0029).abs() < 0.0001, "sum {sum}, want 0.0029");
+    }
 }

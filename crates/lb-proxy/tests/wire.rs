@@ -1212,3 +1212,34 @@ async fn answers_hyper_gives_before_a_request_are_reported() {
     want.push(400);
     assert_eq!(refusals(&lb, want.len()).await, want);
 }
+
+/// Review 11b: requests pipelined behind the first one, in the connection's first read (now
+/// up to 4 KiB, replayed to hyper from `ClientIo`'s prefix), are each answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_in_the_first_read_are_all_answered() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let resp = exchange(
+        lb.addr,
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.matches("HTTP/1.1 200 ").count(), 3, "{resp}");
+    assert_eq!(backend.received().len(), 3);
+}
+
+/// Review 11b: a Content-Length beyond hyper's range gets 400 (SPEC: a malformed length), not
+/// hyper's 431, also when its request is pipelined behind another in the first read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_content_length_pipelined_in_the_first_read_gets_400() {
+    let backend = RawBackend::start(OK).await;
+    let lb = Lb::start(&[backend.url()]).await;
+    let resp = exchange(
+        lb.addr,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\nhi",
+    )
+    .await;
+    let second = resp.split("HTTP/1.1 ").nth(2).unwrap_or("");
+    assert!(second.starts_with("400 "), "{resp}");
+    assert_eq!(backend.received().len(), 1, "only the first request");
+}
