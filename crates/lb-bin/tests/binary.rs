@@ -1566,3 +1566,60 @@ fn access_lines_lost_to_a_closed_stdout_are_reported_on_stderr() {
         "{requests} access lines lost, {reported} reported on stderr:\n{err}"
     );
 }
+
+/// Review 11b: voluntary context switches of lb's worker threads but the first (`lb-worker-0`
+/// also runs lb-core's timer), summed, and how many such workers there are.
+fn worker_wakeups(pid: u32) -> (u64, usize) {
+    let (mut total, mut workers) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("lb-worker-") || comm.trim() == "lb-worker-0" {
+            continue;
+        }
+        workers += 1;
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (total, workers)
+}
+
+/// Review 11b: an idle lb leaves its workers asleep. The access log is written when a worker
+/// runs out of work ("nothing waits for a timer"); the 100 ms flush tick added for busy
+/// workers fires on idle ones too, with nothing buffered: ten wake-ups a second per worker,
+/// forever, on a proxy that serves nothing (NGINX's `flush=` timer runs only while its
+/// buffer holds lines).
+#[test]
+fn an_idle_lb_does_not_wake_its_workers() {
+    let backend = Backend::start("fine", Duration::ZERO);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut lb = Lb::spawn(&[
+        "--listen".into(),
+        addr.to_string(),
+        "--backend".into(),
+        backend.url(),
+        "--health-interval".into(),
+        "0".into(),
+    ]);
+    lb.wait_listening(addr);
+    assert_eq!(get(addr, "/once").0, 200);
+    lb.wait_log("path=/once ");
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = lb.child.id();
+    let (before, workers) = worker_wakeups(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woken = worker_wakeups(pid).0 - before;
+    lb.signal("TERM");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), 0);
+    if workers == 0 {
+        return; // one core: one worker, which also runs lb-core's timer
+    }
+    assert!(
+        woken < 5,
+        "lb's idle workers (but the first) woke {woken} times in 2 s with nothing to do"
+    );
+}
