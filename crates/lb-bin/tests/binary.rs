@@ -1623,3 +1623,76 @@ fn an_idle_lb_does_not_wake_its_workers() {
         "lb's idle workers (but the first) woke {woken} times in 2 s with nothing to do"
     );
 }
+
+/// Review 11b: the workers are flushed before the reload starts, and the reload logs its line
+/// when done: requests answered while the reload runs (parsing, new balancer, health) are
+/// still logged after "configuration reloaded" when the workers are busy, though their lines'
+/// own timestamps say they came before it. "Lines of requests answered before it go before
+/// its line" holds only for requests answered before the signal.
+#[test]
+fn requests_answered_during_a_reload_are_logged_before_its_line() {
+    let mut busy = BusyWorker::start();
+    let addr = busy.addr;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let getters: Vec<_> = (0..4)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = get(addr, &format!("/during-{t}-{i}"));
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let reloads = 20;
+    for k in 1..=reloads {
+        busy.lb.signal("HUP");
+        wait_until("the reload's line", || {
+            busy.lb.logs().iter().filter(|l| l.contains("configuration reloaded")).count() >= k
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for g in getters {
+        g.join().unwrap();
+    }
+    busy.stop_downloads();
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = busy.lb.logs();
+    // Microseconds of the day, from the line's RFC 3339 timestamp.
+    let stamp = |l: &str| -> f64 {
+        let t = l.split_whitespace().next().unwrap_or("");
+        let time = t.split_once('T').map_or("", |(_, t)| t).trim_end_matches('Z');
+        let mut parts = time.split(':').map(|p| p.parse::<f64>().unwrap_or(0.0));
+        let (h, m, s) = (
+            parts.next().unwrap_or(0.0),
+            parts.next().unwrap_or(0.0),
+            parts.next().unwrap_or(0.0),
+        );
+        ((h * 60.0 + m) * 60.0 + s) * 1e6
+    };
+    // Beyond the race an unbuffered write would have (format, then write: microseconds).
+    let margin = 100.0;
+    let mut late: Vec<String> = Vec::new();
+    for (at, line) in logs.iter().enumerate() {
+        if !line.contains("configuration reloaded") {
+            continue;
+        }
+        let reloaded = stamp(line);
+        late.extend(
+            logs[at + 1..]
+                .iter()
+                .filter(|l| l.contains("path=/during-") && stamp(l) + margin < reloaded)
+                .map(|l| format!("{l}\n  after: {line}")),
+        );
+    }
+    assert!(
+        late.is_empty(),
+        "{} lines stamped over 100 us before a 'configuration reloaded' come after it, e.g.:\n{}",
+        late.len(),
+        late.iter().take(3).map(String::as_str).collect::<Vec<_>>().join("\n")
+    );
+}
