@@ -267,22 +267,21 @@ async fn run(
         threads.push(thread);
     }
     let running = Mutex::new(Running { settings, checker });
-    let workers = threads.len();
     loop {
         // The lines of requests answered before the signal go before its own.
         tokio::select! {
             _ = sigterm.recv() => {
-                crate::log::flush_workers(workers).await;
+                crate::log::flush_workers().await;
                 tracing::info!(target: "lb", "SIGTERM: draining");
                 break;
             }
             _ = sigint.recv() => {
-                crate::log::flush_workers(workers).await;
+                crate::log::flush_workers().await;
                 tracing::info!(target: "lb", "SIGINT: draining");
                 break;
             }
             _ = sighup.recv() => {
-                crate::log::flush_workers(workers).await;
+                crate::log::flush_workers().await;
                 reload(&cli, &proxy, &running, &sink).await;
             }
         }
@@ -414,6 +413,8 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     if let Some(c) = &checker {
         c.set_targets(targets);
     }
+    // Requests answered while the reload ran are logged before its line too.
+    crate::log::flush_workers().await;
     tracing::info!(target: "lb", strategy = %new.strategy, backends = new.backends.len(), "configuration reloaded");
     let mut r = running
         .lock()

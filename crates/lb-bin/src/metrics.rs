@@ -385,9 +385,10 @@ struct Latency(std::sync::Arc<Buckets>);
 struct Buckets {
     /// Per bucket (the last is `+Inf`), not cumulative.
     buckets: [AtomicU64; BUCKETS.len() + 1],
-    /// Whole microseconds: 2^64 of them is 584,000 years of summed request time, so the sum
-    /// never wraps (nanoseconds would, in months, with thousands of long-lived streams).
-    sum_micros: AtomicU64,
+    /// Seconds, an `f64`'s bits (as prometheus-client keeps it): exact to the nanosecond for
+    /// a long while and never wrapping (a `u64` of nanoseconds would, within months, with
+    /// thousands of long-lived streams; whole microseconds would truncate every request).
+    sum_secs: AtomicU64,
 }
 
 impl std::ops::Deref for Latency {
@@ -402,8 +403,11 @@ impl Latency {
         let secs = d.as_secs_f64();
         let i = BUCKETS.partition_point(|&le| le < secs);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        let _ = self
+            .sum_secs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + secs).to_bits())
+            });
     }
 }
 
@@ -422,7 +426,7 @@ impl EncodeMetric for Latency {
             .collect();
         // The count is the buckets' sum, so `+Inf` and `_count` agree even while requests end.
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = f64::from_bits(self.sum_secs.load(Ordering::Relaxed));
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -516,7 +520,7 @@ mod tests {
             ours.observe(d);
             theirs.observe(d.as_secs_f64());
         }
-        // The sums differ in the last float digits (ours is whole microseconds).
+        // The sums may differ in the last float digits (the order of the additions).
         let strip = |t: String| -> String {
             t.lines()
                 .filter(|l| !l.starts_with("lb_request_duration_seconds_sum"))

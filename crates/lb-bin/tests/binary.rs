@@ -1571,7 +1571,10 @@ fn access_lines_lost_to_a_closed_stdout_are_reported_on_stderr() {
 /// also runs lb-core's timer), summed, and how many such workers there are.
 fn worker_wakeups(pid: u32) -> (u64, usize) {
     let (mut total, mut workers) = (0, 0);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if !comm.starts_with("lb-worker-") || comm.trim() == "lb-worker-0" {
             continue;
@@ -1624,23 +1627,26 @@ fn an_idle_lb_does_not_wake_its_workers() {
     );
 }
 
-/// Review 11b: the workers are flushed before the reload starts, and the reload logs its line
-/// when done: requests answered while the reload runs (parsing, new balancer, health) are
-/// still logged after "configuration reloaded" when the workers are busy, though their lines'
-/// own timestamps say they came before it. "Lines of requests answered before it go before
-/// its line" holds only for requests answered before the signal.
+/// Review 11b: reloads while a busy worker keeps answering: every request whose response
+/// the client had before a SIGHUP was sent is logged before that reload's line. (Lines of
+/// requests still finishing while the reload runs can land on either side of its line, as
+/// with any two threads writing; a timestamp margin would make this a timing test.)
 #[test]
-fn requests_answered_during_a_reload_are_logged_before_its_line() {
+fn requests_answered_before_each_of_many_reloads_are_logged_before_its_line() {
     let mut busy = BusyWorker::start();
     let addr = busy.addr;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
     let getters: Vec<_> = (0..4)
         .map(|t| {
-            let stop = stop.clone();
+            let (stop, answered) = (stop.clone(), answered.clone());
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let _ = get(addr, &format!("/during-{t}-{i}"));
+                    let path = format!("/during-{t}-{i}");
+                    if get(addr, &path).0 == 200 {
+                        answered.lock().unwrap().push(path);
+                    }
                     i += 1;
                 }
             })
@@ -1648,10 +1654,18 @@ fn requests_answered_during_a_reload_are_logged_before_its_line() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let reloads = 20;
+    // Per reload: the paths answered before its signal was sent.
+    let mut before: Vec<Vec<String>> = Vec::new();
     for k in 1..=reloads {
+        before.push(answered.lock().unwrap().clone());
         busy.lb.signal("HUP");
         wait_until("the reload's line", || {
-            busy.lb.logs().iter().filter(|l| l.contains("configuration reloaded")).count() >= k
+            busy.lb
+                .logs()
+                .iter()
+                .filter(|l| l.contains("configuration reloaded"))
+                .count()
+                >= k
         });
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1660,39 +1674,27 @@ fn requests_answered_during_a_reload_are_logged_before_its_line() {
         g.join().unwrap();
     }
     busy.stop_downloads();
-    std::thread::sleep(Duration::from_millis(500));
     let logs = busy.lb.logs();
-    // Microseconds of the day, from the line's RFC 3339 timestamp.
-    let stamp = |l: &str| -> f64 {
-        let t = l.split_whitespace().next().unwrap_or("");
-        let time = t.split_once('T').map_or("", |(_, t)| t).trim_end_matches('Z');
-        let mut parts = time.split(':').map(|p| p.parse::<f64>().unwrap_or(0.0));
-        let (h, m, s) = (
-            parts.next().unwrap_or(0.0),
-            parts.next().unwrap_or(0.0),
-            parts.next().unwrap_or(0.0),
-        );
-        ((h * 60.0 + m) * 60.0 + s) * 1e6
-    };
-    // Beyond the race an unbuffered write would have (format, then write: microseconds).
-    let margin = 100.0;
-    let mut late: Vec<String> = Vec::new();
-    for (at, line) in logs.iter().enumerate() {
-        if !line.contains("configuration reloaded") {
-            continue;
+    let reload_at: Vec<usize> = logs
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("configuration reloaded"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(reload_at.len(), reloads);
+    let mut checked = 0;
+    for (k, paths) in before.iter().enumerate() {
+        for path in paths {
+            let needle = format!("path={path} ");
+            let at = logs.iter().position(|l| l.contains(&needle));
+            assert!(
+                at.is_some_and(|at| at < reload_at[k]),
+                "{path}, answered before reload {k}'s signal, is logged at {at:?}, after its \
+                 line at {}",
+                reload_at[k]
+            );
+            checked += 1;
         }
-        let reloaded = stamp(line);
-        late.extend(
-            logs[at + 1..]
-                .iter()
-                .filter(|l| l.contains("path=/during-") && stamp(l) + margin < reloaded)
-                .map(|l| format!("{l}\n  after: {line}")),
-        );
     }
-    assert!(
-        late.is_empty(),
-        "{} lines stamped over 100 us before a 'configuration reloaded' come after it, e.g.:\n{}",
-        late.len(),
-        late.iter().take(3).map(String::as_str).collect::<Vec<_>>().join("\n")
-    );
+    assert!(checked > reloads, "too few requests to tell: {checked}");
 }

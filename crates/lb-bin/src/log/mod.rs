@@ -10,8 +10,9 @@
 //!
 //! * whenever the worker runs out of work (tokio's park hook), so an idle or lightly loaded
 //!   lb shows each line at once;
-//! * every [`FLUSH_EVERY`] at the latest ([`flush_periodically`]): a worker kept busy (by
-//!   large downloads, say) may not run out of work for minutes;
+//! * [`FLUSH_EVERY`] after its first line at the latest ([`flush_periodically`]): a worker
+//!   kept busy (by large downloads, say) may not run out of work for minutes. The timer runs
+//!   only while lines wait, so an idle lb does not wake up for it;
 //! * when the control thread is about to log a signal or a reload ([`flush_workers`]), so
 //!   that a request answered before it is logged before it;
 //! * before it would pass `PIPE_BUF` bytes, so that every write holds whole lines and is
@@ -24,7 +25,8 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -99,11 +101,15 @@ pub(crate) fn init(format: cli::LogFormat) {
 }
 
 /// A thread's lines not written yet; whatever is left is written when the thread ends.
-struct Pending(Vec<u8>);
+struct Pending {
+    buf: Vec<u8>,
+    /// Told when a line lands in the empty buffer: arms the thread's [`flush_periodically`].
+    armed: Arc<Notify>,
+}
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        write_out(&mut self.0);
+        write_out(&mut self.buf);
     }
 }
 
@@ -117,7 +123,10 @@ thread_local! {
 /// [`flush_this_thread`] each time it runs out of work.
 pub(crate) fn buffer_this_thread() {
     PENDING.with_borrow_mut(|p| {
-        p.get_or_insert_with(|| Pending(Vec::with_capacity(PIPE_BUF)));
+        p.get_or_insert_with(|| Pending {
+            buf: Vec::with_capacity(PIPE_BUF),
+            armed: Arc::new(Notify::new()),
+        });
     });
 }
 
@@ -128,7 +137,7 @@ pub(crate) fn flush_this_thread() {
     let _ = PENDING.try_with(|p| {
         if let Ok(mut p) = p.try_borrow_mut() {
             if let Some(p) = p.as_mut() {
-                write_out(&mut p.0);
+                write_out(&mut p.buf);
             }
         }
     });
@@ -140,34 +149,76 @@ pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Wakes every worker's [`flush_periodically`] now.
 static FLUSH_NOW: Notify = Notify::const_new();
 
-/// Flushes done by [`flush_periodically`], over all workers.
-static FLUSHES: AtomicUsize = AtomicUsize::new(0);
+/// The last request of [`flush_workers`].
+static FLUSH_ASKED: AtomicU64 = AtomicU64::new(0);
 
-/// Runs on each serving thread, beside its connections: writes out the thread's lines every
-/// [`FLUSH_EVERY`], and when [`flush_workers`] asks.
+/// Per worker: the request of [`flush_workers`] its last flush covered.
+static FLUSH_DONE: Mutex<Vec<Arc<AtomicU64>>> = Mutex::new(Vec::new());
+
+/// Told after each flush of [`flush_periodically`], so that [`flush_workers`] goes on at once.
+static FLUSHED: Notify = Notify::const_new();
+
+/// Runs on each serving thread (after [`buffer_this_thread`]), beside its connections:
+/// writes out the thread's lines [`FLUSH_EVERY`] after the first one came, and at once
+/// when [`flush_workers`] asks. Waits, without a timer, while the buffer is empty.
 pub(crate) async fn flush_periodically() {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(armed) = PENDING.with_borrow(|p| p.as_ref().map(|p| Arc::clone(&p.armed))) else {
+        return; // not a buffering thread: its lines are written at once
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    FLUSH_DONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Arc::clone(&done));
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = FLUSH_NOW.notified() => {}
+        // Listening before looking: a request made after the look still wakes us (one made
+        // while we were flushing would be missed by a listener made after it).
+        let asked_now = FLUSH_NOW.notified();
+        tokio::pin!(asked_now);
+        asked_now.as_mut().enable();
+        if FLUSH_ASKED.load(Ordering::Acquire) == done.load(Ordering::Acquire) {
+            tokio::select! {
+                () = armed.notified() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(FLUSH_EVERY) => {}
+                        () = asked_now.as_mut() => {}
+                    }
+                }
+                () = asked_now.as_mut() => {}
+            }
         }
+        // Read before the flush: every line logged before that request is in it.
+        let asked = FLUSH_ASKED.load(Ordering::Acquire);
         flush_this_thread();
-        FLUSHES.fetch_add(1, Ordering::AcqRel);
+        done.store(asked, Ordering::Release);
+        FLUSHED.notify_waiters();
     }
 }
 
-/// Has the `workers` serving threads write out their lines, and waits until they did (for
+/// Has every serving thread write out its lines, and waits until each did (for
 /// [`FLUSH_EVERY`] at most: a worker stuck in a long poll is not waited for).
-pub(crate) async fn flush_workers(workers: usize) {
-    let before = FLUSHES.load(Ordering::Acquire);
+pub(crate) async fn flush_workers() {
+    let asked = FLUSH_ASKED.fetch_add(1, Ordering::AcqRel) + 1;
     FLUSH_NOW.notify_waiters();
+    let all_done = || {
+        FLUSH_DONE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .all(|d| d.load(Ordering::Acquire) >= asked)
+    };
     let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
-    while FLUSHES.load(Ordering::Acquire) < before + workers
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    loop {
+        let flushed = FLUSHED.notified();
+        tokio::pin!(flushed);
+        flushed.as_mut().enable();
+        if all_done() {
+            return;
+        }
+        tokio::select! {
+            () = flushed => {}
+            () = tokio::time::sleep_until(deadline) => return,
+        }
     }
 }
 
@@ -203,11 +254,14 @@ impl Write for Lines {
                 let Ok(mut p) = p.try_borrow_mut() else {
                     return false;
                 };
-                let Some(Pending(buf)) = p.as_mut() else {
+                let Some(Pending { buf, armed }) = p.as_mut() else {
                     return false;
                 };
                 if !buf.is_empty() && buf.len() + line.len() > PIPE_BUF {
                     write_out(buf);
+                }
+                if buf.is_empty() {
+                    armed.notify_one();
                 }
                 buf.extend_from_slice(line);
                 if buf.len() >= PIPE_BUF {
