@@ -212,15 +212,18 @@ impl Metrics {
         Value::Array(recent.iter().map(Recent::json).collect())
     }
 
-    /// This thread's handle to `lb_requests_total{backend, code}` (`code` 0: `error`).
-    fn requests_of(&self, backend: &str, code: u16) -> Counter {
+    /// Counts one attempt in `lb_requests_total{backend, code}` (`code` 0: `error`), through
+    /// this thread's handle: no label built, no lock, and no handle cloned (a shared count
+    /// bumped per request) once the thread has met the series.
+    fn count_request(&self, backend: &str, code: u16) {
         self.with_handles(|h| {
             let codes = match h.requests.get_mut(backend) {
                 Some(codes) => codes,
                 None => h.requests.entry(backend.to_owned()).or_default(),
             };
             if let Some((_, c)) = codes.iter().find(|(k, _)| *k == code) {
-                return c.clone();
+                c.inc();
+                return;
             }
             let label = BackendCode {
                 backend: backend.to_owned(),
@@ -231,16 +234,17 @@ impl Metrics {
                 },
             };
             let c = self.requests.get_or_create(&label).clone();
-            codes.push((code, c.clone()));
-            c
-        })
+            c.inc();
+            codes.push((code, c));
+        });
     }
 
-    /// This thread's handle to `lb_responses_total{code}`.
-    fn responses_of(&self, code: u16) -> Counter {
+    /// Counts one response in `lb_responses_total{code}`, as [`Self::count_request`] does.
+    fn count_response(&self, code: u16) {
         self.with_handles(|h| {
             if let Some((_, c)) = h.responses.iter().find(|(k, _)| *k == code) {
-                return c.clone();
+                c.inc();
+                return;
             }
             let c = self
                 .responses
@@ -248,9 +252,9 @@ impl Metrics {
                     code: code.to_string(),
                 })
                 .clone();
-            h.responses.push((code, c.clone()));
-            c
-        })
+            c.inc();
+            h.responses.push((code, c));
+        });
     }
 
     fn with_handles<T>(&self, f: impl FnOnce(&mut Handles) -> T) -> T {
@@ -279,7 +283,7 @@ impl Observer for Metrics {
             Outcome::Response { status } => status,
             _ => 0,
         };
-        self.requests_of(backend.authority.as_str(), code).inc();
+        self.count_request(backend.authority.as_str(), code);
     }
 
     fn decision(&self, decision: Decision) {
@@ -312,15 +316,11 @@ impl Observer for Metrics {
     }
 
     fn refused(&self, status: u16) {
-        self.responses
-            .get_or_create(&Code {
-                code: status.to_string(),
-            })
-            .inc();
+        self.count_response(status);
     }
 
     fn completed(&self, c: &Completed<'_>) {
-        self.responses_of(c.status).inc();
+        self.count_response(c.status);
         self.duration.observe(c.elapsed);
         let attempts = c.state.map_or_else(Vec::new, |st| {
             st.attempts()
@@ -543,11 +543,10 @@ mod tests {
             for _ in 0..2 {
                 s.spawn(|| {
                     for i in 0..100u16 {
-                        one.requests_of("a:1", 200).inc();
-                        one.requests_of("b:1", if i % 2 == 0 { 0 } else { 503 })
-                            .inc();
-                        two.requests_of("a:1", 200).inc();
-                        one.responses_of(200).inc();
+                        one.count_request("a:1", 200);
+                        one.count_request("b:1", if i % 2 == 0 { 0 } else { 503 });
+                        two.count_request("a:1", 200);
+                        one.count_response(200);
                     }
                 });
             }
