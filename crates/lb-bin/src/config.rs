@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::select::StrategyKind;
@@ -126,6 +127,15 @@ struct Tls {
     cert: Option<S<String>>,
     key: Option<S<String>>,
     upstream_ca: Option<S<String>>,
+    #[serde(default)]
+    certificates: Vec<CertEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertEntry {
+    cert: S<String>,
+    key: S<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +157,28 @@ pub(crate) struct HealthSettings {
     pub(crate) path: Option<String>,
 }
 
+/// TLS, loaded: the certificates as read when the settings were (a reload reads them again).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TlsSettings {
+    /// The certificate and key files served, the default first.
+    pub(crate) files: Vec<(PathBuf, PathBuf)>,
+    /// What they hold: none without a certificate (plain HTTP).
+    pub(crate) certificates: Option<Arc<lb_proxy::tls::Certificates>>,
+    /// Their DNS names, per file, for the summary.
+    pub(crate) names: Vec<Vec<String>>,
+    /// `tls.upstream_ca`.
+    pub(crate) upstream_ca: Option<PathBuf>,
+    /// How `https://` backends are verified: none when there is none.
+    pub(crate) client: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// By the files named: what they hold is read afresh on every load anyway.
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files && self.upstream_ca == other.upstream_ca
+    }
+}
+
 /// Everything `lb` runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Settings {
@@ -161,6 +193,7 @@ pub(crate) struct Settings {
     pub(crate) drain: Duration,
     pub(crate) backends: Vec<(String, Weight)>,
     pub(crate) log_format: LogFormat,
+    pub(crate) tls: TlsSettings,
 }
 
 /// Reads the config file (if any), applies the flags over it, validates everything.
@@ -523,30 +556,8 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
     };
 
-    // TLS is specified for a later issue: refuse it clearly rather than serve plain HTTP.
-    if cli.tls_cert.is_some() || cli.tls_key.is_some() {
-        return cx.flag_err(
-            "--tls-cert",
-            "TLS termination is not supported by this version of lb yet",
-        );
-    }
-    if let Some(tls) = &f.tls {
-        for (key, v) in [
-            ("tls.cert", &tls.cert),
-            ("tls.key", &tls.key),
-            ("tls.upstream_ca", &tls.upstream_ca),
-        ] {
-            if let Some(v) = v {
-                return cx.err(
-                    key,
-                    Some(v.span()),
-                    "TLS is not supported by this version of lb yet",
-                );
-            }
-        }
-    }
-
     let backends = backends(cli, f, cx)?;
+    let tls = tls(cli, f, cx, &backends)?;
     Ok(Settings {
         file: cx.file.map(Path::to_path_buf),
         listen,
@@ -563,6 +574,110 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         drain,
         backends,
         log_format,
+        tls,
+    })
+}
+
+/// `[tls]` and `--tls-cert`/`--tls-key` (each flag replaces its key): the certificates read
+/// and checked now, so that a bad one is a config error naming its file, at start-up and on
+/// reload alike; and the verifier for `https://` backends, built when there is one.
+fn tls(
+    cli: &Cli,
+    f: &File,
+    cx: &Cx<'_>,
+    backends: &[(String, Weight)],
+) -> Result<TlsSettings, ConfigError> {
+    use lb_proxy::tls::{Certificate, Certificates};
+    let none = Tls::default();
+    let t = f.tls.as_ref().unwrap_or(&none);
+    // (key, flag-or-file key, span) of each file, as it will be named in errors.
+    let from = |flag: &Option<PathBuf>, key: &Option<S<String>>, name: &'static str| match (
+        flag, key,
+    ) {
+        (Some(p), _) => Some((p.clone(), format!("--{}", name.replace('.', "-")), None)),
+        (None, Some(v)) => Some((PathBuf::from(v.get_ref()), format!("tls.{}", name.trim_start_matches("tls.")), Some(v.span()))),
+        (None, None) => None,
+    };
+    let cert = from(&cli.tls_cert, &t.cert, "tls.cert");
+    let key = from(&cli.tls_key, &t.key, "tls.key");
+    let fail = |key: &str, span: Option<Range<usize>>, why: String| -> ConfigError {
+        let e: Result<(), _> = if key.starts_with("--") {
+            cx.flag_err(key, why)
+        } else {
+            cx.err(key, span, why)
+        };
+        e.err().unwrap_or_else(|| ConfigError {
+            file: None,
+            line: None,
+            key: key.to_owned(),
+            message: String::new(),
+        })
+    };
+    let mut pairs = Vec::new();
+    match (cert, key) {
+        (Some(c), Some(k)) => pairs.push((c, k)),
+        (Some((_, ck, span)), None) => {
+            let want = if ck.starts_with("--") { "--tls-key" } else { "tls.key" };
+            return Err(fail(&ck, span, format!("a certificate needs its private key: {want} is missing")));
+        }
+        (None, Some((_, kk, span))) => {
+            let want = if kk.starts_with("--") { "--tls-cert" } else { "tls.cert" };
+            return Err(fail(&kk, span, format!("a private key needs its certificate: {want} is missing")));
+        }
+        (None, None) => {}
+    }
+    for (i, c) in t.certificates.iter().enumerate() {
+        pairs.push((
+            (PathBuf::from(c.cert.get_ref()), format!("tls.certificates[{i}].cert"), Some(c.cert.span())),
+            (PathBuf::from(c.key.get_ref()), format!("tls.certificates[{i}].key"), Some(c.key.span())),
+        ));
+    }
+    let mut loaded = Vec::with_capacity(pairs.len());
+    for ((cert, ckey, cspan), (key, kkey, kspan)) in &pairs {
+        let c = Certificate::load(cert, key).map_err(|e| {
+            // Named by the key of the file at fault.
+            let on_key = match &e {
+                lb_proxy::tls::TlsError::Read { path, .. }
+                | lb_proxy::tls::TlsError::NoCertificate { path }
+                | lb_proxy::tls::TlsError::NoKey { path }
+                | lb_proxy::tls::TlsError::Invalid { path, .. } => path == key && path != cert,
+                lb_proxy::tls::TlsError::KeyMismatch { .. } => true,
+            };
+            if on_key {
+                fail(kkey, kspan.clone(), e.to_string())
+            } else {
+                fail(ckey, cspan.clone(), e.to_string())
+            }
+        })?;
+        loaded.push(c);
+    }
+    let names = loaded.iter().map(|c| c.names().to_vec()).collect();
+    let mut loaded = loaded.into_iter();
+    let certificates = loaded
+        .next()
+        .map(|default| Arc::new(Certificates::new(default, loaded)));
+    let upstream_ca = t.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
+    let https = backends
+        .iter()
+        .any(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| a.https));
+    let client = if https || upstream_ca.is_some() {
+        let c = lb_proxy::tls::client_config(upstream_ca.as_deref()).map_err(|e| {
+            let span = t.upstream_ca.as_ref().map(Spanned::span);
+            fail("tls.upstream_ca", span, e.to_string())
+        })?;
+        Some(Arc::new(c))
+    } else {
+        None
+    };
+    Ok(TlsSettings {
+        files: pairs
+            .into_iter()
+            .map(|((c, _, _), (k, _, _))| (c, k))
+            .collect(),
+        certificates,
+        names,
+        upstream_ca,
+        client,
     })
 }
 
@@ -694,9 +809,9 @@ fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, C
         for (i, b) in f.backend.iter().enumerate() {
             let key = format!("backend[{i}].url");
             let url = b.url.get_ref().trim().to_owned();
-            let authority = lb_proxy::parse_backend(&url)
+            let addr = lb_proxy::parse_backend(&url)
                 .or_else(|e| cx.err(&key, Some(b.url.span()), e.to_string()))?;
-            if !seen.insert(authority.as_str().to_ascii_lowercase()) {
+            if !seen.insert(addr.identity()) {
                 return cx.err(&key, Some(b.url.span()), format!("duplicate backend {url}"));
             }
             // lb-core's `Weight` owns the range.
@@ -711,9 +826,9 @@ fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, C
     } else {
         for url in from_flags {
             let url = url.trim().to_owned();
-            let authority = lb_proxy::parse_backend(&url)
+            let addr = lb_proxy::parse_backend(&url)
                 .or_else(|e| cx.flag_err("--backend", e.to_string()))?;
-            if !seen.insert(authority.as_str().to_ascii_lowercase()) {
+            if !seen.insert(addr.identity()) {
                 return cx.flag_err("--backend", format!("duplicate backend {url}"));
             }
             backends.push((url, Weight::ONE));

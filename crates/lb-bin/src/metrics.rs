@@ -77,6 +77,7 @@ pub(crate) struct Metrics {
     retries: Family<Reason, Counter>,
     retries_denied: Family<Reason, Counter>,
     health_checks: Family<BackendResult, Counter>,
+    tls_handshake_errors: Counter,
     recent: Mutex<VecDeque<Recent>>,
     /// Tells this instance's [`Handles`] from another's (tests build several).
     id: u64,
@@ -140,6 +141,12 @@ impl Metrics {
             "Active health probes, by backend and result",
             health_checks.clone(),
         );
+        let tls_handshake_errors = Counter::default();
+        registry.register(
+            "lb_tls_handshake_errors",
+            "Client TLS handshakes that failed or did not finish within header_read",
+            tls_handshake_errors.clone(),
+        );
         // Series known in advance start at 0, so dashboards see them before the first event.
         for reason in ["not_sent", "idempotent"] {
             let _ = retries.get_or_create(&Reason {
@@ -168,6 +175,7 @@ impl Metrics {
             retries,
             retries_denied,
             health_checks,
+            tls_handshake_errors,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
@@ -317,6 +325,10 @@ impl Observer for Metrics {
 
     fn refused(&self, status: u16) {
         self.count_response(status);
+    }
+
+    fn tls_handshake_failed(&self) {
+        self.tls_handshake_errors.inc();
     }
 
     fn completed(&self, c: &Completed<'_>) {

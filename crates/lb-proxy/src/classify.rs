@@ -18,6 +18,9 @@ pub(crate) enum SendError {
     ConnectRefused(io::Error),
     /// The connection did not establish within the connect timeout.
     ConnectTimeout,
+    /// The TLS handshake with an `https://` backend failed (its certificate not verified,
+    /// or no TLS at all): a failed connect, nothing was sent.
+    Tls(io::Error),
     /// The exchange failed after (part of) the request may have been written. `reused`: the
     /// connection came from the pool (so the failure may be a keep-alive race).
     Failed { error: hyper::Error, reused: bool },
@@ -28,6 +31,7 @@ impl std::fmt::Display for SendError {
         match self {
             Self::ConnectRefused(e) => write!(f, "connect failed: {e}"),
             Self::ConnectTimeout => f.write_str("connect timed out"),
+            Self::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Failed { error, reused } => write!(f, "{error} (pooled connection: {reused})"),
         }
     }
@@ -72,7 +76,7 @@ pub(crate) fn classify<L>(result: &AttemptResult<L>, client: Option<ClientFault>
         }
         Ok(Ok(_)) => Outcome::Reset,
         Err(TimedOut) => Outcome::TimedOut,
-        Ok(Err(SendError::ConnectRefused(_))) => Outcome::ConnectRefused,
+        Ok(Err(SendError::ConnectRefused(_) | SendError::Tls(_))) => Outcome::ConnectRefused,
         Ok(Err(SendError::ConnectTimeout)) => Outcome::ConnectTimeout,
         Ok(Err(SendError::Failed { .. })) => Outcome::Reset,
     };

@@ -61,11 +61,106 @@ use crate::validate::HeadCopy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A client's connection: the socket, or TLS over it.
+enum ClientStream {
+    Plain(TcpStream),
+    /// Boxed: rustls's state is kilobytes, and plain connections should not carry its size.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(t) => t.get_ref().0,
+        }
+    }
+
+    fn set_zero_linger(&self) -> io::Result<()> {
+        self.socket().set_zero_linger()
+    }
+
+    /// Writes what it can of `buf` without waiting (a best-effort answer before closing:
+    /// the 408, or a corrected 400). Over TLS, it is encrypted and flushed as far as the
+    /// socket takes it.
+    fn try_write(&mut self, buf: &[u8]) {
+        match self {
+            Self::Plain(s) => {
+                let _ = s.try_write(buf);
+            }
+            Self::Tls(t) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut t = Pin::new(&mut **t);
+                let _ = t.as_mut().poll_write(&mut cx, buf);
+                let _ = t.as_mut().poll_flush(&mut cx);
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(t) => Pin::new(&mut **t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(t) => Pin::new(&mut **t).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
+        }
+    }
+}
+
 /// The client socket, with the deadline of the connection's phase.
 struct ClientIo {
-    stream: TcpStream,
+    stream: ClientStream,
     /// HTTP/2: the client's budget of control frames (see [`ControlFrames`]); it reads the
-    /// frames on this socket, so a TLS layer would go outside it.
+    /// frames as the client sent them, decrypted when over TLS.
     control: Option<ControlFrames>,
     /// Bytes read while detecting the protocol, replayed first.
     prefix: Bytes,
@@ -175,7 +270,7 @@ impl ClientIo {
 
     /// Returns true if and only if `out` is hyper's automatic answer to a head it refused,
     /// and the right answer was sent instead (best effort, as the 408; see [`HeadCopy`]).
-    fn corrected(&self, out: &[u8]) -> bool {
+    fn corrected(&mut self, out: &[u8]) -> bool {
         if self.phase.load() & 0xff != HEAD {
             return false;
         }
@@ -186,7 +281,7 @@ impl ClientIo {
             return false;
         };
         self.refusal.store(400, Ordering::Relaxed);
-        let _ = self.stream.try_write(fix);
+        self.stream.try_write(fix);
         true
     }
 }
@@ -237,7 +332,7 @@ impl AsyncRead for ClientIo {
                 }
                 if this.armed & 0xff == HEAD {
                     // Best effort: the socket is writable unless the client stopped reading too.
-                    let _ = this.stream.try_write(respond::REQUEST_TIMEOUT);
+                    this.stream.try_write(respond::REQUEST_TIMEOUT);
                     tracing::debug!(target: "lb::conn", "request head not received in time: 408");
                 }
                 // End of stream: hyper closes the connection.
@@ -459,7 +554,7 @@ const FIRST_READ: usize = 4096;
 
 /// Reads until it can tell an HTTP/2 prior-knowledge preface from an HTTP/1 request; the
 /// bytes read are the connection's first.
-async fn sniff_h2(stream: &mut TcpStream) -> io::Result<(bool, Bytes)> {
+async fn sniff_h2<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(bool, Bytes)> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     loop {
         if stream.read_buf(&mut buf).await? == 0 {
@@ -607,7 +702,7 @@ async fn h2_expiry_after_goaway<F: Future>(
 /// which in-flight requests finish and the connection closes (graceful shutdown).
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
     slot: OwnedSemaphorePermit,
@@ -615,17 +710,58 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let config = shared.config;
     let started = Instant::now();
+    // A `header_read` too large for the clock is as good as none: a year.
+    let due = started
+        .checked_add(config.header_read_timeout)
+        .or_else(|| started.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(started);
+    let tls = shared.tls.config.load().server.clone();
+    let https = tls.is_some();
+    // The TLS handshake and the first bytes of the first request are due `header_read`
+    // after accept, together.
+    let mut stream = match tls {
+        None => ClientStream::Plain(stream),
+        Some(config) => {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+            let done = tokio::select! {
+                r = tokio::time::timeout_at(due, accept) => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match done {
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "lb::conn", %peer, error = %e, "TLS handshake failed");
+                    shared.observer.tls_handshake_failed();
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(target: "lb::conn", %peer, "TLS handshake not finished within header_read");
+                    shared.observer.tls_handshake_failed();
+                    return;
+                }
+            }
+        }
+    };
     let sniffed = tokio::select! {
-        r = tokio::time::timeout(config.header_read_timeout, sniff_h2(&mut stream)) => r,
+        r = tokio::time::timeout_at(due, sniff_h2(&mut stream)) => r,
         _ = shutdown.wait_for(|s| *s) => return,
     };
-    let (h2, prefix) = match sniffed {
+    let (sniffed_h2, prefix) = match sniffed {
         Ok(Ok(found)) => found,
         Ok(Err(_)) => return, // closed before a request: nothing to answer
         Err(_) => {
-            let _ = stream.try_write(respond::REQUEST_TIMEOUT);
+            stream.try_write(respond::REQUEST_TIMEOUT);
             return;
         }
+    };
+    // Over TLS, ALPN says which protocol it is; without ALPN, the first bytes do.
+    let h2 = match &stream {
+        ClientStream::Tls(t) => match t.get_ref().1.alpn_protocol() {
+            Some(b"h2") => true,
+            Some(_) => false,
+            None => sniffed_h2,
+        },
+        ClientStream::Plain(_) => sniffed_h2,
     };
     let idle = config.idle_timeout;
     let phase = Arc::new(if h2 {
@@ -652,8 +788,9 @@ pub(crate) async fn serve(
         write_waiting: false,
     };
     if !h2 {
-        // The first request's head is due `header_read` after accept, sniffing included.
-        io.deadline = started.checked_add(config.header_read_timeout);
+        // The first request's head is due `header_read` after accept, the TLS handshake and
+        // sniffing included.
+        io.deadline = Some(due);
     }
     let handle = {
         let shared = Arc::clone(&shared);
@@ -664,11 +801,11 @@ pub(crate) async fn serve(
             let (shared, phase, xff) = (Arc::clone(&shared), Arc::clone(&phase), xff.clone());
             // Boxed: hyper moves the service's future into place (twice, with the wrapper
             // below), and a request's future is kilobytes of state; a pointer moves for free.
-            Box::pin(crate::service::handle(shared, req, peer, xff, phase))
+            Box::pin(crate::service::handle(shared, req, peer, xff, https, phase))
         }
     };
     let io = TokioIo::new(io);
-    let first = started.checked_add(config.header_read_timeout);
+    let first = Some(due);
     if h2 {
         // Boxed: an HTTP/2 connection's state is the larger, and every HTTP/1 connection's
         // task would be as large as it (a task is allocated as big as its future's biggest

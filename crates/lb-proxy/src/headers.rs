@@ -120,12 +120,13 @@ pub(crate) fn backward(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Prepares the client's headers for every attempt: hop-by-hop fields removed, the client's
 /// `Host` kept (taken from the URI's authority for HTTP/2 clients), `X-Forwarded-For` with
-/// the client's address appended once, `X-Forwarded-Proto` and `X-Forwarded-Host` set to
-/// this hop's values.
+/// the client's address appended once, `X-Forwarded-Proto` (`https` for a client over TLS)
+/// and `X-Forwarded-Host` set to this hop's values.
 pub(crate) fn forward(
     headers: &mut HeaderMap,
     authority: Option<&str>,
     client: &HeaderValue,
+    https: bool,
     upgrade: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
@@ -153,7 +154,8 @@ pub(crate) fn forward(
             headers.insert(&X_FORWARDED_FOR, v);
         }
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
         Some(h) => headers.insert(&X_FORWARDED_HOST, h),
         None => headers.remove(&X_FORWARDED_HOST),
@@ -219,6 +221,7 @@ mod tests {
             None,
             &client_value("127.0.0.9".parse().unwrap()),
             false,
+            false,
         );
         assert_eq!(h["host"], "app.example");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
@@ -252,11 +255,12 @@ mod tests {
             &mut h,
             None,
             &client_value("127.0.0.9".parse().unwrap()),
+            true,
             false,
         );
         assert_eq!(h["host"], "app.example");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-proto"], "https", "a client over TLS");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert!(!h.contains_key("x-other"));
     }
@@ -283,6 +287,7 @@ mod tests {
             &mut h,
             Some("svc:8080"),
             &client_value("::1".parse().unwrap()),
+            false,
             true,
         );
         assert_eq!(h["upgrade"], "websocket");

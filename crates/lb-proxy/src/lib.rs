@@ -1,7 +1,7 @@
 //! # lb-proxy: the HTTP forwarder
 //!
 //! A hyper 1.x server (HTTP/1.1 with keep-alive and upgrades, and HTTP/2 cleartext with prior
-//! knowledge, on the same port) and a per-worker pool of upstream connections, driving
+//! knowledge, on the same port; or both over TLS, by ALPN) and a per-worker pool of upstream connections, driving
 //! [`lb_core::Balancer`] for every request: lb-core decides where each attempt goes and when
 //! to stop; this crate does the sockets, the headers, the bodies and the clock.
 //!
@@ -26,6 +26,8 @@
 //!   `Outcome` or a fault of the client's own. `respond`: the responses the proxy makes
 //!   itself. `driver`: lb-core's timer.
 //! * [`Routes`]: the balancer and each backend's address, swapped whole on reload.
+//! * [`tls`]: certificates by SNI for clients, verification of `https://` backends; the
+//!   handshakes themselves are `conn`'s and `upstream`'s. [`Proxy::set_tls`] swaps it.
 //! * [`Observer`]: hooks for metrics.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -48,6 +50,7 @@ mod phase;
 mod respond;
 mod routes;
 mod service;
+pub mod tls;
 mod upstream;
 mod validate;
 
@@ -62,7 +65,8 @@ use tokio::sync::{watch, Semaphore};
 pub use config::ProxyConfig;
 pub use error::{RouteError, ServeError};
 pub use observe::{Completed, NoObserver, Observer};
-pub use routes::{parse_backend, HashKey, Routes, Target};
+pub use routes::{parse_backend, BackendAddr, HashKey, Routes, Target};
+pub use tls::TlsConfig;
 
 use service::Shared;
 
@@ -110,11 +114,13 @@ impl Proxy {
     /// A proxy that reports what happens to `observer`.
     #[must_use]
     pub fn with_observer(config: ProxyConfig, routes: Routes, observer: Arc<dyn Observer>) -> Self {
+        let tls = Arc::<tls::Shared>::default();
         let shared = Shared {
             config,
             routes: Arc::new(ArcSwap::from_pointee(routes)),
             swap: Arc::default(),
-            upstream: Arc::new(upstream::Upstream::new(&config)),
+            upstream: Arc::new(upstream::Upstream::new(&config, Arc::clone(&tls))),
+            tls,
             observer,
             drive: true,
         };
@@ -142,7 +148,8 @@ impl Proxy {
             config: s.config,
             routes: Arc::clone(&s.routes),
             swap: Arc::clone(&s.swap),
-            upstream: Arc::new(upstream::Upstream::new(&s.config)),
+            upstream: Arc::new(upstream::Upstream::new(&s.config, Arc::clone(&s.tls))),
+            tls: Arc::clone(&s.tls),
             observer: Arc::clone(&s.observer),
             drive: false,
         };
@@ -179,6 +186,14 @@ impl Proxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.set_routes(build()?);
         Ok(())
+    }
+
+    /// Sets TLS for every worker (a reload): connections accepted from now on are served
+    /// with `tls.server` (TLS on every listener; none: plain HTTP), and new connections to
+    /// `https://` backends verified with `tls.client`. Established connections keep what
+    /// they were set up with.
+    pub fn set_tls(&self, tls: TlsConfig) {
+        self.shared.tls.config.store(Arc::new(tls));
     }
 
     /// The routes in force.

@@ -52,6 +52,10 @@ pub trait Observer: Send + Sync + 'static {
     fn refused(&self, status: u16) {
         let _ = status;
     }
+
+    /// A client's TLS handshake failed or did not finish within `header_read`
+    /// (`lb_tls_handshake_errors_total`).
+    fn tls_handshake_failed(&self) {}
 }
 
 /// Observes nothing.

@@ -109,7 +109,8 @@ impl Routes {
     /// its address. The balancer keeps the state of backends it already had.
     ///
     /// # Errors
-    /// A URL that is not `http://host:port` (or `host:port`), or a duplicate.
+    /// A URL that is not `http://host:port`, `https://host:port` (or `host:port`), or a
+    /// duplicate.
     pub fn new(
         balancer: Arc<Balancer>,
         backends: &[(String, Weight)],
@@ -131,11 +132,12 @@ impl Routes {
         let targets = ids
             .into_iter()
             .zip(parsed)
-            .map(|(id, (authority, url, _))| {
+            .map(|(id, (addr, url, _))| {
+                let BackendAddr { authority, https } = addr;
                 (
                     id,
                     Target {
-                        key: PoolKey::new(&authority),
+                        key: PoolKey::new(&authority, https),
                         authority,
                         url: url.into(),
                     },
@@ -207,8 +209,27 @@ impl fmt::Display for TraceView<'_> {
     }
 }
 
-/// `http://host:port[/]` or `host:port` → the authority to connect to.
-pub fn parse_backend(url: &str) -> Result<Authority, RouteError> {
+/// Where a backend URL leads: the authority to connect to, and whether over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    /// `host:port`.
+    pub authority: Authority,
+    /// An `https://` URL: connect over TLS, verify the certificate for the host.
+    pub https: bool,
+}
+
+impl BackendAddr {
+    /// What makes two backends the same (SPEC: the same scheme, host and port as written).
+    #[must_use]
+    pub fn identity(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority.as_str().to_ascii_lowercase())
+    }
+}
+
+/// `http://host:port[/]`, `https://host:port[/]` or `host:port` (plain HTTP) → where to
+/// connect.
+pub fn parse_backend(url: &str) -> Result<BackendAddr, RouteError> {
     let bad = |why: &'static str| RouteError::BadUrl {
         url: url.to_owned(),
         why,
@@ -219,11 +240,11 @@ pub fn parse_backend(url: &str) -> Result<Authority, RouteError> {
         format!("http://{url}").parse()
     }
     .map_err(|_| bad("not a URL"))?;
-    match uri.scheme() {
-        Some(s) if *s == Scheme::HTTP => {}
-        Some(s) if *s == Scheme::HTTPS => return Err(bad("https backends are not supported yet")),
-        _ => return Err(bad("scheme must be http")),
-    }
+    let https = match uri.scheme() {
+        Some(s) if *s == Scheme::HTTP => false,
+        Some(s) if *s == Scheme::HTTPS => true,
+        _ => return Err(bad("scheme must be http or https")),
+    };
     if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
         return Err(bad("a backend URL has no path or query"));
     }
@@ -237,7 +258,10 @@ pub fn parse_backend(url: &str) -> Result<Authority, RouteError> {
     if authority.port_u16().is_none() {
         return Err(bad("a port is required (http://host:port)"));
     }
-    Ok(authority)
+    if https && crate::tls::server_name(authority.host()).is_none() {
+        return Err(bad("the host is not a name a certificate can be verified for"));
+    }
+    Ok(BackendAddr { authority, https })
 }
 
 #[cfg(test)]
@@ -247,19 +271,19 @@ mod tests {
     #[test]
     fn backend_urls() {
         assert_eq!(
-            parse_backend("http://127.0.0.1:3031").unwrap().as_str(),
+            parse_backend("http://127.0.0.1:3031").unwrap().authority.as_str(),
             "127.0.0.1:3031"
         );
         assert_eq!(
-            parse_backend("http://localhost:80/").unwrap().as_str(),
+            parse_backend("http://localhost:80/").unwrap().authority.as_str(),
             "localhost:80"
         );
         assert_eq!(
-            parse_backend("10.0.0.1:8080").unwrap().as_str(),
+            parse_backend("10.0.0.1:8080").unwrap().authority.as_str(),
             "10.0.0.1:8080"
         );
         assert_eq!(
-            parse_backend("http://[::1]:9000").unwrap().as_str(),
+            parse_backend("http://[::1]:9000").unwrap().authority.as_str(),
             "[::1]:9000"
         );
         for bad in [
@@ -268,11 +292,19 @@ mod tests {
             "http://a:1/x",
             "http://:80",
             "not a url",
-            "https://a:1",
+            "https://a",
             "http://u@a:1",
         ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
+        let tls = parse_backend("https://Api.Example:8443").unwrap();
+        assert!(tls.https);
+        assert_eq!(tls.identity(), "https://api.example:8443");
+        assert_ne!(
+            parse_backend("http://a:1").unwrap().identity(),
+            parse_backend("https://a:1").unwrap().identity(),
+            "the scheme is part of a backend's identity"
+        );
     }
 
     #[test]

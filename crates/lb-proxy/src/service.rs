@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     /// with its new backend set ([`crate::Proxy::replace_routes`]); shared like `routes`.
     pub(crate) swap: Arc<std::sync::Mutex<()>>,
     pub(crate) upstream: Arc<Upstream>,
+    /// TLS in force, shared by every worker like `routes`.
+    pub(crate) tls: Arc<crate::tls::Shared>,
     pub(crate) observer: Arc<dyn Observer>,
     /// Whether this one runs lb-core's timer (one per balancer is enough).
     pub(crate) drive: bool,
@@ -102,6 +104,7 @@ pub(crate) async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     xff: http::HeaderValue,
+    https: bool,
     phase: Arc<Phase>,
 ) -> Response<ResponseBody> {
     let mut routes = shared.routes.load_full();
@@ -131,7 +134,7 @@ pub(crate) async fn handle(
     let mut hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
+    headers::forward(&mut parts.headers, authority.as_deref(), &xff, https, upgrade);
     headers::frame_unknown_length(&mut parts.headers, http_body::Body::is_end_stream(&body));
     let content_length = parts
         .headers

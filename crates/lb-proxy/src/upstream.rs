@@ -161,20 +161,31 @@ impl tokio::io::AsyncWrite for Watched {
 pub(crate) struct PoolKey {
     hash: u64,
     authority: Authority,
+    /// An `https://` backend: the name its certificate is verified for (and SNI).
+    tls: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 impl PoolKey {
-    pub(crate) fn new(authority: &Authority) -> Self {
+    pub(crate) fn new(authority: &Authority, https: bool) -> Self {
+        let scheme: &[u8] = if https { b"https://" } else { b"http://" };
+        let mut id = scheme.to_vec();
+        id.extend_from_slice(authority.as_str().to_ascii_lowercase().as_bytes());
         Self {
-            hash: lb_core::stable_hash(authority.as_str().to_ascii_lowercase().as_bytes()),
+            hash: lb_core::stable_hash(&id),
             authority: authority.clone(),
+            // `parse_backend` refused an https host that is not a server name.
+            tls: https
+                .then(|| crate::tls::server_name(authority.host()))
+                .flatten(),
         }
     }
 }
 
 impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.authority == other.authority
+        self.hash == other.hash
+            && self.authority == other.authority
+            && self.tls.is_some() == other.tls.is_some()
     }
 }
 
@@ -225,6 +236,8 @@ impl Pool {
 /// One worker's connections to every backend.
 #[derive(Debug)]
 pub(crate) struct Upstream {
+    /// How `https://` backends are verified (shared by every worker, swapped on reload).
+    tls: Arc<crate::tls::Shared>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -316,8 +329,9 @@ impl Lease {
 }
 
 impl Upstream {
-    pub(crate) fn new(config: &ProxyConfig) -> Self {
+    pub(crate) fn new(config: &ProxyConfig, tls: Arc<crate::tls::Shared>) -> Self {
         Self {
+            tls,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.upstream_idle_timeout,
             max_idle: config.upstream_max_idle,
@@ -386,10 +400,14 @@ impl Upstream {
         self.pool().idle.values().map(Vec::len).sum()
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Conn, SendError> {
-        let stream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(authority.as_str()),
+    /// A new connection to `key`'s backend: TCP, then TLS for an `https://` one (verified
+    /// as [`crate::tls::client_config`] says), both within the connect timeout. A TLS failure
+    /// is a failed connect: nothing was sent.
+    async fn connect(&self, key: &PoolKey) -> Result<Conn, SendError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let stream = match tokio::time::timeout_at(
+            deadline,
+            TcpStream::connect(key.authority.as_str()),
         )
         .await
         {
@@ -408,6 +426,34 @@ impl Upstream {
             io: stream,
             wire: Arc::clone(&wire),
         };
+        let Some(name) = &key.tls else {
+            return Self::handshake(io, wire).await;
+        };
+        let Some(client) = self.tls.config.load().client.clone() else {
+            // Routes with an https backend come with a client config (lb-bin builds one);
+            // an embedder that gave none gets a clear failure rather than plain HTTP.
+            let e = std::io::Error::other("no TLS client configuration for https backends");
+            self.tls.failed(key.authority.as_str(), &e);
+            return Err(SendError::Tls(e));
+        };
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.tls.failed(key.authority.as_str(), &e);
+                return Err(SendError::Tls(e));
+            }
+            Err(_) => return Err(SendError::ConnectTimeout),
+        };
+        self.tls.succeeded(key.authority.as_str());
+        Self::handshake(tls, wire).await
+    }
+
+    /// hyper's HTTP/1.1 client over `io`, driven by a task of its own.
+    async fn handshake<I>(io: I, wire: Arc<Wire>) -> Result<Conn, SendError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -489,7 +535,7 @@ impl Upstream {
         // Boxed: connecting is the rare case, and its future (the TCP connect and hyper's
         // handshake) would otherwise make every request's future larger, and every move of it
         // (hyper moves the service's future into place) a longer copy.
-        let mut conn = Box::pin(self.connect(&key.authority)).await?;
+        let mut conn = Box::pin(self.connect(key)).await?;
         watch(&conn);
         match conn.request(req).await {
             Ok(resp) => Ok((resp, lease(conn))),
@@ -544,8 +590,8 @@ mod tests {
             upstream_idle_timeout: Duration::from_secs(1),
             ..ProxyConfig::default()
         };
-        let up = Arc::new(Upstream::new(&config));
-        let key = PoolKey::new(&authority);
+        let up = Arc::new(Upstream::new(&config, Arc::default()));
+        let key = PoolKey::new(&authority, false);
         for _ in 0..5 {
             let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -569,8 +615,8 @@ mod tests {
     async fn connections_to_a_removed_backend_are_dropped() {
         use http_body_util::BodyExt;
         let (authority, task) = backend().await;
-        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
-        let key = PoolKey::new(&authority);
+        let up = Arc::new(Upstream::new(&ProxyConfig::default(), Arc::default()));
+        let key = PoolKey::new(&authority, false);
         let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
         let _ = resp.into_body().collect().await.unwrap();
         lease.release();
@@ -597,8 +643,8 @@ mod tests {
             // The proxy closing the connection ends this read.
             tokio::time::timeout(Duration::from_secs(15), c.read(&mut buf)).await
         });
-        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
-        let key = PoolKey::new(&authority);
+        let up = Arc::new(Upstream::new(&ProxyConfig::default(), Arc::default()));
+        let key = PoolKey::new(&authority, false);
         let (resp, lease) = up.send(&key, get(), None, || None).await.unwrap();
         up.retain([]); // the reload, while the response is still on its way
         let _ = resp.into_body().collect().await.unwrap();
@@ -646,8 +692,8 @@ mod tests {
                 }
             }
         });
-        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
-        let key = PoolKey::new(&authority);
+        let up = Arc::new(Upstream::new(&ProxyConfig::default(), Arc::default()));
+        let key = PoolKey::new(&authority, false);
         let mut put = Request::new(RequestBody::Full(Some(bytes::Bytes::from(vec![b'a'; LEN]))));
         *put.method_mut() = http::Method::PUT;
         put.headers_mut()
@@ -680,9 +726,9 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string().parse().unwrap()
         };
-        let up = Arc::new(Upstream::new(&ProxyConfig::default()));
+        let up = Arc::new(Upstream::new(&ProxyConfig::default(), Arc::default()));
         assert!(matches!(
-            up.send(&PoolKey::new(&closed), get(), None, || None).await,
+            up.send(&PoolKey::new(&closed, false), get(), None, || None).await,
             Err(SendError::ConnectRefused(_))
         ));
     }

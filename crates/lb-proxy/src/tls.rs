@@ -1,0 +1,397 @@
+//! TLS, both ways: the certificates served to clients (chosen by SNI), and the verified
+//! client side for `https://` backends. The sockets' side of it is in `conn` (the
+//! handshake with a client) and `upstream` (the handshake with a backend).
+//!
+//! # One crypto provider: ring
+//! rustls's `ring` provider builds with a C compiler alone (no cmake, no NASM) in seconds on
+//! a 2-core machine, runs wherever Rust does, and its AES-GCM, ChaCha20-Poly1305, X25519 and
+//! P-256 are assembly. (aws-lc-rs, the other choice, adds post-quantum key exchange and
+//! faster RSA signing at the price of a much longer C build.)
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// ALPN protocols offered to clients, in the server's order of preference.
+const ALPN_SERVER: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Why a TLS file or setting was refused. Every variant names the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate file with no PEM certificate in it.
+    #[error("{}: no PEM certificate in the file", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A key file with no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) in it.
+    #[error("{}: no PEM private key (PKCS#8, RSA or EC) in the file", path.display())]
+    NoKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A certificate or key rustls cannot use.
+    #[error("{}: {why}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The key is not the certificate's.
+    #[error("{}: the private key does not match the certificate {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The PEM certificates in `path`, in order.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        certs.push(cert.map_err(|e| TlsError::Invalid {
+            path: path.to_owned(),
+            why: format!("bad PEM: {e}"),
+        })?);
+    }
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// One certificate chain with its key, and the DNS names it is for.
+#[derive(Clone)]
+pub struct Certificate {
+    key: Arc<CertifiedKey>,
+    /// Lowercased `subjectAltName` DNS names, wildcards (`*.example.com`) as written.
+    names: Vec<String>,
+}
+
+impl fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certificate")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Certificate {
+    /// Reads a PEM chain (leaf first) from `cert` and its PEM private key (PKCS#8, PKCS#1
+    /// RSA or SEC1 EC) from `key`, and checks that they belong together.
+    ///
+    /// # Errors
+    /// A file that cannot be read, holds no certificate or no key, or a key that is not the
+    /// certificate's: the error names the file.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let chain = certificates(cert)?;
+        let key_pem = read(key)?;
+        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+                path: key.to_owned(),
+            },
+            e => TlsError::Invalid {
+                path: key.to_owned(),
+                why: format!("bad PEM private key: {e}"),
+            },
+        })?;
+        let names = dns_names(&chain[0]).map_err(|why| TlsError::Invalid {
+            path: cert.to_owned(),
+            why,
+        })?;
+        let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+            e => TlsError::Invalid {
+                path: key.to_owned(),
+                why: e.to_string(),
+            },
+        })?;
+        Ok(Self {
+            key: Arc::new(certified),
+            names,
+        })
+    }
+
+    /// The DNS names (`subjectAltName`) it is chosen for, lowercased.
+    #[must_use]
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+/// The certificate's `subjectAltName` DNS names, lowercased. (Its common name is not one:
+/// clients have stopped reading it, and so does SNI matching.)
+fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(n) = name {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The certificates served to clients: by SNI against each one's DNS names (an exact name
+/// before a wildcard; `*.example.com` covers one label, as RFC 6125 says), else the default.
+#[derive(Debug)]
+pub struct Certificates {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the part after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl Certificates {
+    /// `default` for clients without SNI or with a name no certificate has; every one of
+    /// `default` and `more` for its names. Where two have the same name, the first wins.
+    #[must_use]
+    pub fn new(default: Certificate, more: impl IntoIterator<Item = Certificate>) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        let all: Vec<Certificate> = std::iter::once(default.clone()).chain(more).collect();
+        for cert in &all {
+            for name in &cert.names {
+                let map = match name.strip_prefix("*.") {
+                    Some(rest) => (&mut wildcard, rest.to_owned()),
+                    None => (&mut exact, name.clone()),
+                };
+                map.0.entry(map.1).or_insert_with(|| Arc::clone(&cert.key));
+            }
+        }
+        Self {
+            default: default.key,
+            exact,
+            wildcard,
+        }
+    }
+
+    /// The certificate for a client that asked for `sni`.
+    fn pick(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = sni else {
+            return &self.default;
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return key;
+        }
+        name.split_once('.')
+            .and_then(|(label, parent)| (!label.is_empty()).then_some(parent))
+            .and_then(|parent| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(self.pick(hello.server_name())))
+    }
+}
+
+/// A new session-ticket key set (tickets are encrypted with keys that rotate every 6 h).
+/// Keep one for the process and give it to every [`server_config`]: tickets issued before a
+/// certificate reload still resume after it.
+///
+/// # Errors
+/// If the system's random number generator fails.
+pub fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
+    rustls::crypto::ring::Ticketer::new()
+}
+
+/// What lb serves clients: TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`, `certificates` by
+/// SNI, session resumption by tickets (`ticketer`) and by a session cache.
+///
+/// # Errors
+/// rustls refusing the protocol versions (not with its own provider).
+pub fn server_config(
+    certificates: Certificates,
+    ticketer: Arc<dyn ProducesTickets>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certificates));
+    config.alpn_protocols = ALPN_SERVER.iter().map(|p| p.to_vec()).collect();
+    config.ticketer = ticketer;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Ok(config)
+}
+
+/// How lb verifies `https://` backends: the platform's roots (read by rustls-native-certs
+/// from the system's store, which the OS keeps up to date) plus the CA certificates in
+/// `extra` (`tls.upstream_ca`); TLS 1.3 and 1.2; ALPN `http/1.1` (lb speaks HTTP/1.1 to
+/// backends); session resumption on.
+///
+/// # Errors
+/// `extra` cannot be read, holds no certificate, or one rustls cannot use as a root.
+pub fn client_config(extra: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(target: "lb::tls", error = %e, "a system root certificate could not be read");
+    }
+    let (_, unusable) = roots.add_parsable_certificates(native.certs);
+    if unusable > 0 {
+        tracing::debug!(target: "lb::tls", unusable, "system root certificates rustls cannot use");
+    }
+    if let Some(path) = extra {
+        for cert in certificates(path)? {
+            roots.add(cert).map_err(|e| TlsError::Invalid {
+                path: path.to_owned(),
+                why: format!("not a CA certificate rustls can use: {e}"),
+            })?;
+        }
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Invalid {
+            path: extra.map(Path::to_owned).unwrap_or_default(),
+            why: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// TLS in force: what clients are served (none: plain HTTP) and how backends are verified
+/// (none: lb has no `https://` backend). Given whole to [`crate::Proxy::set_tls`].
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// Terminate TLS on every listener with this.
+    pub server: Option<Arc<ServerConfig>>,
+    /// Connect to `https://` backends with this.
+    pub client: Option<Arc<ClientConfig>>,
+}
+
+/// The TLS state every worker shares: the config in force, and which backends failed their
+/// TLS handshake (logged once per backend until one succeeds again).
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) config: arc_swap::ArcSwap<TlsConfig>,
+    failing: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Shared {
+    fn failing(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A TLS handshake with `backend` failed: logged the first time in a row.
+    pub(crate) fn failed(&self, backend: &str, error: &std::io::Error) {
+        if self.failing().insert(backend.to_owned()) {
+            tracing::warn!(target: "lb::upstream", backend, %error, "TLS handshake with backend failed (logged once until it succeeds): treated as a failed connect");
+        }
+    }
+
+    /// A TLS handshake with `backend` succeeded.
+    pub(crate) fn succeeded(&self, backend: &str) {
+        let mut failing = self.failing();
+        if !failing.is_empty() && failing.remove(backend) {
+            tracing::info!(target: "lb::upstream", backend, "TLS handshake with backend succeeds again");
+        }
+    }
+}
+
+/// The name a backend's certificate is verified against and sent as SNI: the URL's host
+/// (an IP address is verified against the certificate's IP addresses, and sent no SNI).
+pub(crate) fn server_name(host: &str) -> Option<ServerName<'static>> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(names: &[&str]) -> Certificate {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        let c = params.self_signed(&key).unwrap();
+        let certified = CertifiedKey::from_der(
+            vec![c.der().clone()],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            &provider(),
+        )
+        .unwrap();
+        Certificate {
+            key: Arc::new(certified),
+            names: dns_names(c.der()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn sni_picks_exact_then_one_label_wildcard_then_the_default() {
+        let default = cert(&["default.test"]);
+        let exact = cert(&["a.example.com"]);
+        let wild = cert(&["*.example.com"]);
+        let certs = Certificates::new(default.clone(), [wild.clone(), exact.clone()]);
+        let is = |got: &Arc<CertifiedKey>, want: &Certificate| Arc::ptr_eq(got, &want.key);
+        assert!(is(certs.pick(None), &default));
+        assert!(is(certs.pick(Some("a.example.com")), &exact), "exact before wildcard");
+        assert!(is(certs.pick(Some("A.Example.COM")), &exact), "case-insensitive");
+        assert!(is(certs.pick(Some("b.example.com")), &wild));
+        assert!(is(certs.pick(Some("B.EXAMPLE.com")), &wild));
+        assert!(is(certs.pick(Some("example.com")), &default), "a wildcard needs a label");
+        assert!(is(certs.pick(Some("x.b.example.com")), &default), "one label only");
+        assert!(is(certs.pick(Some("default.test")), &default));
+        assert!(is(certs.pick(Some("unknown.test")), &default));
+    }
+
+    #[test]
+    fn names_come_from_subject_alt_names_lowercased() {
+        let c = cert(&["Www.Example.org", "*.Example.net"]);
+        assert_eq!(c.names(), ["www.example.org", "*.example.net"]);
+    }
+
+    #[test]
+    fn backend_server_names() {
+        assert!(matches!(server_name("example.com"), Some(ServerName::DnsName(_))));
+        assert!(matches!(server_name("127.0.0.1"), Some(ServerName::IpAddress(_))));
+        assert!(matches!(server_name("[::1]"), Some(ServerName::IpAddress(_))));
+    }
+}
