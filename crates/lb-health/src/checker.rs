@@ -74,13 +74,14 @@ pub fn log_event(event: &Event) {
 }
 
 /// The `result` labels of `lb_health_checks_total`, in the order of [`ProbeCounts::get`].
-pub const RESULT_LABELS: [&str; 7] = [
+pub const RESULT_LABELS: [&str; 8] = [
     "success",
     "refused",
     "timeout",
     "reset",
     "bad_status",
     "bad_response",
+    "tls",
     "error",
 ];
 

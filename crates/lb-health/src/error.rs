@@ -23,15 +23,27 @@ pub enum ProbeError {
     /// The answer was not a valid response for the protocol.
     #[error("bad response: {0}")]
     BadResponse(&'static str),
+    /// A TLS target's handshake or session failed: its certificate did not verify (unknown
+    /// issuer, wrong name, expired), or the peer does not speak TLS. Holds rustls's reason
+    /// (`invalid peer certificate: UnknownIssuer`).
+    #[error("tls: {0}")]
+    Tls(String),
     /// Any other I/O failure (no route, too many open files, ...).
     #[error("probe failed")]
     Io(#[source] io::Error),
 }
 
 impl ProbeError {
-    /// Classifies an I/O error from connecting, writing or reading.
+    /// Classifies an I/O error from connecting, handshaking, writing or reading: one that
+    /// carries a [`rustls::Error`] (as tokio-rustls reports them) is [`ProbeError::Tls`].
     #[must_use]
     pub fn from_io(e: io::Error) -> Self {
+        if let Some(tls) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Self::Tls(tls.to_string());
+        }
         match e.kind() {
             io::ErrorKind::ConnectionRefused => Self::Refused,
             io::ErrorKind::ConnectionReset
@@ -51,11 +63,13 @@ impl ProbeError {
             Self::Reset => ProbeFailure::Reset,
             Self::BadStatus(s) => ProbeFailure::BadStatus(*s),
             Self::BadResponse(_) => ProbeFailure::BadResponse,
-            Self::Io(_) => ProbeFailure::Other,
+            // lb-core has no TLS failure of its own; like any other error it counts as one.
+            Self::Tls(_) | Self::Io(_) => ProbeFailure::Other,
         }
     }
 
-    /// The `result` label of `lb_health_checks_total` for this failure.
+    /// The `result` label of `lb_health_checks_total` for this failure: one of
+    /// [`RESULT_LABELS`](crate::RESULT_LABELS) other than `success`.
     #[must_use]
     pub const fn label(&self) -> &'static str {
         match self {
@@ -64,6 +78,7 @@ impl ProbeError {
             Self::Reset => "reset",
             Self::BadStatus(_) => "bad_status",
             Self::BadResponse(_) => "bad_response",
+            Self::Tls(_) => "tls",
             Self::Io(_) => "error",
         }
     }
@@ -85,5 +100,15 @@ mod tests {
         let other = ProbeError::from_io(io::Error::other("EMFILE"));
         assert_eq!(other.label(), "error");
         assert_eq!(ProbeError::BadStatus(503).to_string(), "status 503");
+        // As tokio-rustls reports a handshake that failed verification.
+        let cert = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let tls = ProbeError::from_io(io::Error::new(io::ErrorKind::InvalidData, cert));
+        assert!(matches!(tls, ProbeError::Tls(_)), "{tls:?}");
+        assert_eq!(
+            tls.to_string(),
+            "tls: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(tls.label(), "tls");
+        assert_eq!(tls.failure(), ProbeFailure::Other);
     }
 }

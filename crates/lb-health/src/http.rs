@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::ProbeError;
 use crate::prober::{Prober, Target};
-use crate::tcp::{abort, connect};
+use crate::tcp::connect;
 
 /// Healthy if and only if `GET path` answers with a status in the healthy range (2xx and
 /// 3xx by default) within the timeout.
@@ -15,6 +15,9 @@ use crate::tcp::{abort, connect};
 /// Speaks HTTP/1.1 with `Connection: close` and reads only the response head, at most
 /// `max_head_bytes` (8 KiB by default): a backend that streams an endless body, or answers
 /// with garbage, cannot make a probe read more than that.
+///
+/// For a target with [`Target::tls`] the `GET` goes inside a verified TLS session: a
+/// certificate that does not verify fails the probe before any request is sent.
 ///
 /// ```
 /// let prober = lb_health::HttpProber::new("/healthz").with_healthy(200..=204);
@@ -55,8 +58,10 @@ impl HttpProber {
         &self.path
     }
 
-    async fn exchange(&self, target: &Target, timeout: Duration) -> Result<u16, ProbeError> {
-        let mut stream = connect(target, timeout).await?;
+    /// Connects (and handshakes, for a TLS target), sends the `GET` and reads the status.
+    /// The stream is dropped on return, which closes it with an RST.
+    async fn exchange(&self, target: &Target) -> Result<u16, ProbeError> {
+        let mut stream = connect(target).await?;
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n",
             self.path, target.authority
@@ -65,9 +70,11 @@ impl HttpProber {
             .write_all(request.as_bytes())
             .await
             .map_err(ProbeError::from_io)?;
+        // Over TLS the request may still sit in the session's buffer.
+        stream.flush().await.map_err(ProbeError::from_io)?;
         let mut buf = vec![0u8; self.max_head_bytes];
         let mut len = 0;
-        let status = loop {
+        loop {
             if len == buf.len() {
                 break Err(ProbeError::BadResponse("response head too large"));
             }
@@ -96,15 +103,14 @@ impl HttpProber {
                 }
                 Err(_) => break Err(ProbeError::BadResponse("not an HTTP/1.x response")),
             }
-        };
-        abort(&stream);
-        status
+        }
     }
 }
 
 impl Prober for HttpProber {
     async fn probe(&self, target: &Target, timeout: Duration) -> Result<(), ProbeError> {
-        let status = match tokio::time::timeout(timeout, self.exchange(target, timeout)).await {
+        // One bound on connect, handshake and exchange together.
+        let status = match tokio::time::timeout(timeout, self.exchange(target)).await {
             Ok(result) => result?,
             Err(_) => return Err(ProbeError::Timeout(timeout)),
         };

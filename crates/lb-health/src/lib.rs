@@ -7,6 +7,12 @@
 //! # Layout
 //! * [`Prober`]: check one [`Target`] once, within a timeout; [`TcpProber`] (connect, then
 //!   close at once) and [`HttpProber`] (`GET path`, 2xx/3xx healthy, bounded read).
+//! * TLS: a target with a [`TlsTarget`] (an `https://` backend) is probed over TLS. Both
+//!   probers complete a handshake that verifies the certificate against the connector's
+//!   roots, with the URL's host name as SNI and as the name checked, before they count the
+//!   backend healthy; the HTTP probe sends its `GET` inside the session. A certificate that
+//!   does not verify, or a peer that does not speak TLS, is [`ProbeError::Tls`]. The timeout
+//!   covers connect, handshake and exchange together.
 //! * [`Checker`]: probes all targets concurrently and independently, each with its own
 //!   jittered interval; reloads start and stop only what changed; shutdown is immediate.
 //! * [`ProbeSink`]: where results go. [`lb_core::Balancer`] is one: results feed
@@ -44,5 +50,5 @@ mod tcp;
 pub use checker::{log_event, Checker, CheckerConfig, ProbeCounts, ProbeSink, RESULT_LABELS};
 pub use error::ProbeError;
 pub use http::HttpProber;
-pub use prober::{Prober, Target};
+pub use prober::{Prober, Target, TlsTarget};
 pub use tcp::TcpProber;

@@ -8,17 +8,22 @@ use std::time::{Duration, Instant};
 use lb_core::select::{AnySelect, StrategyKind};
 use lb_core::{Backend, BackendId, Balancer, Config, HealthConfig, Weight};
 use lb_health::{
-    Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
+    Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber, TlsTarget,
 };
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How a test backend behaves.
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     Status(u16),
     Garbage,
+    /// A plain-HTTP server that answers `400` at once, before reading anything.
+    Eager,
     BlackHole,
     EndlessHead,
 }
@@ -57,6 +62,13 @@ fn backend_on(listener: TcpListener, mode: Mode) -> TestBackend {
             }
             let h = Arc::clone(&h);
             tokio::spawn(async move {
+                if let Mode::Eager = mode {
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    let _ = sock.read(&mut [0u8; 4096]).await;
+                    return;
+                }
                 let mut buf = vec![0u8; 4096];
                 let mut len = 0;
                 while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -86,7 +98,7 @@ fn backend_on(listener: TcpListener, mode: Mode) -> TestBackend {
                         }
                         }
                     }
-                    Mode::BlackHole => Ok(()),
+                    Mode::Eager | Mode::BlackHole => Ok(()),
                 };
             });
         }
@@ -395,4 +407,276 @@ async fn black_holes_do_not_delay_healthy_probes() {
         "every healthy backend probed 10 times in {:?} (interval 50 ms)",
         started.elapsed()
     );
+}
+
+// === TLS ===
+
+/// A private CA: its certificate, and the issuer that signs server certificates.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    /// A server certificate for `localhost` signed by this CA, with its key.
+    fn server_cert(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (cert.der().clone(), key)
+    }
+
+    /// A client connector trusting only this CA.
+    fn connector(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `(SNI, request head)` of every request a TLS backend received.
+type Requests = Arc<Mutex<Vec<(Option<String>, String)>>>;
+
+/// An HTTPS backend on 127.0.0.1 answering `200` to every request head; records each
+/// request's head with the SNI the server saw.
+struct TlsBackend {
+    addr: SocketAddr,
+    requests: Requests,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tls_backend(ca: &Ca) -> TlsBackend {
+    let (cert, key) = ca.server_cert();
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Requests::default();
+    let r = Arc::clone(&requests);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, r) = (acceptor.clone(), Arc::clone(&r));
+            tokio::spawn(async move {
+                // A probe that fails verification aborts the handshake; so may a TCP probe
+                // that got what it wanted.
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                    if len == buf.len() {
+                        return;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..len]).into_owned();
+                r.lock().unwrap().push((sni, head));
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                let _ = tls.flush().await;
+            });
+        }
+    });
+    TlsBackend {
+        addr,
+        requests,
+        task,
+    }
+}
+
+fn localhost() -> ServerName<'static> {
+    ServerName::try_from("localhost").unwrap()
+}
+
+/// Bounds a probe that must end by itself (by its own timeout at the latest), so a prober
+/// that hangs fails the test instead of the suite.
+async fn bounded<F: std::future::Future>(probe: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), probe)
+        .await
+        .expect("the probe ends by itself")
+}
+
+#[tokio::test]
+async fn tls_probes_trusting_the_ca_handshake_and_send_sni_and_host() {
+    let ca = Ca::new("test CA");
+    let up = tls_backend(&ca).await;
+    let authority = format!("localhost:{}", up.addr.port());
+    let target = Target::new(up.addr)
+        .with_authority(authority.as_str())
+        .with_tls(ca.connector(), localhost());
+
+    bounded(TcpProber.probe(&target, T)).await.unwrap();
+    bounded(HttpProber::new("/healthz").probe(&target, T))
+        .await
+        .unwrap();
+    let requests = up.requests.lock().unwrap().clone();
+    assert_eq!(
+        requests.len(),
+        1,
+        "only the HTTP probe sends a request: {requests:?}"
+    );
+    let (sni, head) = &requests[0];
+    assert_eq!(
+        sni.as_deref(),
+        Some("localhost"),
+        "SNI = the URL's host name"
+    );
+    assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("\r\nHost: {authority}\r\n")),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn tls_probes_fail_on_a_certificate_that_does_not_verify() {
+    let ca = Ca::new("test CA");
+    let other = Ca::new("another CA");
+    let up = tls_backend(&ca).await;
+
+    let untrusted = Target::new(up.addr).with_tls(other.connector(), localhost());
+    let err = bounded(TcpProber.probe(&untrusted, T)).await.unwrap_err();
+    assert!(
+        matches!(&err, ProbeError::Tls(m) if m.contains("UnknownIssuer")),
+        "{err:?}"
+    );
+    assert_eq!(err.label(), "tls");
+    let err = bounded(HttpProber::new("/").probe(&untrusted, T))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProbeError::Tls(m) if m.contains("UnknownIssuer")),
+        "{err:?}"
+    );
+
+    // Trusted CA, but the certificate is for another name than the one asked for.
+    let wrong_name =
+        Target::new(up.addr).with_tls(ca.connector(), ServerName::try_from("app.example").unwrap());
+    let err = bounded(HttpProber::new("/").probe(&wrong_name, T))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProbeError::Tls(m) if m.contains("not valid for name")),
+        "{err:?}"
+    );
+
+    assert!(
+        up.requests.lock().unwrap().is_empty(),
+        "no request is sent over an unverified session"
+    );
+}
+
+#[tokio::test]
+async fn tls_probes_of_a_plain_http_backend_fail_without_hanging() {
+    let ca = Ca::new("test CA");
+    // A plain server that answers at once: its bytes are no TLS record.
+    let eager = backend(Mode::Eager).await;
+    let target = Target::new(eager.addr).with_tls(ca.connector(), localhost());
+    let err = bounded(TcpProber.probe(&target, T)).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Tls(_)), "{err:?}");
+    let err = bounded(HttpProber::new("/").probe(&target, T))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Tls(_)), "{err:?}");
+
+    // A plain server that waits for a request head the ClientHello never completes: the
+    // probe's own timeout ends it.
+    let waiting = backend(Mode::Status(200)).await;
+    let target = Target::new(waiting.addr).with_tls(ca.connector(), localhost());
+    let err = bounded(TcpProber.probe(&target, SHORT)).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Timeout(_)), "{err:?}");
+    let err = bounded(HttpProber::new("/").probe(&target, SHORT))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Timeout(_)), "{err:?}");
+    assert!(waiting.heads.lock().unwrap().is_empty());
+
+    // The same backend without TLS: as before.
+    let plain = Target::new(waiting.addr);
+    assert!(plain.tls.is_none());
+    bounded(TcpProber.probe(&plain, T)).await.unwrap();
+    bounded(HttpProber::new("/").probe(&plain, T))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_restarts_a_tls_target_only_when_its_config_changes() {
+    let ca = Ca::new("test CA");
+    let up = tls_backend(&ca).await;
+    let (rec, ids) = recorder(&[up.addr]);
+    let config = CheckerConfig {
+        interval: Duration::from_millis(20),
+        timeout: T,
+        jitter_percent: 10,
+    };
+    let checker = Checker::new(HttpProber::new("/"), config, rec.clone());
+    let connector = ca.connector();
+    let target = Target::new(up.addr).with_tls(connector.clone(), localhost());
+    checker.set_targets([(ids[0], target)]);
+    let first = checker.task_id(ids[0]).unwrap();
+    wait_for("a successful TLS probe", || {
+        rec.log.lock().unwrap().iter().any(|e| e.1)
+    })
+    .await;
+
+    // The same connector (a clone shares its config): the probes go on.
+    checker.set_targets([(
+        ids[0],
+        Target::new(up.addr).with_tls(connector, localhost()),
+    )]);
+    assert_eq!(checker.task_id(ids[0]), Some(first));
+    // A rebuilt config (a reload with a new CA, say): the probes restart.
+    let tls: TlsTarget = Target::new(up.addr)
+        .with_tls(ca.connector(), localhost())
+        .tls
+        .unwrap();
+    checker.set_targets([(
+        ids[0],
+        Target {
+            tls: Some(tls),
+            ..Target::new(up.addr)
+        },
+    )]);
+    assert_ne!(checker.task_id(ids[0]), Some(first));
+    checker.shutdown();
 }
