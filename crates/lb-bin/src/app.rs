@@ -38,6 +38,28 @@ pub(crate) enum StartupError {
     /// The runtime or signal handlers.
     #[error("cannot start: {0}")]
     Runtime(#[from] std::io::Error),
+    /// TLS could not be set up (the random number generator for session tickets).
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// TLS as `settings` say: certificates served with `ticketer` (one for the process, so
+/// tickets survive reloads), and the verifier for https backends.
+fn tls_config(
+    settings: &Settings,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<lb_proxy::TlsConfig, StartupError> {
+    let server = match &settings.tls.certificates {
+        Some(c) => Some(Arc::new(lb_proxy::tls::server_config(
+            Arc::clone(c),
+            Arc::clone(ticketer),
+        )?)),
+        None => None,
+    };
+    Ok(lb_proxy::TlsConfig {
+        server,
+        client: settings.tls.client.clone(),
+    })
 }
 
 /// Either prober, chosen by `health.path`.
@@ -78,6 +100,7 @@ impl ProbeSink for Sink {
 struct Running {
     settings: Settings,
     checker: Option<Checker<AnyProber>>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
@@ -86,7 +109,12 @@ fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
     Ok(Arc::new(b))
 }
 
-async fn probe_targets(routes: &Routes) -> Vec<(BackendId, Target)> {
+/// Each backend's probe target; an `https://` one's probes handshake and verify with
+/// `client`, as requests do.
+async fn probe_targets(
+    routes: &Routes,
+    client: Option<&Arc<rustls::ClientConfig>>,
+) -> Vec<(BackendId, Target)> {
     let mut targets = Vec::new();
     for b in routes.balancer().backends(Instant::now()) {
         let Some(t) = routes.target(b.id) else {
@@ -98,7 +126,12 @@ async fn probe_targets(routes: &Routes) -> Vec<(BackendId, Target)> {
             .and_then(|mut a| a.next())
         {
             Some(addr) => {
-                targets.push((b.id, Target::new(addr).with_authority(t.authority.as_str())))
+                let mut target = Target::new(addr).with_authority(t.authority.as_str());
+                if let (Some(name), Some(client)) = (t.server_name(), client) {
+                    let connector = tokio_rustls::TlsConnector::from(Arc::clone(client));
+                    target = target.with_tls(connector, name.clone());
+                }
+                targets.push((b.id, target));
             }
             None => {
                 tracing::warn!(target: "lb::health", backend = %t.url, "cannot resolve backend: not probed")
@@ -198,13 +231,15 @@ async fn run(
         Instant::now(),
     )?;
     let proxy = Proxy::with_observer(settings.proxy, routes, observer);
+    let ticketer = lb_proxy::tls::ticketer()?;
+    proxy.set_tls(tls_config(&settings, &ticketer)?);
     let sink: Arc<dyn ProbeSink> = Arc::new(Sink {
         proxy: proxy.clone(),
         metrics: metrics.clone(),
     });
     let checker = checker(&settings, Arc::clone(&sink));
     if let Some(c) = &checker {
-        c.set_targets(probe_targets(&proxy.routes()).await);
+        c.set_targets(probe_targets(&proxy.routes(), settings.tls.client.as_ref()).await);
     }
     let admin_task = match (admin, &metrics) {
         (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
@@ -266,7 +301,11 @@ async fn run(
             })?;
         threads.push(thread);
     }
-    let running = Mutex::new(Running { settings, checker });
+    let running = Mutex::new(Running {
+        settings,
+        checker,
+        ticketer,
+    });
     loop {
         // The lines of requests answered before the signal go before its own.
         tokio::select! {
@@ -323,11 +362,21 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             return;
         }
     };
-    let old_settings = running
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .settings
-        .clone();
+    let (old_settings, ticketer) = {
+        let r = running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (r.settings.clone(), Arc::clone(&r.ticketer))
+    };
+    // Built before anything changes: a certificate rustls refuses keeps the old ones (and
+    // everything else) in force.
+    let tls = match tls_config(&new, &ticketer) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
+            return;
+        }
+    };
     for (what, changed) in [
         ("listen", new.listen != old_settings.listen),
         ("admin", new.admin != old_settings.admin),
@@ -401,7 +450,9 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             .checker = old_checker;
         return;
     }
-    let targets = probe_targets(&proxy.routes()).await;
+    // New connections get the new certificates; established ones keep theirs.
+    proxy.set_tls(tls);
+    let targets = probe_targets(&proxy.routes(), new.tls.client.as_ref()).await;
     let checker = if new.health == old_settings.health && old_checker.is_some() {
         old_checker
     } else {

@@ -59,11 +59,11 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub(crate) drain_timeout: Option<Duration>,
 
-    /// PEM certificate chain: serve HTTPS (not supported yet)
+    /// PEM certificate chain: serve HTTPS (ALPN h2, http/1.1)
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_cert: Option<PathBuf>,
 
-    /// PEM private key for --tls-cert (not supported yet)
+    /// PEM private key for --tls-cert
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_key: Option<PathBuf>,
 

@@ -591,13 +591,16 @@ fn tls(
     let none = Tls::default();
     let t = f.tls.as_ref().unwrap_or(&none);
     // (key, flag-or-file key, span) of each file, as it will be named in errors.
-    let from = |flag: &Option<PathBuf>, key: &Option<S<String>>, name: &'static str| match (
-        flag, key,
-    ) {
-        (Some(p), _) => Some((p.clone(), format!("--{}", name.replace('.', "-")), None)),
-        (None, Some(v)) => Some((PathBuf::from(v.get_ref()), format!("tls.{}", name.trim_start_matches("tls.")), Some(v.span()))),
-        (None, None) => None,
-    };
+    let from =
+        |flag: &Option<PathBuf>, key: &Option<S<String>>, name: &'static str| match (flag, key) {
+            (Some(p), _) => Some((p.clone(), format!("--{}", name.replace('.', "-")), None)),
+            (None, Some(v)) => Some((
+                PathBuf::from(v.get_ref()),
+                format!("tls.{}", name.trim_start_matches("tls.")),
+                Some(v.span()),
+            )),
+            (None, None) => None,
+        };
     let cert = from(&cli.tls_cert, &t.cert, "tls.cert");
     let key = from(&cli.tls_key, &t.key, "tls.key");
     let fail = |key: &str, span: Option<Range<usize>>, why: String| -> ConfigError {
@@ -617,19 +620,43 @@ fn tls(
     match (cert, key) {
         (Some(c), Some(k)) => pairs.push((c, k)),
         (Some((_, ck, span)), None) => {
-            let want = if ck.starts_with("--") { "--tls-key" } else { "tls.key" };
-            return Err(fail(&ck, span, format!("a certificate needs its private key: {want} is missing")));
+            let want = if ck.starts_with("--") {
+                "--tls-key"
+            } else {
+                "tls.key"
+            };
+            return Err(fail(
+                &ck,
+                span,
+                format!("a certificate needs its private key: {want} is missing"),
+            ));
         }
         (None, Some((_, kk, span))) => {
-            let want = if kk.starts_with("--") { "--tls-cert" } else { "tls.cert" };
-            return Err(fail(&kk, span, format!("a private key needs its certificate: {want} is missing")));
+            let want = if kk.starts_with("--") {
+                "--tls-cert"
+            } else {
+                "tls.cert"
+            };
+            return Err(fail(
+                &kk,
+                span,
+                format!("a private key needs its certificate: {want} is missing"),
+            ));
         }
         (None, None) => {}
     }
     for (i, c) in t.certificates.iter().enumerate() {
         pairs.push((
-            (PathBuf::from(c.cert.get_ref()), format!("tls.certificates[{i}].cert"), Some(c.cert.span())),
-            (PathBuf::from(c.key.get_ref()), format!("tls.certificates[{i}].key"), Some(c.key.span())),
+            (
+                PathBuf::from(c.cert.get_ref()),
+                format!("tls.certificates[{i}].cert"),
+                Some(c.cert.span()),
+            ),
+            (
+                PathBuf::from(c.key.get_ref()),
+                format!("tls.certificates[{i}].key"),
+                Some(c.key.span()),
+            ),
         ));
     }
     let mut loaded = Vec::with_capacity(pairs.len());
@@ -875,6 +902,26 @@ impl fmt::Display for Settings {
         writeln!(f, "backends: {}", self.backends.len())?;
         for (url, w) in &self.backends {
             writeln!(f, "  {url} weight {}", w.get())?;
+        }
+        if self.tls.files.is_empty() {
+            writeln!(f, "tls: off (plain HTTP)")?;
+        } else {
+            writeln!(
+                f,
+                "tls: HTTPS (ALPN h2, http/1.1; TLS 1.3, 1.2), certificates by SNI:"
+            )?;
+            for (i, ((cert, _), names)) in self.tls.files.iter().zip(&self.tls.names).enumerate() {
+                let default = if i == 0 { " (default)" } else { "" };
+                writeln!(f, "  {}{default}: {}", cert.display(), names.join(", "))?;
+            }
+        }
+        if self.tls.client.is_some() {
+            let extra = self
+                .tls
+                .upstream_ca
+                .as_ref()
+                .map_or(String::new(), |p| format!(" + {}", p.display()));
+            writeln!(f, "upstream tls: system roots{extra}")?;
         }
         if self.health.interval.is_zero() {
             writeln!(f, "health: off")?;

@@ -26,7 +26,13 @@ pub fn forward_head(
     let (mut parts, ()) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let xff = headers::client_value(client);
-    headers::forward(&mut parts.headers, authority.as_deref(), &xff, upgrade);
+    headers::forward(
+        &mut parts.headers,
+        authority.as_deref(),
+        &xff,
+        false,
+        upgrade,
+    );
     headers::frame_unknown_length(&mut parts.headers, end_stream);
     let path_and_query = validate::origin_form(&parts.uri);
     // As `Outgoing::attempt`.

@@ -26,6 +26,15 @@ pub struct Target {
     pub(crate) key: PoolKey,
 }
 
+impl Target {
+    /// The name an `https://` backend's certificate is verified for (and its SNI); none
+    /// for a plain one.
+    #[must_use]
+    pub fn server_name(&self) -> Option<&rustls::pki_types::ServerName<'static>> {
+        self.key.tls.as_ref()
+    }
+}
+
 /// What `consistent-hash` hashes (SPEC `--hash-key`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
@@ -223,7 +232,10 @@ impl BackendAddr {
     #[must_use]
     pub fn identity(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
-        format!("{scheme}://{}", self.authority.as_str().to_ascii_lowercase())
+        format!(
+            "{scheme}://{}",
+            self.authority.as_str().to_ascii_lowercase()
+        )
     }
 }
 
@@ -259,7 +271,9 @@ pub fn parse_backend(url: &str) -> Result<BackendAddr, RouteError> {
         return Err(bad("a port is required (http://host:port)"));
     }
     if https && crate::tls::server_name(authority.host()).is_none() {
-        return Err(bad("the host is not a name a certificate can be verified for"));
+        return Err(bad(
+            "the host is not a name a certificate can be verified for",
+        ));
     }
     Ok(BackendAddr { authority, https })
 }
@@ -271,11 +285,17 @@ mod tests {
     #[test]
     fn backend_urls() {
         assert_eq!(
-            parse_backend("http://127.0.0.1:3031").unwrap().authority.as_str(),
+            parse_backend("http://127.0.0.1:3031")
+                .unwrap()
+                .authority
+                .as_str(),
             "127.0.0.1:3031"
         );
         assert_eq!(
-            parse_backend("http://localhost:80/").unwrap().authority.as_str(),
+            parse_backend("http://localhost:80/")
+                .unwrap()
+                .authority
+                .as_str(),
             "localhost:80"
         );
         assert_eq!(
@@ -283,7 +303,10 @@ mod tests {
             "10.0.0.1:8080"
         );
         assert_eq!(
-            parse_backend("http://[::1]:9000").unwrap().authority.as_str(),
+            parse_backend("http://[::1]:9000")
+                .unwrap()
+                .authority
+                .as_str(),
             "[::1]:9000"
         );
         for bad in [

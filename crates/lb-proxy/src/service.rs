@@ -134,7 +134,13 @@ pub(crate) async fn handle(
     let mut hash_key = routes.hash_key.of(req.uri(), req.headers(), peer);
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    headers::forward(&mut parts.headers, authority.as_deref(), &xff, https, upgrade);
+    headers::forward(
+        &mut parts.headers,
+        authority.as_deref(),
+        &xff,
+        https,
+        upgrade,
+    );
     headers::frame_unknown_length(&mut parts.headers, http_body::Body::is_end_stream(&body));
     let content_length = parts
         .headers

@@ -133,16 +133,17 @@ impl Certificate {
             path: cert.to_owned(),
             why,
         })?;
-        let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-            },
-            e => TlsError::Invalid {
-                path: key.to_owned(),
-                why: e.to_string(),
-            },
-        })?;
+        let certified =
+            CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                },
+                e => TlsError::Invalid {
+                    path: key.to_owned(),
+                    why: e.to_string(),
+                },
+            })?;
         Ok(Self {
             key: Arc::new(certified),
             names,
@@ -244,13 +245,13 @@ pub fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
 /// # Errors
 /// rustls refusing the protocol versions (not with its own provider).
 pub fn server_config(
-    certificates: Certificates,
+    certificates: Arc<Certificates>,
     ticketer: Arc<dyn ProducesTickets>,
 ) -> Result<ServerConfig, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(certificates));
+        .with_cert_resolver(certificates);
     config.alpn_protocols = ALPN_SERVER.iter().map(|p| p.to_vec()).collect();
     config.ticketer = ticketer;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
@@ -348,9 +349,10 @@ mod tests {
 
     fn cert(names: &[&str]) -> Certificate {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-                .unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let c = params.self_signed(&key).unwrap();
         let certified = CertifiedKey::from_der(
             vec![c.der().clone()],
@@ -372,12 +374,24 @@ mod tests {
         let certs = Certificates::new(default.clone(), [wild.clone(), exact.clone()]);
         let is = |got: &Arc<CertifiedKey>, want: &Certificate| Arc::ptr_eq(got, &want.key);
         assert!(is(certs.pick(None), &default));
-        assert!(is(certs.pick(Some("a.example.com")), &exact), "exact before wildcard");
-        assert!(is(certs.pick(Some("A.Example.COM")), &exact), "case-insensitive");
+        assert!(
+            is(certs.pick(Some("a.example.com")), &exact),
+            "exact before wildcard"
+        );
+        assert!(
+            is(certs.pick(Some("A.Example.COM")), &exact),
+            "case-insensitive"
+        );
         assert!(is(certs.pick(Some("b.example.com")), &wild));
         assert!(is(certs.pick(Some("B.EXAMPLE.com")), &wild));
-        assert!(is(certs.pick(Some("example.com")), &default), "a wildcard needs a label");
-        assert!(is(certs.pick(Some("x.b.example.com")), &default), "one label only");
+        assert!(
+            is(certs.pick(Some("example.com")), &default),
+            "a wildcard needs a label"
+        );
+        assert!(
+            is(certs.pick(Some("x.b.example.com")), &default),
+            "one label only"
+        );
         assert!(is(certs.pick(Some("default.test")), &default));
         assert!(is(certs.pick(Some("unknown.test")), &default));
     }
@@ -390,8 +404,17 @@ mod tests {
 
     #[test]
     fn backend_server_names() {
-        assert!(matches!(server_name("example.com"), Some(ServerName::DnsName(_))));
-        assert!(matches!(server_name("127.0.0.1"), Some(ServerName::IpAddress(_))));
-        assert!(matches!(server_name("[::1]"), Some(ServerName::IpAddress(_))));
+        assert!(matches!(
+            server_name("example.com"),
+            Some(ServerName::DnsName(_))
+        ));
+        assert!(matches!(
+            server_name("127.0.0.1"),
+            Some(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(
+            server_name("[::1]"),
+            Some(ServerName::IpAddress(_))
+        ));
     }
 }

@@ -162,7 +162,7 @@ pub(crate) struct PoolKey {
     hash: u64,
     authority: Authority,
     /// An `https://` backend: the name its certificate is verified for (and SNI).
-    tls: Option<rustls::pki_types::ServerName<'static>>,
+    pub(crate) tls: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 impl PoolKey {
@@ -405,16 +405,14 @@ impl Upstream {
     /// is a failed connect: nothing was sent.
     async fn connect(&self, key: &PoolKey) -> Result<Conn, SendError> {
         let deadline = Instant::now() + self.connect_timeout;
-        let stream = match tokio::time::timeout_at(
-            deadline,
-            TcpStream::connect(key.authority.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(SendError::ConnectRefused(e)),
-            Err(_) => return Err(SendError::ConnectTimeout),
-        };
+        let stream =
+            match tokio::time::timeout_at(deadline, TcpStream::connect(key.authority.as_str()))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(SendError::ConnectRefused(e)),
+                Err(_) => return Err(SendError::ConnectTimeout),
+            };
         let _ = stream.set_nodelay(true);
         // The kernel keeps at most this much of a request unsent: beyond it, the socket takes
         // bytes only as the backend's receive window opens, which is to say as the backend
@@ -437,7 +435,8 @@ impl Upstream {
             return Err(SendError::Tls(e));
         };
         let connector = tokio_rustls::TlsConnector::from(client);
-        let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), io)).await {
+        let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), io)).await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 self.tls.failed(key.authority.as_str(), &e);
@@ -728,7 +727,8 @@ mod tests {
         };
         let up = Arc::new(Upstream::new(&ProxyConfig::default(), Arc::default()));
         assert!(matches!(
-            up.send(&PoolKey::new(&closed, false), get(), None, || None).await,
+            up.send(&PoolKey::new(&closed, false), get(), None, || None)
+                .await,
             Err(SendError::ConnectRefused(_))
         ));
     }
