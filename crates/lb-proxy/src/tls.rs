@@ -275,24 +275,117 @@ pub fn client_config(extra: Option<&Path>) -> Result<ClientConfig, TlsError> {
     if unusable > 0 {
         tracing::debug!(target: "lb::tls", unusable, "system root certificates rustls cannot use");
     }
+    let mut pinned = Vec::new();
     if let Some(path) = extra {
         for cert in certificates(path)? {
-            roots.add(cert).map_err(|e| TlsError::Invalid {
+            roots.add(cert.clone()).map_err(|e| TlsError::Invalid {
                 path: path.to_owned(),
                 why: format!("not a CA certificate rustls can use: {e}"),
             })?;
+            pinned.push(cert);
         }
     }
+    let invalid = |e: String| TlsError::Invalid {
+        path: extra.map(Path::to_owned).unwrap_or_default(),
+        why: e,
+    };
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Invalid {
-            path: extra.map(Path::to_owned).unwrap_or_default(),
-            why: e.to_string(),
-        })?
-        .with_root_certificates(roots)
+        .map_err(|e| invalid(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier { inner, pinned }))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Verifies backends' certificates as webpki does, and also accepts a certificate that is
+/// itself in `upstream_ca` (byte for byte) when it is valid now and for the name.
+///
+/// # Why
+/// A backend's self-signed certificate (`openssl req -x509` makes one with `CA:TRUE`) given
+/// as `upstream_ca` is how most private backends are set up, and OpenSSL-based proxies
+/// accept it as a trusted leaf; webpki refuses a CA certificate as the end entity
+/// (`CaUsedAsEndEntity`). The handshake's signature is still checked against the
+/// certificate's key, so only the holder of that key passes.
+#[derive(Debug)]
+struct Verifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let refused =
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+        if !self
+            .pinned
+            .iter()
+            .any(|p| p.as_ref() == end_entity.as_ref())
+        {
+            return Err(refused);
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| refused.clone())?;
+        if cert.verify_is_valid_for_subject_name(server_name).is_err() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
+        }
+        let valid_now = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, c)| {
+                let at =
+                    x509_parser::time::ASN1Time::from_timestamp(i64::try_from(now.as_secs()).ok()?)
+                        .ok()?;
+                Some(c.validity().is_valid_at(at))
+            })
+            .unwrap_or(false);
+        if !valid_now {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired,
+            ));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// TLS in force: what clients are served (none: plain HTTP) and how backends are verified
@@ -400,6 +493,60 @@ mod tests {
     fn names_come_from_subject_alt_names_lowercased() {
         let c = cert(&["Www.Example.org", "*.Example.net"]);
         assert_eq!(c.names(), ["www.example.org", "*.example.net"]);
+    }
+
+    #[test]
+    fn a_self_signed_ca_certificate_in_upstream_ca_is_trusted_as_the_leaf_for_its_name_only() {
+        use rustls::client::danger::ServerCertVerifier;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["pinned.test".to_owned()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pinned = params.self_signed(&key).unwrap().der().clone();
+        let other = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(vec!["pinned.test".to_owned()]).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.self_signed(&key).unwrap().der().clone()
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(pinned.clone()).unwrap();
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let verify = |v: &Verifier, cert: &CertificateDer<'static>, name: &str| {
+            let name = ServerName::try_from(name.to_owned()).unwrap();
+            v.verify_server_cert(cert, &[], &name, &[], rustls::pki_types::UnixTime::now())
+        };
+        let plain = Verifier {
+            inner: Arc::clone(&inner),
+            pinned: Vec::new(),
+        };
+        assert!(
+            verify(&plain, &pinned, "pinned.test").is_err(),
+            "webpki alone refuses a CA certificate as the leaf"
+        );
+        let v = Verifier {
+            inner,
+            pinned: vec![pinned.clone()],
+        };
+        assert!(verify(&v, &pinned, "pinned.test").is_ok());
+        assert!(verify(&v, &pinned, "PINNED.test").is_ok());
+        assert!(
+            matches!(
+                verify(&v, &pinned, "other.test"),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                ))
+            ),
+            "pinned, but not for that name"
+        );
+        assert!(
+            verify(&v, &other, "pinned.test").is_err(),
+            "the same name on another certificate is not pinned"
+        );
     }
 
     #[test]
