@@ -664,11 +664,12 @@ fn tls(
         let c = Certificate::load(cert, key).map_err(|e| {
             // Named by the key of the file at fault.
             let on_key = match &e {
+                lb_proxy::tls::TlsError::NoKey { .. }
+                | lb_proxy::tls::TlsError::KeyMismatch { .. } => true,
+                lb_proxy::tls::TlsError::NoCertificate { .. } => false,
+                // The certificate is read first.
                 lb_proxy::tls::TlsError::Read { path, .. }
-                | lb_proxy::tls::TlsError::NoCertificate { path }
-                | lb_proxy::tls::TlsError::NoKey { path }
                 | lb_proxy::tls::TlsError::Invalid { path, .. } => path == key && path != cert,
-                lb_proxy::tls::TlsError::KeyMismatch { .. } => true,
             };
             if on_key {
                 fail(kkey, kspan.clone(), e.to_string())
@@ -995,6 +996,133 @@ mod tests {
         ];
         argv.extend(args.iter().map(|s| (*s).to_owned()));
         load(&Cli::parse_from(argv))
+    }
+
+    /// A certificate for `names` and its key, as PEM files in a fresh directory.
+    fn pem_pair(names: &[&str]) -> (PathBuf, PathBuf) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lb-config-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    const ONE_BACKEND: &str = "[[backend]]\nurl = \"http://127.0.0.1:1\"\n";
+
+    #[test]
+    fn tls_certificates_load_from_keys_and_flags_each_flag_replacing_its_key() {
+        let (c, k) = pem_pair(&["default.test"]);
+        let (c2, k2) = pem_pair(&["a.test", "*.b.test"]);
+        let text = format!(
+            "[tls]\ncert = {c:?}\nkey = {k:?}\n[[tls.certificates]]\ncert = {c2:?}\nkey = {k2:?}\n{ONE_BACKEND}"
+        );
+        let s = with_file(&text, &[]).unwrap();
+        assert_eq!(
+            s.tls.files,
+            [(c.clone(), k.clone()), (c2.clone(), k2.clone())]
+        );
+        assert_eq!(
+            s.tls.names,
+            [vec!["default.test"], vec!["a.test", "*.b.test"]]
+        );
+        assert!(s.tls.certificates.is_some());
+        assert!(s.tls.client.is_none(), "no https backend, no upstream_ca");
+        // The flags replace the default certificate, not the others.
+        let (c3, k3) = pem_pair(&["flag.test"]);
+        let s = with_file(
+            &text,
+            &[
+                "--tls-cert",
+                c3.to_str().unwrap(),
+                "--tls-key",
+                k3.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.tls.files, [(c3, k3), (c2, k2)]);
+        assert!(s.to_string().contains("default): flag.test"), "{s}");
+    }
+
+    #[test]
+    fn tls_errors_name_the_file_and_the_key() {
+        let (c, k) = pem_pair(&["a.test"]);
+        let (_, other_key) = pem_pair(&["b.test"]);
+        let err = |text: String, args: &[&str]| with_file(&text, args).unwrap_err();
+        let e = err(format!("[tls]\ncert = {c:?}\n{ONE_BACKEND}"), &[]);
+        assert_eq!((e.key.as_str(), e.line), ("tls.cert", Some(2)), "{e}");
+        assert!(e.message.contains("tls.key is missing"), "{e}");
+        let e = err(ONE_BACKEND.to_owned(), &["--tls-key", k.to_str().unwrap()]);
+        assert_eq!(e.key, "--tls-key", "{e}");
+        assert!(e.message.contains("--tls-cert is missing"), "{e}");
+        let e = err(
+            format!("[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = {k:?}\n{ONE_BACKEND}"),
+            &[],
+        );
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/cert.pem: cannot read"),
+            "{e}"
+        );
+        let e = err(
+            format!("[tls]\ncert = {c:?}\nkey = {other_key:?}\n{ONE_BACKEND}"),
+            &[],
+        );
+        assert_eq!((e.key.as_str(), e.line), ("tls.key", Some(3)), "{e}");
+        assert!(
+            e.to_string().contains("does not match the certificate"),
+            "{e}"
+        );
+        assert!(e.to_string().contains(other_key.to_str().unwrap()), "{e}");
+        // The key file given as the certificate: no certificate in it.
+        let e = err(
+            format!("[tls]\ncert = {k:?}\nkey = {k:?}\n{ONE_BACKEND}"),
+            &[],
+        );
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        let e = err(
+            format!("[tls]\ncert = {c:?}\nkey = {c:?}\n{ONE_BACKEND}"),
+            &[],
+        );
+        assert_eq!(e.key, "tls.key", "{e}");
+        assert!(e.to_string().contains("no PEM private key"), "{e}");
+        let e = err(format!("[tls]\nupstream_ca = {k:?}\n{ONE_BACKEND}"), &[]);
+        assert_eq!(e.key, "tls.upstream_ca", "{e}");
+        let e = err(
+            format!("[[tls.certificates]]\ncert = {c:?}\n{ONE_BACKEND}"),
+            &[],
+        );
+        assert!(e.to_string().contains("key"), "{e}");
+    }
+
+    #[test]
+    fn tls_with_only_upstream_ca_is_a_plain_listener_verifying_https_backends() {
+        let (c, _) = pem_pair(&["ca.test"]);
+        let s = with_file(
+            &format!("[tls]\nupstream_ca = {c:?}\n[[backend]]\nurl = \"https://localhost:8443\"\n[[backend]]\nurl = \"http://localhost:8443\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(s.tls.certificates.is_none() && s.tls.files.is_empty());
+        assert!(s.tls.client.is_some());
+        assert_eq!(
+            s.backends.len(),
+            2,
+            "http and https to the same host:port are two backends"
+        );
+        assert!(
+            s.to_string().contains("upstream tls: system roots + "),
+            "{s}"
+        );
     }
 
     #[test]
