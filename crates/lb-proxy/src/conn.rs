@@ -722,7 +722,32 @@ pub(crate) async fn serve(
     let mut stream = match tls {
         None => ClientStream::Plain(stream),
         Some(config) => {
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+            let mut stream = stream;
+            let accept = async move {
+                // A TLS record starts with its type (22, a handshake); an HTTP request with
+                // a method in capitals. Told apart by a peek, a plain request gets a 400 it
+                // can read instead of a TLS alert.
+                let mut first = [0u8; 1];
+                if matches!(stream.peek(&mut first).await, Ok(1)) && first[0].is_ascii_uppercase() {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = stream.write_all(respond::PLAIN_HTTP_TO_TLS).await;
+                    let _ = stream.shutdown().await;
+                    // Closed with the request unread, the socket would reset, and the reset
+                    // can overtake the answer: read what the client sent (within the
+                    // deadline, and no more than a request head's worth) until it closes.
+                    let mut sink = [0u8; 4096];
+                    for _ in 0..16 {
+                        if !matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "plain HTTP request to the TLS port: 400",
+                    ));
+                }
+                tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+            };
             let done = tokio::select! {
                 r = tokio::time::timeout_at(due, accept) => r,
                 _ = shutdown.wait_for(|s| *s) => return,

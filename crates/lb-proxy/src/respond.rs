@@ -47,9 +47,20 @@ pub(crate) const REQUEST_TIMEOUT: &[u8] =
 pub(crate) const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
+/// The bytes sent, in the clear, to a client speaking plain HTTP to a TLS port (NGINX says
+/// as much), so that the mistake is plain to whoever made it.
+pub(crate) const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 50\r\n\r\nThis port speaks HTTPS: a plain HTTP request came.\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_http_answer_is_framed_right() {
+        let text = std::str::from_utf8(PLAIN_HTTP_TO_TLS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.ends_with(&format!("Content-Length: {}", body.len())));
+    }
 
     #[test]
     fn failures_map_to_their_status() {
