@@ -165,6 +165,8 @@ fn sni_chooses_exact_then_one_label_wildcard_then_the_default_certificate() {
             "a wildcard covers one label only",
         ),
         (None, &default, "no SNI"),
+        // Sent uppercase on the wire (rustls's server side lowercases it before lb's
+        // certificate resolver sees it; lb lowercases too).
         (Some("A.TEST"), &a, "names are case-insensitive"),
     ];
     for (i, (sni, want, why)) in cases.iter().enumerate() {
