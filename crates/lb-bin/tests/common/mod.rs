@@ -8,6 +8,7 @@ pub mod load;
 pub mod procfs;
 pub mod raw;
 pub mod seedlb;
+pub mod tls;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
