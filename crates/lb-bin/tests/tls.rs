@@ -51,7 +51,7 @@ fn header<'a>(r: &'a SeenRequest, name: &str) -> Option<&'a str> {
 }
 
 #[test]
-fn https_by_flags_serves_h2_and_http11_by_alpn_and_refuses_plain_http() {
+fn https_by_flags_serves_h2_and_http11_by_alpn_and_answers_plain_http_400() {
     let pki = Pki::new("alpn");
     let leaf = pki.leaf("server", &["lb.test"], 1);
     let backend = HttpsBackend::plain("B");
@@ -107,16 +107,16 @@ fn https_by_flags_serves_h2_and_http11_by_alpn_and_refuses_plain_http() {
         assert_eq!(header(r, "x-forwarded-proto"), Some("https"), "{r:?}");
     }
 
-    // Plain HTTP to the TLS port: no HTTP response, the connection ends, lb serves on.
+    // Plain HTTP to the TLS port: a readable 400 in the clear, the connection ends, lb
+    // serves on.
     let mut plain = TcpStream::connect(addr).unwrap();
     plain
         .write_all(b"GET /plain HTTP/1.1\r\nHost: lb.test\r\n\r\n")
         .unwrap();
-    let answer = read_until_closed(&mut plain);
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut plain)).into_owned();
     assert!(
-        !answer.starts_with(b"HTTP/"),
-        "no HTTP response: {:?}",
-        String::from_utf8_lossy(&answer)
+        answer.starts_with("HTTP/1.1 400 ") && answer.contains("speaks HTTPS"),
+        "a plain 400: {answer:?}"
     );
     let after = rt.block_on(async {
         let mut c = Tls::connect(addr, Some("lb.test"), Alpn::Http11, &ca)
@@ -227,7 +227,7 @@ fn hostile_handshakes_are_cut_off_and_counted_while_others_are_served() {
     // Garbage instead of a ClientHello.
     let mut garbage = TcpStream::connect(addr).unwrap();
     garbage
-        .write_all(b"\x47\x41\x52\x42this is not a TLS record at all\r\n\r\n")
+        .write_all(b"\x01\x02\x03\x04this is not a TLS record at all\r\n\r\n")
         .unwrap();
     // Half a real ClientHello, then nothing.
     let hello = {
