@@ -362,17 +362,22 @@ fn usage_errors_exit_2_and_help_lists_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     assert!(run(&["--version"]).status.success());
-    // TLS is a later issue: refused with a config error, never silently served as plain HTTP.
+    // A TLS file that cannot be read: a config error naming the flag and the file, never
+    // plain HTTP served instead.
     let tls = run(&[
         "--backend",
         "http://a:1",
         "--tls-cert",
-        "/tmp/cert.pem",
+        "/nonexistent/lb-review/cert.pem",
         "--tls-key",
-        "/tmp/key.pem",
+        "/nonexistent/lb-review/key.pem",
     ]);
     assert_eq!(tls.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"));
+    let stderr = String::from_utf8_lossy(&tls.stderr);
+    assert!(
+        stderr.contains("--tls-cert") && stderr.contains("/nonexistent/lb-review/cert.pem"),
+        "{stderr}"
+    );
 }
 
 #[test]
