@@ -121,6 +121,45 @@ impl TlsBackend {
     }
 }
 
+/// A plain HTTP/1.1 backend on `port` answering `name`.
+struct PlainBackend {
+    port: u16,
+}
+
+impl PlainBackend {
+    fn start(port: u16, name: &'static str) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |_req| async move {
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(name))))
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        Self { port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
 fn wait_listening(lb: &mut Lb, addr: SocketAddr) {
     lb.wait_for("lb to listen", |_| TcpStream::connect(addr).is_ok());
 }
@@ -215,5 +254,97 @@ fn http_and_https_backends_on_one_address_each_have_their_metrics() {
         healthy[0].split_once('}').map(|(l, _)| l),
         healthy[1].split_once('}').map(|(l, _)| l),
         "distinct label sets"
+    );
+}
+
+/// A TLS client trusting `ca_pem`, offering `alpn`.
+fn tls_client(ca_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Over TLS to `addr` (SNI `name`), sends `request` and reads until the server closes (or
+/// 10 s pass): Err if the handshake failed, else what came back.
+fn tls_exchange(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+    request: &[u8],
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let server = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(server, tcp))
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| format!("handshake failed: {e}"))?;
+        tls.write_all(request).await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        Ok(out)
+    })
+}
+
+/// lb serves HTTP/1.0 clients on a plain port, and HTTP/1.1 over TLS; but a client that
+/// offers ALPN `http/1.0` (as `curl --http1.0` does, and as NGINX and HAProxy accept) is
+/// refused with a `no_application_protocol` alert: lb offers only `h2` and `http/1.1`.
+#[test]
+fn an_http_1_0_client_over_tls_is_served() {
+    let d = dir("http10");
+    let pki = Pki::new("ca");
+    let (cert, key) = pki.leaf(&["a.test"]);
+    let cert = write(&d, "cert.pem", &cert);
+    let key = write(&d, "key.pem", &key);
+    let backend = PlainBackend::start(24122, "B");
+    let addr: SocketAddr = "127.0.0.1:24121".parse().unwrap();
+    let path = write(
+        &d,
+        "lb.toml",
+        &format!(
+            "listen = [\"{addr}\"]\n[health]\ninterval = \"0s\"\n[tls]\ncert = {cert:?}\nkey = {key:?}\n\
+             [[backend]]\nurl = \"{}\"\n",
+            backend.url()
+        ),
+    );
+    let mut lb = Lb::spawn(&path);
+    wait_listening(&mut lb, addr);
+    let h11 = tls_exchange(
+        &tls_client(&pki.ca_pem, &[b"http/1.1"]),
+        addr,
+        "a.test",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(h11.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&h11));
+    let h10 = tls_exchange(
+        &tls_client(&pki.ca_pem, &[b"http/1.0"]),
+        addr,
+        "a.test",
+        b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n",
+    );
+    let h10 = h10.expect("an HTTP/1.0 client offering ALPN http/1.0");
+    assert!(
+        h10.windows(4).any(|w| w == b" 200"),
+        "{}",
+        String::from_utf8_lossy(&h10)
     );
 }
