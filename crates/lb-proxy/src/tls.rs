@@ -20,8 +20,10 @@ use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-/// ALPN protocols offered to clients, in the server's order of preference.
-const ALPN_SERVER: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN protocols offered to clients, in the server's order of preference (`http/1.0`: as
+/// NGINX and HAProxy, HTTP/1.0 clients such as `curl --http1.0` offer only it, and lb
+/// serves HTTP/1.0 as on a plain port).
+const ALPN_SERVER: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// Why a TLS file or setting was refused. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]
