@@ -49,7 +49,7 @@ pub(crate) const BAD_REQUEST: &[u8] =
 
 /// The bytes sent, in the clear, to a client speaking plain HTTP to a TLS port (NGINX says
 /// as much), so that the mistake is plain to whoever made it.
-pub(crate) const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 50\r\n\r\nThis port speaks HTTPS: a plain HTTP request came.\n";
+pub(crate) const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 51\r\n\r\nThis port speaks HTTPS: a plain HTTP request came.\n";
 
 #[cfg(test)]
 mod tests {
