@@ -552,6 +552,27 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_private_key_is_named_as_such() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-tls-pass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        // What `openssl pkcs8 -topk8` writes with a passphrase (the label is what matters).
+        let pem = key
+            .serialize_pem()
+            .replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY");
+        std::fs::write(&k, pem).unwrap();
+        let e = Certificate::load(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("is encrypted"), "{e}");
+        assert!(e.contains("key.pem"), "{e}");
+    }
+
+    #[test]
     fn backend_server_names() {
         assert!(matches!(
             server_name("example.com"),
