@@ -122,6 +122,17 @@ impl Certificate {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let chain = certificates(cert)?;
         let key_pem = read(key)?;
+        if key_pem
+            .windows(b"-----BEGIN ENCRYPTED PRIVATE KEY-----".len())
+            .any(|w| w == b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        {
+            return Err(TlsError::Invalid {
+                path: key.to_owned(),
+                why: "the private key is encrypted (passphrase-protected): lb needs it unencrypted \
+                      (openssl pkey -in KEY -out PLAIN)"
+                    .to_owned(),
+            });
+        }
         let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
                 path: key.to_owned(),
