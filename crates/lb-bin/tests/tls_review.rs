@@ -40,9 +40,10 @@ impl Pki {
     /// (certificate PEM, key PEM) for `names`.
     fn leaf(&self, names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-                .unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -171,8 +172,7 @@ fn wait_listening(lb: &mut Lb, addr: SocketAddr) {
 /// lb keeps reusing them (each reuse refreshing their idle time, so under steady traffic
 /// the old trust lasts for ever), and every request still gets the untrusted backend's 200.
 #[test]
-fn a_reload_to_an_upstream_ca_that_no_longer_trusts_a_backend_stops_using_its_pooled_connections()
-{
+fn a_reload_to_an_upstream_ca_that_no_longer_trusts_a_backend_stops_using_its_pooled_connections() {
     let trusted = Pki::new("trusted CA");
     let other = Pki::new("other CA");
     let (cert, key) = trusted.leaf(&["localhost"]);
@@ -334,7 +334,11 @@ fn an_http_1_0_client_over_tls_is_served() {
         b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
     )
     .unwrap();
-    assert!(h11.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&h11));
+    assert!(
+        h11.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&h11)
+    );
     let h10 = tls_exchange(
         &tls_client(&pki.ca_pem, &[b"http/1.0"]),
         addr,

@@ -128,9 +128,10 @@ impl Certificate {
         {
             return Err(TlsError::Invalid {
                 path: key.to_owned(),
-                why: "the private key is encrypted (passphrase-protected): lb needs it unencrypted \
+                why:
+                    "the private key is encrypted (passphrase-protected): lb needs it unencrypted \
                       (openssl pkey -in KEY -out PLAIN)"
-                    .to_owned(),
+                        .to_owned(),
             });
         }
         let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {

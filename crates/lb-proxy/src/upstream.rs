@@ -355,8 +355,7 @@ impl Upstream {
         let mut pool = self.pool();
         let idle = pool.idle.get_mut(key)?;
         while let Some((conn, since)) = idle.pop() {
-            if conn.tx.is_ready() && since.elapsed() < self.idle_timeout && self.verified(&conn)
-            {
+            if conn.tx.is_ready() && since.elapsed() < self.idle_timeout && self.verified(&conn) {
                 return Some(conn);
             }
             conn.close();
