@@ -20,8 +20,10 @@ use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-/// ALPN protocols offered to clients, in the server's order of preference.
-const ALPN_SERVER: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN protocols offered to clients, in the server's order of preference (`http/1.0`: as
+/// NGINX and HAProxy, HTTP/1.0 clients such as `curl --http1.0` offer only it, and lb
+/// serves HTTP/1.0 as on a plain port).
+const ALPN_SERVER: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// Why a TLS file or setting was refused. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,18 @@ impl Certificate {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let chain = certificates(cert)?;
         let key_pem = read(key)?;
+        if key_pem
+            .windows(b"-----BEGIN ENCRYPTED PRIVATE KEY-----".len())
+            .any(|w| w == b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        {
+            return Err(TlsError::Invalid {
+                path: key.to_owned(),
+                why:
+                    "the private key is encrypted (passphrase-protected): lb needs it unencrypted \
+                      (openssl pkey -in KEY -out PLAIN)"
+                        .to_owned(),
+            });
+        }
         let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
                 path: key.to_owned(),
@@ -547,6 +561,27 @@ mod tests {
             verify(&v, &other, "pinned.test").is_err(),
             "the same name on another certificate is not pinned"
         );
+    }
+
+    #[test]
+    fn an_encrypted_private_key_is_named_as_such() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-tls-pass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        // What `openssl pkcs8 -topk8` writes with a passphrase (the label is what matters).
+        let pem = key
+            .serialize_pem()
+            .replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY");
+        std::fs::write(&k, pem).unwrap();
+        let e = Certificate::load(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("is encrypted"), "{e}");
+        assert!(e.contains("key.pem"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,10 @@ struct Conn {
     wire: Arc<Wire>,
     /// Has the task poll hyper's connection again (see [`Lease::release`]).
     poke: Arc<tokio::sync::Notify>,
+    /// An `https://` backend's connection: the TLS client config its certificate was
+    /// verified with. Once a reload puts another in force (another `upstream_ca`), the
+    /// connection is not reused: the backend must pass the verification in force.
+    verified_with: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Conn {
@@ -351,7 +355,7 @@ impl Upstream {
         let mut pool = self.pool();
         let idle = pool.idle.get_mut(key)?;
         while let Some((conn, since)) = idle.pop() {
-            if conn.tx.is_ready() && since.elapsed() < self.idle_timeout {
+            if conn.tx.is_ready() && since.elapsed() < self.idle_timeout && self.verified(&conn) {
                 return Some(conn);
             }
             conn.close();
@@ -359,9 +363,21 @@ impl Upstream {
         None
     }
 
+    /// Whether `conn` was verified (if over TLS) with the TLS client config in force.
+    fn verified(&self, conn: &Conn) -> bool {
+        conn.verified_with.as_ref().is_none_or(|used| {
+            self.tls
+                .config
+                .load()
+                .client
+                .as_ref()
+                .is_some_and(|now| Arc::ptr_eq(used, now))
+        })
+    }
+
     fn checkin(&self, key: PoolKey, conn: Conn) {
         let mut pool = self.pool();
-        if !pool.routes(&key) {
+        if !pool.routes(&key) || !self.verified(&conn) {
             conn.close();
             return;
         }
@@ -425,7 +441,7 @@ impl Upstream {
             wire: Arc::clone(&wire),
         };
         let Some(name) = &key.tls else {
-            return Self::handshake(io, wire).await;
+            return Self::handshake(io, wire, None).await;
         };
         let Some(client) = self.tls.config.load().client.clone() else {
             // Routes with an https backend come with a client config (lb-bin builds one);
@@ -434,7 +450,7 @@ impl Upstream {
             self.tls.failed(key.authority.as_str(), &e);
             return Err(SendError::Tls(e));
         };
-        let connector = tokio_rustls::TlsConnector::from(client);
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&client));
         let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), io)).await
         {
             Ok(Ok(tls)) => tls,
@@ -445,11 +461,15 @@ impl Upstream {
             Err(_) => return Err(SendError::ConnectTimeout),
         };
         self.tls.succeeded(key.authority.as_str());
-        Self::handshake(tls, wire).await
+        Self::handshake(tls, wire, Some(client)).await
     }
 
     /// hyper's HTTP/1.1 client over `io`, driven by a task of its own.
-    async fn handshake<I>(io: I, wire: Arc<Wire>) -> Result<Conn, SendError>
+    async fn handshake<I>(
+        io: I,
+        wire: Arc<Wire>,
+        verified_with: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Conn, SendError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
@@ -480,6 +500,7 @@ impl Upstream {
             task,
             wire,
             poke,
+            verified_with,
         })
     }
 
