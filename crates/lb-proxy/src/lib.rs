@@ -193,7 +193,13 @@ impl Proxy {
     /// `https://` backends verified with `tls.client`. Established connections keep what
     /// they were set up with.
     pub fn set_tls(&self, tls: TlsConfig) {
-        self.shared.tls.config.store(Arc::new(tls));
+        self.shared.tls.set(tls);
+    }
+
+    /// The TLS in force.
+    #[must_use]
+    pub fn tls(&self) -> Arc<TlsConfig> {
+        self.shared.tls.config.load_full()
     }
 
     /// The routes in force.

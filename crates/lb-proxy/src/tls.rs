@@ -421,6 +421,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Puts `config` in force. Backends that failed their handshake are forgotten: under
+    /// the new config, each is logged again the first time it fails.
+    pub(crate) fn set(&self, config: TlsConfig) {
+        self.config.store(Arc::new(config));
+        self.failing().clear();
+    }
+
     fn failing(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.failing
             .lock()
