@@ -74,8 +74,10 @@ pub fn main() -> ExitCode {
         }
     };
     if cli.check {
-        println!("{settings}");
-        println!("configuration OK");
+        use std::io::Write;
+        // Not `println!`: a reader that stops early (`lb --check | head`) would make it panic.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{settings}").and_then(|()| writeln!(out, "configuration OK"));
         return ExitCode::SUCCESS;
     }
     log::init(settings.log_format);
