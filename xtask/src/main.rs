@@ -19,6 +19,7 @@ mod chart;
 mod idle;
 mod pingora;
 mod reliability;
+mod tls;
 
 use std::process::ExitCode;
 
