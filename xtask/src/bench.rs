@@ -14,8 +14,9 @@
 //! with the bars of issue 11 and this run's value for each ([`crate::bars`]).
 //!
 //! The `https` rows terminate TLS in lb, nginx and haproxy (not Pingora) with one
-//! certificate made per run ([`crate::tls`]): full handshakes per second (`openssl s_time
-//! -new`: wrk resumes sessions), and kept-alive HTTP/1.1 (wrk) and h2 (h2load) over TLS. A
+//! certificate made per run ([`crate::tls`]): full handshakes per second (the xtask's own
+//! rustls client, [`crate::handshake`]: wrk resumes sessions), and kept-alive HTTP/1.1
+//! (wrk) and h2 (h2load) over TLS. A
 //! target that fails (lb without TLS, say) is reported and dropped from that row; the
 //! others go on.
 //!
@@ -64,7 +65,7 @@ enum Proto {
     /// `conns` idle HTTP/1.1 connections, one request each: memory per connection.
     Idle,
     /// HTTPS, HTTP/1.1, a new connection and a full TLS handshake (no resumption) per
-    /// request: `openssl s_time -new`.
+    /// request: [`crate::handshake`]'s client.
     HttpsNew,
     /// HTTPS, HTTP/1.1 keep-alive (wrk).
     HttpsH1,
@@ -151,6 +152,8 @@ struct Measure {
     idle: Option<crate::idle::Idle>,
     /// TLS rows: what an OpenSSL client negotiated with the target ([`crate::tls::probe`]).
     tls: Option<String>,
+    /// The handshake row: what its rustls client negotiated.
+    tls_rustls: Option<String>,
 }
 
 struct Opts {
@@ -223,7 +226,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if opts.pingora {
         peers.push(Target::Pingora);
     }
-    let mut rows = rows(&opts, &peers, has("h2load"), has("openssl"));
+    let mut rows = rows(&opts, &peers, has("h2load"));
     if !opts.only.is_empty() {
         rows.retain(|r| opts.only.iter().any(|o| r.name.contains(o.as_str())));
         if rows.is_empty() {
@@ -396,7 +399,6 @@ fn tools(opts: &Opts) -> Result<(), String> {
         ("h2load", "nghttp2-client"),
         ("nginx", "nginx-light"),
         ("haproxy", "haproxy"),
-        ("openssl", "openssl"),
     ];
     // Pingora's build compiles zlib-ng with cmake; not needed once it is built.
     if opts.pingora && !crate::pingora::is_built(&opts.out) {
@@ -446,7 +448,7 @@ fn build_lb() -> Result<PathBuf, String> {
         .ok_or_else(|| "target/release/lb not found".into())
 }
 
-fn rows(opts: &Opts, peers: &[Target], h2: bool, openssl: bool) -> Vec<Row> {
+fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
     let strategies = [
         "round-robin",
         "weighted-round-robin",
@@ -553,16 +555,14 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool, openssl: bool) -> Vec<Row> {
         .filter(|t| **t != Target::Pingora)
         .cloned()
         .collect();
-    if openssl {
-        rows.push(row(
-            "https handshake 1 KiB c64",
-            Proto::HttpsNew,
-            1024,
-            64,
-            3,
-            &tls,
-        ));
-    }
+    rows.push(row(
+        "https handshake 1 KiB c64",
+        Proto::HttpsNew,
+        1024,
+        64,
+        3,
+        &tls,
+    ));
     rows.push(row(
         "https keep-alive 1 KiB c64 h1",
         Proto::HttpsH1,
@@ -766,7 +766,7 @@ fn measure(
             },
             ..row.clone()
         };
-        load(opts, &warm, port, Duration::from_secs(1))?;
+        load(opts, &warm, port, Duration::from_secs(1), tls)?;
         if row.proto == Proto::Idle {
             let pid = pid.ok_or("the idle row needs a proxy")?;
             let idle = crate::idle::measure(pid, port, row.conns)?;
@@ -779,7 +779,7 @@ fn measure(
             });
         }
         let cpu0 = pid.map(tree_cpu_ticks);
-        let m = load(opts, row, port, opts.duration)?;
+        let m = load(opts, row, port, opts.duration, tls)?;
         let cpu1 = pid.map(tree_cpu_ticks);
         let mut m = m;
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
@@ -888,12 +888,21 @@ fn wait_port_free(port: u16) -> Result<(), String> {
     Ok(())
 }
 
-fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure, String> {
+fn load(
+    opts: &Opts,
+    row: &Row,
+    port: u16,
+    duration: Duration,
+    tls: Option<&crate::tls::TlsFiles>,
+) -> Result<Measure, String> {
     let scheme = if row.proto.tls() { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{port}/");
     let secs = duration.as_secs().max(1);
     match row.proto {
-        Proto::HttpsNew => handshakes(row, port, secs),
+        Proto::HttpsNew => {
+            let cert = tls.ok_or("no certificate for the handshake row")?;
+            handshakes(row, port, Duration::from_secs(secs), &cert.cert_der)
+        }
         Proto::H1 | Proto::H1Close | Proto::HttpsH1 => {
             let close = if row.proto == Proto::H1Close {
                 "-H 'Connection: close'"
@@ -976,85 +985,31 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
     }
 }
 
-/// The request `openssl s_time` sends, smuggled through its `-www` page: it writes
-/// `GET {page} HTTP/1.0\r\n\r\n`, which makes this an HTTP/1.1 request with a Host and
-/// `Connection: close` (as wrk sends in the `h1 new connection` row), its last header
-/// `X-Bench: HTTP/1.0`.
-const S_TIME_PAGE: &str = "/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Bench:";
-
-/// The handshake row's load: `row.conns` concurrent `openssl s_time -new` processes, each
-/// one connection at a time, every one a full handshake (`-new`: no session is reused; wrk
-/// resumes its sessions across reconnections, so it is not used here), one request each
-/// read to the server's close. Requests/s: their connections over the wall-clock time of
-/// the whole run (s_time's own time is whole seconds).
-fn handshakes(row: &Row, port: u16, secs: u64) -> Result<Measure, String> {
-    let start = Instant::now();
-    let outs: Vec<Result<std::process::Output, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..row.conns)
-            .map(|_| {
-                scope.spawn(move || {
-                    Command::new("openssl")
-                        .args(["s_time", "-connect"])
-                        .arg(format!("127.0.0.1:{port}"))
-                        .args(["-new", "-time", &secs.to_string(), "-www", S_TIME_PAGE])
-                        .stdin(Stdio::null())
-                        .output()
-                        .map_err(|e| format!("openssl s_time: {e}"))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("s_time thread panicked".into()))
-            })
-            .collect()
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    let (mut requests, mut errors) = (0u64, 0u64);
-    let mut said = None;
-    for out in outs {
-        let out = out?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // "2759 connections in 3 real seconds, 1234 bytes read per connection"
-        let line = text
-            .lines()
-            .find(|l| l.contains(" connections in ") && l.contains(" real seconds"));
-        let parsed = line.and_then(|l| {
-            let n: u64 = l.split_whitespace().next()?.parse().ok()?;
-            let bytes: u64 = l
-                .split(", ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()?;
-            Some((n, bytes))
-        });
-        match parsed {
-            // Fewer bytes than the body: not the backend's answer.
-            Some((n, bytes)) if bytes >= row.body as u64 => requests += n,
-            Some((n, _)) => errors += n.max(1),
-            None => {
-                errors += 1;
-                said.get_or_insert_with(|| {
-                    let err = String::from_utf8_lossy(&out.stderr);
-                    format!("{} {}", text.trim(), err.trim())
-                });
-            }
-        }
-    }
-    if requests == 0 {
+/// The handshake row's load: [`crate::handshake`]'s rustls client, `row.conns`
+/// connections, a full handshake and one request each time.
+fn handshakes(
+    row: &Row,
+    port: u16,
+    duration: Duration,
+    cert_der: &[u8],
+) -> Result<Measure, String> {
+    let mut run = crate::handshake::run(port, row.conns, duration, row.body, cert_der)?;
+    if run.requests == 0 {
         return Err(format!(
-            "openssl s_time made no connection: {}",
-            said.unwrap_or_default()
+            "no handshake and answer succeeded: {}",
+            run.first_error.unwrap_or_default()
         ));
     }
+    run.latencies_us.sort_unstable();
+    let p = |q| crate::handshake::percentile_ms(&run.latencies_us, q);
     Ok(Measure {
-        rps: requests as f64 / elapsed,
-        requests,
-        errors,
+        tls_rustls: run.negotiated.take(),
+        rps: run.requests as f64 / duration.as_secs_f64(),
+        p50_ms: p(50.0),
+        p99_ms: p(99.0),
+        p999_ms: p(99.9),
+        requests: run.requests,
+        errors: run.errors,
         ..Measure::default()
     })
 }
@@ -1455,30 +1410,45 @@ fn tls_notes(results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> String {
          localhost and 127.0.0.1 (rcgen, `target/bench/tls/`), TLS 1.2 and 1.3, ALPN h2 and \
          http/1.1, its default ciphers and groups, session cache and tickets on; the backends \
          are the plain HTTP ones of the other rows. Pingora has no HTTPS rows (its peer binary \
-         has no TLS listener). `https handshake`: 64 concurrent `openssl s_time -new` \
-         processes, a full handshake (no resumption) and one HTTP/1.1 `Connection: close` \
-         request per connection, connections per wall-clock second (no latencies: s_time \
-         times none); wrk is not used there because it resumes its TLS session on every \
-         reconnection. `https keep-alive … h1`: wrk over https (HTTP/1.1, no ALPN). \
+         has no TLS listener). `https handshake`: the xtask's rustls client (`cargo xtask \
+         handshake-client`), 2 threads and 64 connections, each a full handshake (resumption \
+         disabled: no session ID, no ticket), one HTTP/1.1 `Connection: close` request and \
+         its answer to the close, then a new connection; latency is connect to last byte. \
+         wrk is not used there: it resumes its TLS session on every reconnection \
+         (`openssl s_time -new` does full handshakes but its OpenSSL 3 client costs about 3× \
+         the server's CPU per handshake, and the row measured mostly it). Client and proxy \
+         share the machine: read CPU s/100k beside req/s. \
+         `https keep-alive … h1`: wrk over https (HTTP/1.1, no ALPN). \
          `https h2`: h2load over https, h2 by ALPN, the h2c row's settings (`-t2 -c64 -m10`).\n\n\
-         Negotiated with an OpenSSL client (`openssl s_client -alpn h2,http/1.1`, the library \
-         wrk and s_time use) before each measurement:\n\n| target | negotiated |\n|---|---|\n",
+         Negotiated: with an OpenSSL client (`openssl s_client -alpn h2,http/1.1`, the library \
+         wrk uses) before each measurement, and by the handshake row's rustls client:\n\n\
+         | target | OpenSSL client | rustls client (handshakes) |\n|---|---|---|\n",
     );
-    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Per target: the distinct answers of each client over rows and rounds.
+    let mut seen: BTreeMap<String, [Vec<String>; 2]> = BTreeMap::new();
     for (row, by_target) in results.iter().filter(|(r, _)| r.proto.tls()) {
         for target in &row.targets {
             for m in by_target.get(target).into_iter().flatten() {
-                if let Some(t) = &m.tls {
-                    let v = seen.entry(target.name()).or_default();
-                    if !v.contains(t) {
-                        v.push(t.clone());
+                let v = seen.entry(target.name()).or_default();
+                for (i, t) in [&m.tls, &m.tls_rustls].into_iter().enumerate() {
+                    if let Some(t) = t {
+                        if !v[i].contains(t) {
+                            v[i].push(t.clone());
+                        }
                     }
                 }
             }
         }
     }
-    for (target, v) in &seen {
-        let _ = writeln!(md, "| {target} | {} |", v.join("; "));
+    let cell = |v: &[String]| {
+        if v.is_empty() {
+            "–".to_owned()
+        } else {
+            v.join("; ")
+        }
+    };
+    for (target, [openssl, rustls]) in &seen {
+        let _ = writeln!(md, "| {target} | {} | {} |", cell(openssl), cell(rustls));
     }
     md
 }

@@ -15,6 +15,8 @@ pub(crate) struct TlsFiles {
     pub(crate) key: PathBuf,
     /// Certificate then key in one PEM, for HAProxy.
     pub(crate) combined: PathBuf,
+    /// The certificate in DER: the handshake client's trust anchor.
+    pub(crate) cert_der: Vec<u8>,
 }
 
 /// Writes a fresh certificate and key into `dir`.
@@ -35,6 +37,7 @@ pub(crate) fn generate(dir: &Path) -> Result<TlsFiles, String> {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
         combined: dir.join("haproxy.pem"),
+        cert_der: cert.der().to_vec(),
     };
     let write = |path: &Path, text: &str| {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
@@ -45,7 +48,7 @@ pub(crate) fn generate(dir: &Path) -> Result<TlsFiles, String> {
     Ok(files)
 }
 
-/// What an OpenSSL client (the one wrk and `openssl s_time` use) negotiates with the TLS
+/// What an OpenSSL client (the library wrk uses) negotiates with the TLS
 /// listener on `port`, offering ALPN h2 and http/1.1: e.g. `TLSv1.3 TLS_AES_256_GCM_SHA384,
 /// X25519, ECDSA, ALPN h2`. `None` if openssl is missing; an error if no handshake.
 pub(crate) fn probe(port: u16) -> Result<Option<String>, String> {
