@@ -24,6 +24,9 @@ const C256: &str = "h1 keep-alive 1 KiB c256";
 const BIG: &str = "h1 keep-alive 64 KiB c256";
 const CLOSE: &str = "h1 new connection 1 KiB c64";
 const H2C: &str = "h2c 1 KiB c64";
+const HTTPS_NEW: &str = "https handshake 1 KiB c64";
+const HTTPS_H1: &str = "https keep-alive 1 KiB c64 h1";
+const HTTPS_H2: &str = "https h2 1 KiB c64";
 const BACKENDS_1000: &str = "h1 keep-alive 1 KiB c256, 1000 backends";
 const PEERS: [&str; 2] = ["nginx", "haproxy"];
 
@@ -180,6 +183,58 @@ pub(crate) fn bars(summaries: &[Summary], lb: &str) -> Vec<Bar> {
         }),
         _ => out.push(not_measured("h2c (c64): req/s ≥ HAProxy's".into())),
     }
+    {
+        let bar =
+            "HTTPS kept-alive requests (c64, h1 and h2): req/s ahead of both nginx and haproxy"
+                .to_owned();
+        let both: Option<Vec<(&str, f64, &Summary, &Summary)>> =
+            [("h1", HTTPS_H1), ("h2", HTTPS_H2)]
+                .into_iter()
+                .map(|(label, row)| {
+                    let (l, b) = (get(row, lb)?, best(row)?);
+                    Some((label, l.rps / b.rps, l, b))
+                })
+                .collect();
+        match both {
+            Some(both) => out.push(Bar {
+                bar,
+                measured: both
+                    .iter()
+                    .map(|(label, r, l, b)| {
+                        format!(
+                            "{label} {:.0} vs {} {:.0} = {r:.2}×",
+                            l.rps, b.target, b.rps
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                met: Some(both.iter().all(|(_, r, _, _)| *r > 1.0)),
+            }),
+            None => out.push(not_measured(bar)),
+        }
+    }
+    {
+        let bar =
+            "HTTPS full handshakes (c64): req/s within 10 % of the better of nginx and haproxy"
+                .to_owned();
+        match (get(HTTPS_NEW, lb), best(HTTPS_NEW)) {
+            (Some(l), Some(b)) => out.push(Bar {
+                bar,
+                // The client's handshakes share the machine: CPU per handshake too.
+                measured: format!(
+                    "{:.0} vs {} {:.0} = {:.2}×; CPU s/100k {} vs {}",
+                    l.rps,
+                    b.target,
+                    b.rps,
+                    l.rps / b.rps,
+                    ms(l.cpu_s_per_100k),
+                    ms(b.cpu_s_per_100k)
+                ),
+                met: Some(l.rps >= 0.9 * b.rps),
+            }),
+            _ => out.push(not_measured(bar)),
+        }
+    }
     let rows = summaries.iter().filter(|s| s.target == "pingora").count();
     out.push(Bar {
         bar: "a Pingora row beside nginx and haproxy".into(),
@@ -243,6 +298,37 @@ mod tests {
             lb,
         );
         assert_eq!(find(&got, "1 KiB keep-alive c64").met, Some(false));
+    }
+
+    #[test]
+    fn https_bars_need_both_kept_alive_rows_ahead_and_handshakes_within_ten_percent() {
+        let lb = "lb round-robin";
+        let s = |row: &str, t: &str, rps| Summary::for_test(row, t, rps, 1.0, 1.0);
+        let peers = || {
+            vec![
+                s(HTTPS_H1, "nginx", 100.0),
+                s(HTTPS_H1, "haproxy", 90.0),
+                s(HTTPS_H2, "haproxy", 100.0),
+                s(HTTPS_NEW, "nginx", 80.0),
+                s(HTTPS_NEW, "haproxy", 100.0),
+            ]
+        };
+        let with = |lbs: &[(&str, f64)]| {
+            let mut v = peers();
+            v.extend(lbs.iter().map(|(row, rps)| s(row, lb, *rps)));
+            bars(&v, lb)
+        };
+        // The h2 row without lb: not measured; handshakes 0.91 of haproxy's.
+        let got = with(&[(HTTPS_H1, 101.0), (HTTPS_NEW, 91.0)]);
+        assert_eq!(find(&got, "HTTPS kept-alive").met, None);
+        assert_eq!(find(&got, "HTTPS full handshakes").met, Some(true));
+        // Behind haproxy on h2.
+        let got = with(&[(HTTPS_H1, 101.0), (HTTPS_H2, 99.0), (HTTPS_NEW, 89.0)]);
+        assert_eq!(find(&got, "HTTPS kept-alive").met, Some(false));
+        assert_eq!(find(&got, "HTTPS full handshakes").met, Some(false));
+        let got = with(&[(HTTPS_H1, 101.0), (HTTPS_H2, 120.0)]);
+        assert_eq!(find(&got, "HTTPS kept-alive").met, Some(true));
+        assert_eq!(find(&got, "HTTPS full handshakes").met, None);
     }
 
     #[test]

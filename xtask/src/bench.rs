@@ -13,6 +13,13 @@
 //! Pingora is built on demand outside the workspace ([`crate::pingora`]); the report ends
 //! with the bars of issue 11 and this run's value for each ([`crate::bars`]).
 //!
+//! The `https` rows terminate TLS in lb, nginx and haproxy (not Pingora) with one
+//! certificate made per run ([`crate::tls`]): full handshakes per second (the xtask's own
+//! rustls client, [`crate::handshake`]: wrk resumes sessions), and kept-alive HTTP/1.1
+//! (wrk) and h2 (h2load) over TLS. A
+//! target that fails (lb without TLS, say) is reported and dropped from that row; the
+//! others go on.
+//!
 //! Flags: `--quick` (one 2 s round of the headline row and the idle row), `--install`,
 //! `--rounds N`, `--duration SECS`, `--only SUBSTR[,SUBSTR]` (of all rows, those whose name
 //! contains one; with `--quick` too), `--lb-bin PATH[,PATH]` (more lb binaries, labelled
@@ -57,6 +64,20 @@ enum Proto {
     H2c,
     /// `conns` idle HTTP/1.1 connections, one request each: memory per connection.
     Idle,
+    /// HTTPS, HTTP/1.1, a new connection and a full TLS handshake (no resumption) per
+    /// request: [`crate::handshake`]'s client.
+    HttpsNew,
+    /// HTTPS, HTTP/1.1 keep-alive (wrk).
+    HttpsH1,
+    /// HTTPS, HTTP/2 by ALPN (h2load).
+    HttpsH2,
+}
+
+impl Proto {
+    /// Whether the proxy terminates TLS in this row.
+    fn tls(self) -> bool {
+        matches!(self, Self::HttpsNew | Self::HttpsH1 | Self::HttpsH2)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -129,6 +150,10 @@ struct Measure {
     peak_rss_mib: Option<f64>,
     /// The idle row's figures.
     idle: Option<crate::idle::Idle>,
+    /// TLS rows: what an OpenSSL client negotiated with the target ([`crate::tls::probe`]).
+    tls: Option<String>,
+    /// The handshake row: what its rustls client negotiated.
+    tls_rustls: Option<String>,
 }
 
 struct Opts {
@@ -233,9 +258,15 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             }
         }
     }
+    let tls = if rows.iter().any(|r| r.proto.tls()) {
+        Some(crate::tls::generate(&opts.out.join("tls"))?)
+    } else {
+        None
+    };
     let bins = Bins {
         lb,
         pingora: pingora.as_ref().map(|b| b.exe.clone()),
+        tls,
     };
     let total: u64 = rows
         .iter()
@@ -249,6 +280,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     );
     std::fs::write(opts.out.join("report.lua"), LUA).map_err(|e| e.to_string())?;
     let mut results: Vec<(Row, BTreeMap<Target, Vec<Measure>>)> = Vec::new();
+    // (row, target, error) of targets that failed: the others go on.
+    let mut failures: Vec<(String, String, String)> = Vec::new();
     // Rows that share backends (count, body size) share one backend process.
     let mut groups: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
     let order: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
@@ -259,16 +292,33 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let backends = Backends::start(count, body)?;
         for row in rows {
             let mut by_target: BTreeMap<Target, Vec<Measure>> = BTreeMap::new();
+            let mut failed: Vec<Target> = Vec::new();
             for round in 0..opts.rounds {
                 for target in &row.targets {
+                    if failed.contains(target) {
+                        // It failed in an earlier round: not tried again in this row.
+                        bar.inc(1);
+                        continue;
+                    }
                     bar.set_message(format!(
                         "{} · {} · round {}",
                         row.name,
                         target.name(),
                         round + 1
                     ));
-                    let m = measure(&opts, &bins, &row, target, &backends)?;
-                    by_target.entry(target.clone()).or_default().push(m);
+                    if *target != Target::Direct {
+                        port_free()?;
+                    }
+                    match measure(&opts, &bins, &row, target, &backends) {
+                        Ok(m) => by_target.entry(target.clone()).or_default().push(m),
+                        Err(e) => {
+                            bar.suspend(|| {
+                                eprintln!("xtask: {} · {}: {e}", row.name, target.name());
+                            });
+                            failures.push((row.name.clone(), target.name(), e));
+                            failed.push(target.clone());
+                        }
+                    }
                     bar.inc(1);
                 }
             }
@@ -279,13 +329,15 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     bar.finish_and_clear();
     // Back to the order of `rows`: the headline first.
     results.sort_by_key(|(r, _)| order.iter().position(|n| *n == r.name));
-    report(&opts, &pingora_note, &results)
+    report(&opts, &pingora_note, &results, &failures)
 }
 
 /// The binaries the targets run.
 struct Bins {
     lb: PathBuf,
     pingora: Option<PathBuf>,
+    /// The certificate of the HTTPS rows (made when one of them runs).
+    tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Labels the `--lb-bin` paths by file name (by `parent/name` where two share a name).
@@ -496,6 +548,32 @@ fn rows(opts: &Opts, peers: &[Target], h2: bool) -> Vec<Row> {
     if h2 {
         rows.push(row("h2c 1 KiB c64", Proto::H2c, 1024, 64, 3, &core));
     }
+    // HTTPS: lb and the peers that terminate TLS (not Pingora: its peer binary has no TLS
+    // listener); no direct, the backends speak plain HTTP.
+    let tls: Vec<Target> = proxies
+        .iter()
+        .filter(|t| **t != Target::Pingora)
+        .cloned()
+        .collect();
+    rows.push(row(
+        "https handshake 1 KiB c64",
+        Proto::HttpsNew,
+        1024,
+        64,
+        3,
+        &tls,
+    ));
+    rows.push(row(
+        "https keep-alive 1 KiB c64 h1",
+        Proto::HttpsH1,
+        1024,
+        64,
+        3,
+        &tls,
+    ));
+    if h2 {
+        rows.push(row("https h2 1 KiB c64", Proto::HttpsH2, 1024, 64, 3, &tls));
+    }
     rows.push(row(
         "h1 keep-alive 1 KiB c256, 100 backends",
         Proto::H1,
@@ -568,14 +646,15 @@ fn measure(
     backends: &Backends,
 ) -> Result<Measure, String> {
     let proxy = proxy_port();
-    if *target != Target::Direct
-        && std::net::TcpStream::connect(("127.0.0.1", proxy_port())).is_ok()
-    {
-        // Whatever listens there would be measured instead of the target.
-        return Err(format!(
-            "port {proxy} is busy: stop whatever listens there and run again"
-        ));
-    }
+    let tls = if row.proto.tls() {
+        Some(
+            bins.tls
+                .as_ref()
+                .ok_or("no certificate for the HTTPS rows")?,
+        )
+    } else {
+        None
+    };
     // Room for the idle row's connections.
     let nofile = RAISE_NOFILE;
     let (port, mut proxy) = match target {
@@ -591,35 +670,51 @@ fn measure(
                     .ok_or_else(|| format!("no --lb-bin labelled {label}"))?,
             };
             let list: Vec<String> = backends.addrs().map(|a| format!("http://{a}")).collect();
+            let tls_flags = tls.map_or(String::new(), |f| {
+                format!(
+                    " --tls-cert {} --tls-key {}",
+                    f.cert.display(),
+                    f.key.display()
+                )
+            });
             let cmd = format!(
-                "{nofile}; exec {} --listen 127.0.0.1:{proxy} --health-interval 0 --strategy {} --backends {}",
+                "{nofile}; exec {} --listen 127.0.0.1:{proxy} --health-interval 0 --strategy {} --backends {}{tls_flags}",
                 exe.display(),
                 lb.strategy,
                 list.join(",")
             );
+            // lb's stderr to a file, quoted if it does not start.
+            let stderr = std::fs::File::create(opts.out.join("lb-stderr.log"))
+                .map_err(|e| format!("lb-stderr.log: {e}"))?;
             let child = if lb.log {
                 // As users run it: the default filter, the access log to a file.
                 let log = std::fs::File::create(opts.out.join("lb-access.log"))
                     .map_err(|e| format!("lb-access.log: {e}"))?;
-                spawn_sh(&cmd, None, Stdio::from(log))?
+                spawn_sh(&cmd, None, Stdio::from(log), Stdio::from(stderr))?
             } else {
-                spawn_sh(&cmd, Some("warn"), Stdio::null())?
+                spawn_sh(&cmd, Some("warn"), Stdio::null(), Stdio::from(stderr))?
             };
             (proxy_port(), Some(child))
         }
         Target::Nginx => {
-            let conf = nginx_conf(opts, row, backends)?;
+            let conf = nginx_conf(opts, row, backends, tls)?;
             let cmd = format!(
                 "exec nginx -p {} -c {} -g 'daemon off;'",
                 opts.out.display(),
                 conf.display()
             );
-            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (
+                proxy_port(),
+                Some(spawn_sh(&cmd, None, Stdio::null(), Stdio::null())?),
+            )
         }
         Target::Haproxy => {
-            let conf = haproxy_conf(opts, row, backends)?;
+            let conf = haproxy_conf(opts, row, backends, tls)?;
             let cmd = format!("{nofile}; exec haproxy -db -f {}", conf.display());
-            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (
+                proxy_port(),
+                Some(spawn_sh(&cmd, None, Stdio::null(), Stdio::null())?),
+            )
         }
         Target::Pingora => {
             let exe = bins.pingora.as_ref().ok_or("pingora is not built")?;
@@ -630,11 +725,32 @@ fn measure(
                 exe.display(),
                 list.join(",")
             );
-            (proxy_port(), Some(spawn_sh(&cmd, None, Stdio::null())?))
+            (
+                proxy_port(),
+                Some(spawn_sh(&cmd, None, Stdio::null(), Stdio::null())?),
+            )
         }
     };
     let result = (|| {
-        wait_port(port, proxy.as_mut()).map_err(|e| format!("{}: {e}", target.name()))?;
+        wait_port(port, proxy.as_mut()).map_err(|e| match target {
+            Target::Lb(_) => {
+                let said =
+                    std::fs::read_to_string(opts.out.join("lb-stderr.log")).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(3).collect();
+                if tail.is_empty() {
+                    e
+                } else {
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("{e}; lb said: {}", tail.join(" / "))
+                }
+            }
+            _ => e,
+        })?;
+        let negotiated = if row.proto.tls() {
+            crate::tls::probe(port)?
+        } else {
+            None
+        };
         let pid = proxy.as_ref().map(Child::id);
         // Warm up pools and caches, then measure.
         let warm = Row {
@@ -650,7 +766,7 @@ fn measure(
             },
             ..row.clone()
         };
-        load(opts, &warm, port, Duration::from_secs(1))?;
+        load(opts, &warm, port, Duration::from_secs(1), tls)?;
         if row.proto == Proto::Idle {
             let pid = pid.ok_or("the idle row needs a proxy")?;
             let idle = crate::idle::measure(pid, port, row.conns)?;
@@ -663,7 +779,7 @@ fn measure(
             });
         }
         let cpu0 = pid.map(tree_cpu_ticks);
-        let m = load(opts, row, port, opts.duration)?;
+        let m = load(opts, row, port, opts.duration, tls)?;
         let cpu1 = pid.map(tree_cpu_ticks);
         let mut m = m;
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
@@ -671,6 +787,7 @@ fn measure(
             m.cpu_s_per_100k = (m.requests > 0).then(|| secs / m.requests as f64 * 1e5);
         }
         m.peak_rss_mib = pid.map(|p| tree_rss_kib(p) as f64 / 1024.0);
+        m.tls = negotiated;
         Ok(m)
     })();
     if let Some(child) = proxy.as_mut() {
@@ -696,10 +813,15 @@ fn nofile_limit() -> u32 {
 }
 
 /// Starts a proxy through `sh -c` (for `ulimit` and `exec`) with `RUST_LOG` set to
-/// `rust_log` (unset if `None`), its stdout to `stdout`, stderr to nowhere.
-fn spawn_sh(cmd: &str, rust_log: Option<&str>, stdout: Stdio) -> Result<Child, String> {
+/// `rust_log` (unset if `None`), its stdout and stderr to `stdout` and `stderr`.
+fn spawn_sh(
+    cmd: &str,
+    rust_log: Option<&str>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Child, String> {
     let mut c = Command::new("sh");
-    c.arg("-c").arg(cmd).stdout(stdout).stderr(Stdio::null());
+    c.arg("-c").arg(cmd).stdout(stdout).stderr(stderr);
     match rust_log {
         Some(level) => c.env("RUST_LOG", level),
         None => c.env_remove("RUST_LOG"),
@@ -707,10 +829,26 @@ fn spawn_sh(cmd: &str, rust_log: Option<&str>, stdout: Stdio) -> Result<Child, S
     c.spawn().map_err(|e| e.to_string())
 }
 
+/// Errs if something listens on the proxy port: it would be measured instead of the target.
+fn port_free() -> Result<(), String> {
+    let proxy = proxy_port();
+    if std::net::TcpStream::connect(("127.0.0.1", proxy)).is_ok() {
+        return Err(format!(
+            "port {proxy} is busy: stop whatever listens there and run again"
+        ));
+    }
+    Ok(())
+}
+
 fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        // It exited by itself (lb refusing a flag, say): nothing to stop.
+        return;
+    }
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
+        .stderr(Stdio::null())
         .status();
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -750,11 +888,22 @@ fn wait_port_free(port: u16) -> Result<(), String> {
     Ok(())
 }
 
-fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure, String> {
-    let url = format!("http://127.0.0.1:{port}/");
+fn load(
+    opts: &Opts,
+    row: &Row,
+    port: u16,
+    duration: Duration,
+    tls: Option<&crate::tls::TlsFiles>,
+) -> Result<Measure, String> {
+    let scheme = if row.proto.tls() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{port}/");
     let secs = duration.as_secs().max(1);
     match row.proto {
-        Proto::H1 | Proto::H1Close => {
+        Proto::HttpsNew => {
+            let cert = tls.ok_or("no certificate for the handshake row")?;
+            handshakes(row, port, Duration::from_secs(secs), &cert.cert_der)
+        }
+        Proto::H1 | Proto::H1Close | Proto::HttpsH1 => {
             let close = if row.proto == Proto::H1Close {
                 "-H 'Connection: close'"
             } else {
@@ -795,7 +944,7 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
             })
         }
         Proto::Idle => Err("the idle row sends no load".into()),
-        Proto::H2c => {
+        Proto::H2c | Proto::HttpsH2 => {
             let cmd = format!(
                 "ulimit -n $(ulimit -Hn) 2>/dev/null; exec h2load -t2 -c{} -m10 -D {secs} {url}",
                 row.conns
@@ -813,6 +962,11 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
                 .and_then(|s| s.split_whitespace().next())
                 .and_then(|v| v.parse::<f64>().ok())
                 .ok_or_else(|| format!("h2load said: {text}"))?;
+            if row.proto == Proto::HttpsH2
+                && !text.lines().any(|l| l.trim() == "Application protocol: h2")
+            {
+                return Err(format!("h2load did not negotiate h2 by ALPN: {text}"));
+            }
             let field = |name: &str| -> Option<u64> {
                 let l = text.lines().find(|l| l.starts_with("requests:"))?;
                 l.split(", ")
@@ -829,6 +983,35 @@ fn load(opts: &Opts, row: &Row, port: u16, duration: Duration) -> Result<Measure
             })
         }
     }
+}
+
+/// The handshake row's load: [`crate::handshake`]'s rustls client, `row.conns`
+/// connections, a full handshake and one request each time.
+fn handshakes(
+    row: &Row,
+    port: u16,
+    duration: Duration,
+    cert_der: &[u8],
+) -> Result<Measure, String> {
+    let mut run = crate::handshake::run(port, row.conns, duration, row.body, cert_der)?;
+    if run.requests == 0 {
+        return Err(format!(
+            "no handshake and answer succeeded: {}",
+            run.first_error.unwrap_or_default()
+        ));
+    }
+    run.latencies_us.sort_unstable();
+    let p = |q| crate::handshake::percentile_ms(&run.latencies_us, q);
+    Ok(Measure {
+        tls_rustls: run.negotiated.take(),
+        rps: run.requests as f64 / duration.as_secs_f64(),
+        p50_ms: p(50.0),
+        p99_ms: p(99.0),
+        p999_ms: p(99.9),
+        requests: run.requests,
+        errors: run.errors,
+        ..Measure::default()
+    })
 }
 
 /// utime + stime of `pid` and its children (nginx's workers), in clock ticks.
@@ -892,17 +1075,35 @@ fn tree(root: u32) -> Vec<u32> {
     all
 }
 
-fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+fn nginx_conf(
+    opts: &Opts,
+    row: &Row,
+    backends: &Backends,
+    tls: Option<&crate::tls::TlsFiles>,
+) -> Result<PathBuf, String> {
     let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .map(|a| format!("    server {a};\n"))
         .collect();
+    // nginx 1.22 (Debian 12) knows `listen … http2`, not `http2 on;` (1.25.1).
     let h2 = if row.proto == Proto::H2c {
         " http2"
+    } else if row.proto.tls() {
+        // ALPN h2 and http/1.1, as lb and haproxy offer.
+        " ssl http2"
     } else {
         ""
     };
+    // Default ciphers and curves; session cache and tickets on.
+    let ssl = tls.map_or(String::new(), |f| {
+        format!(
+            "    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
+             \x20   ssl_session_cache shared:TLS:10m;\n    ssl_session_tickets on;\n",
+            f.cert.display(),
+            f.key.display()
+        )
+    });
     // The idle row's connections may all land on one worker.
     let (nofile, conns) = if row.proto == Proto::Idle {
         let limit = nofile_limit();
@@ -916,7 +1117,7 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
          events {{ worker_connections {conns}; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
          upstream b {{\n{servers}    keepalive 512;\n  }}\n\
-         server {{\n    listen 127.0.0.1:{proxy}{h2};\n    location / {{\n      proxy_pass http://b;\n\
+         server {{\n    listen 127.0.0.1:{proxy}{h2};\n{ssl}    location / {{\n      proxy_pass http://b;\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
          \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
     );
@@ -927,17 +1128,27 @@ fn nginx_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, St
     Ok(path)
 }
 
-fn haproxy_conf(opts: &Opts, row: &Row, backends: &Backends) -> Result<PathBuf, String> {
+fn haproxy_conf(
+    opts: &Opts,
+    row: &Row,
+    backends: &Backends,
+    tls: Option<&crate::tls::TlsFiles>,
+) -> Result<PathBuf, String> {
     let proxy = proxy_port();
     let servers: String = backends
         .addrs()
         .enumerate()
         .map(|(i, a)| format!("  server s{i} {a}\n"))
         .collect();
-    let proto = if row.proto == Proto::H2c {
-        " proto h2"
-    } else {
-        ""
+    // TLS: default ciphers and curves; its session cache (tune.ssl.cachesize) and
+    // tickets are on by default.
+    let proto = match tls {
+        _ if row.proto == Proto::H2c => " proto h2".to_owned(),
+        Some(f) => format!(
+            " ssl crt {} alpn h2,http/1.1 ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.3",
+            f.combined.display()
+        ),
+        None => String::new(),
     };
     // HAProxy wants two descriptors per connection (and refuses to start without them).
     let maxconn = if row.proto == Proto::Idle {
@@ -1049,6 +1260,7 @@ fn report(
     opts: &Opts,
     pingora_note: &str,
     results: &[(Row, BTreeMap<Target, Vec<Measure>>)],
+    failures: &[(String, String, String)],
 ) -> Result<(), String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |x| format!("{x:.digits$}"));
     let mut md = String::new();
@@ -1129,6 +1341,27 @@ fn report(
         );
         md.push_str(&table);
     }
+    if !failures.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Targets that failed\n\nEach was dropped from its row after its first failure; the other targets ran.\n\n| row | target | error |\n|---|---|---|"
+        );
+        for (row, target, e) in failures {
+            let mut e: String = e.replace(['\n', '|'], " ");
+            if e.len() > 300 {
+                let cut = (0..=300)
+                    .rev()
+                    .find(|i| e.is_char_boundary(*i))
+                    .unwrap_or(0);
+                e.truncate(cut);
+                e.push('…');
+            }
+            let _ = writeln!(md, "| {row} | {target} | {e} |");
+        }
+    }
+    if results.iter().any(|(r, _)| r.proto.tls()) {
+        md.push_str(&tls_notes(results));
+    }
     if !idle_md.is_empty() {
         let _ = writeln!(
             md,
@@ -1167,6 +1400,57 @@ fn report(
         opts.out.display()
     );
     Ok(())
+}
+
+/// The HTTPS rows' notes: certificate, clients, and what each target negotiated.
+fn tls_notes(results: &[(Row, BTreeMap<Target, Vec<Measure>>)]) -> String {
+    let mut md = String::from(
+        "\n### HTTPS rows\n\n\
+         Each proxy terminates TLS with the same ECDSA P-256 self-signed certificate for \
+         localhost and 127.0.0.1 (rcgen, `target/bench/tls/`), TLS 1.2 and 1.3, ALPN h2 and \
+         http/1.1, its default ciphers and groups, session cache and tickets on; the backends \
+         are the plain HTTP ones of the other rows. Pingora has no HTTPS rows (its peer binary \
+         has no TLS listener). `https handshake`: the xtask's rustls client (`cargo xtask \
+         handshake-client`), 2 threads and 64 connections, each a full handshake (resumption \
+         disabled: no session ID, no ticket), one HTTP/1.1 `Connection: close` request and \
+         its answer to the close, then a new connection; latency is connect to last byte. \
+         wrk is not used there: it resumes its TLS session on every reconnection \
+         (`openssl s_time -new` does full handshakes but its OpenSSL 3 client costs about 3× \
+         the server's CPU per handshake, and the row measured mostly it). Client and proxy \
+         share the machine: read CPU s/100k beside req/s. \
+         `https keep-alive … h1`: wrk over https (HTTP/1.1, no ALPN). \
+         `https h2`: h2load over https, h2 by ALPN, the h2c row's settings (`-t2 -c64 -m10`).\n\n\
+         Negotiated: with an OpenSSL client (`openssl s_client -alpn h2,http/1.1`, the library \
+         wrk uses) before each measurement, and by the handshake row's rustls client:\n\n\
+         | target | OpenSSL client | rustls client (handshakes) |\n|---|---|---|\n",
+    );
+    // Per target: the distinct answers of each client over rows and rounds.
+    let mut seen: BTreeMap<String, [Vec<String>; 2]> = BTreeMap::new();
+    for (row, by_target) in results.iter().filter(|(r, _)| r.proto.tls()) {
+        for target in &row.targets {
+            for m in by_target.get(target).into_iter().flatten() {
+                let v = seen.entry(target.name()).or_default();
+                for (i, t) in [&m.tls, &m.tls_rustls].into_iter().enumerate() {
+                    if let Some(t) = t {
+                        if !v[i].contains(t) {
+                            v[i].push(t.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let cell = |v: &[String]| {
+        if v.is_empty() {
+            "–".to_owned()
+        } else {
+            v.join("; ")
+        }
+    };
+    for (target, [openssl, rustls]) in &seen {
+        let _ = writeln!(md, "| {target} | {} | {} |", cell(openssl), cell(rustls));
+    }
+    md
 }
 
 #[cfg(test)]

@@ -10,15 +10,19 @@
 //!   writes `RELIABILITY.md`.
 //! * `cargo xtask backend BASE_PORT COUNT BODY_BYTES`: the benchmark's upstream (internal).
 //! * `cargo xtask idle-open PORT COUNT`: the idle row's connection holder (internal).
+//! * `cargo xtask handshake-client PORT CONNS SECS CERT.pem`: the HTTPS handshake row's
+//!   client on its own (full TLS handshakes, one request each; see `handshake.rs`).
 #![forbid(unsafe_code)]
 
 mod backend;
 mod bars;
 mod bench;
 mod chart;
+mod handshake;
 mod idle;
 mod pingora;
 mod reliability;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
         Some("idle-open") => idle::open(&args[1..]),
         Some("reliability") => reliability::run(&args[1..]),
         Some("chart") => chart::redraw(&args[1..]),
+        Some("handshake-client") => handshake::cli(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             eprintln!("{USAGE}");
             return ExitCode::SUCCESS;
