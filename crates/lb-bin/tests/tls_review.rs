@@ -1,5 +1,5 @@
-//! Hostile review of TLS (review12): each test here demonstrates a defect found in the TLS
-//! support, through the real binary. Certificates are made in the test with rcgen; ports
+//! Regression tests, through the real binary, for the defects the hostile review of TLS
+//! found (each test failed before its fix). Certificates are made in the test with rcgen; ports
 //! are fixed in 24100-24999; every wait is bounded.
 
 mod common;
@@ -169,8 +169,9 @@ fn wait_listening(lb: &mut Lb, addr: SocketAddr) {
 /// SIGHUP reloads the config. After a reload whose `upstream_ca` no longer trusts a
 /// backend's certificate, lb must not keep sending requests to that backend over the TLS
 /// connections it pooled while the old CA was in force: the reload changed what is trusted.
-/// lb keeps reusing them (each reuse refreshing their idle time, so under steady traffic
-/// the old trust lasts for ever), and every request still gets the untrusted backend's 200.
+/// lb used to keep reusing them (each reuse refreshing their idle time, so under steady
+/// traffic the old trust lasted for ever), and every request still got the untrusted
+/// backend's 200.
 #[test]
 fn a_reload_to_an_upstream_ca_that_no_longer_trusts_a_backend_stops_using_its_pooled_connections() {
     let trusted = Pki::new("trusted CA");
@@ -211,8 +212,8 @@ fn a_reload_to_an_upstream_ca_that_no_longer_trusts_a_backend_stops_using_its_po
 
 /// The other side of the test above: a reload that leaves `upstream_ca` as it was (the same
 /// file, the same bytes) keeps the pooled TLS connections: no handshake storm on every
-/// SIGHUP. With `--listen` on port 0, lb runs one worker, so one pooled connection serves
-/// every sequential request.
+/// SIGHUP. Each worker keeps its own pool, so the backend sees at most one connection per
+/// worker over all the sequential requests.
 #[test]
 fn a_reload_that_keeps_upstream_ca_keeps_the_pooled_tls_connections() {
     let trusted = Pki::new("kept CA");
@@ -300,9 +301,9 @@ fn tls_exchange(
     })
 }
 
-/// lb serves HTTP/1.0 clients on a plain port, and HTTP/1.1 over TLS; but a client that
-/// offers ALPN `http/1.0` (as `curl --http1.0` does, and as NGINX and HAProxy accept) is
-/// refused with a `no_application_protocol` alert: lb offers only `h2` and `http/1.1`.
+/// lb serves HTTP/1.0 clients on a plain port, and HTTP/1.1 over TLS; a client that offers
+/// ALPN `http/1.0` (as `curl --http1.0` does, and as NGINX and HAProxy accept) was refused
+/// with a `no_application_protocol` alert while lb offered only `h2` and `http/1.1`.
 #[test]
 fn an_http_1_0_client_over_tls_is_served() {
     let d = dir("http10");
