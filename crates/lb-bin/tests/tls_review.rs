@@ -349,3 +349,69 @@ fn an_http_1_0_client_over_tls_is_served() {
         String::from_utf8_lossy(&h10)
     );
 }
+
+/// Like [`Lb::spawn`], with the system roots read from `roots` (rustls-native-certs honours
+/// `SSL_CERT_FILE`, as OpenSSL does).
+fn spawn_with_system_roots(config: &Path, roots: &Path) -> Lb {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(LB)
+        .arg("--config")
+        .arg(config)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .env("SSL_CERT_FILE", roots)
+        .env_remove("SSL_CERT_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = child.stdout.take().unwrap();
+    let lines = Arc::clone(&stdout);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    Lb { child, stdout }
+}
+
+/// SPEC: `https://` backends are verified against the system roots (plus `upstream_ca`), and
+/// SIGHUP reloads. An operator who removes a root from the system store (a distrusted or
+/// compromised CA) and sends SIGHUP expects lb to stop trusting it, as it did before the
+/// reload kept the old client config whenever `upstream_ca` was unchanged: that check looked
+/// at `upstream_ca` only, so the old roots stayed in force until a restart (and the pooled
+/// connections verified with them went on being used).
+#[test]
+fn a_reload_after_a_system_root_is_removed_stops_trusting_it() {
+    let system = Pki::new("system CA");
+    let other = Pki::new("unrelated CA");
+    let (cert, key) = system.leaf(&["localhost"]);
+    let _backend = TlsBackend::start(25102, &cert, &key, "S");
+    let d = dir("system-roots-reload");
+    let roots = write(&d, "roots.pem", &system.ca_pem);
+    let addr: SocketAddr = "127.0.0.1:25101".parse().unwrap();
+    let config = |strategy: &str| {
+        format!(
+            "listen = [\"{addr}\"]\nstrategy = \"{strategy}\"\n[health]\ninterval = \"0s\"\n\
+             [[backend]]\nurl = \"https://localhost:25102\"\n"
+        )
+    };
+    let path = write(&d, "lb.toml", &config("round-robin"));
+    let mut lb = spawn_with_system_roots(&path, &roots);
+    wait_listening(&mut lb, addr);
+    for _ in 0..4 {
+        assert_eq!(get(addr), (200, "S".to_owned()), "trusted by the system roots");
+    }
+
+    // The system CA is distrusted: gone from the store. Then a reload.
+    std::fs::write(&roots, &other.ca_pem).unwrap();
+    std::fs::write(&path, config("random")).unwrap();
+    lb.signal("HUP");
+    lb.wait_for("the reload", |lb| lb.logged("configuration reloaded") >= 1);
+    let answers: Vec<(u16, String)> = (0..8).map(|_| get(addr)).collect();
+    assert!(
+        answers.iter().all(|(status, _)| *status == 502),
+        "the reload read system roots that no longer trust the backend, yet: {answers:?}"
+    );
+}
