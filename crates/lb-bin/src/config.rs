@@ -170,19 +170,21 @@ pub(crate) struct TlsSettings {
     pub(crate) upstream_ca: Option<PathBuf>,
     /// How `https://` backends are verified: none when there is none.
     pub(crate) client: Option<Arc<rustls::ClientConfig>>,
-    /// The bytes of `upstream_ca` as read, to tell whether a reload changed it.
-    pub(crate) upstream_ca_pem: Option<Vec<u8>>,
+    /// What `client` trusts, as read (the system's roots and `upstream_ca`'s certificates),
+    /// to tell whether a reload changed it.
+    pub(crate) client_roots: Option<Arc<lb_proxy::tls::ClientRoots>>,
 }
 
 impl TlsSettings {
-    /// Keeps `old`'s client config when this one verifies the same way (same `upstream_ca`,
-    /// byte for byte): pooled connections to https backends, and their probes, are then
-    /// kept across a reload rather than all opened afresh.
+    /// Keeps `old`'s client config when this one verifies the same way (the same system
+    /// roots and the same `upstream_ca` certificates, as read): pooled connections to https
+    /// backends, and their probes, are then kept across a reload rather than all opened
+    /// afresh. A root removed from the system store is no longer trusted after a reload.
     pub(crate) fn keep_client_of(&mut self, old: &Self) {
         if self.client.is_some()
             && old.client.is_some()
-            && self.upstream_ca == old.upstream_ca
-            && self.upstream_ca_pem == old.upstream_ca_pem
+            && self.client_roots.is_some()
+            && self.client_roots == old.client_roots
         {
             self.client.clone_from(&old.client);
         }
@@ -702,18 +704,20 @@ fn tls(
         .next()
         .map(|default| Arc::new(Certificates::new(default, loaded)));
     let upstream_ca = t.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
-    let upstream_ca_pem = upstream_ca.as_ref().and_then(|p| std::fs::read(p).ok());
     let https = backends
         .iter()
         .any(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| a.https));
-    let client = if https || upstream_ca.is_some() {
-        let c = lb_proxy::tls::client_config(upstream_ca.as_deref()).map_err(|e| {
+    let (client, client_roots) = if https || upstream_ca.is_some() {
+        let on_ca = |e: lb_proxy::tls::TlsError| {
             let span = t.upstream_ca.as_ref().map(Spanned::span);
             fail("tls.upstream_ca", span, e.to_string())
-        })?;
-        Some(Arc::new(c))
+        };
+        // The config is built from the roots compared on reload: the same bytes.
+        let roots = lb_proxy::tls::ClientRoots::load(upstream_ca.as_deref()).map_err(on_ca)?;
+        let c = roots.client_config().map_err(on_ca)?;
+        (Some(Arc::new(c)), Some(Arc::new(roots)))
     } else {
-        None
+        (None, None)
     };
     Ok(TlsSettings {
         files: pairs
@@ -724,7 +728,7 @@ fn tls(
         names,
         upstream_ca,
         client,
-        upstream_ca_pem,
+        client_roots,
     })
 }
 

@@ -401,7 +401,11 @@ fn a_reload_after_a_system_root_is_removed_stops_trusting_it() {
     let mut lb = spawn_with_system_roots(&path, &roots);
     wait_listening(&mut lb, addr);
     for _ in 0..4 {
-        assert_eq!(get(addr), (200, "S".to_owned()), "trusted by the system roots");
+        assert_eq!(
+            get(addr),
+            (200, "S".to_owned()),
+            "trusted by the system roots"
+        );
     }
 
     // The system CA is distrusted: gone from the store. Then a reload.

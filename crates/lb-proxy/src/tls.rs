@@ -280,41 +280,81 @@ pub fn server_config(
 /// # Errors
 /// `extra` cannot be read, holds no certificate, or one rustls cannot use as a root.
 pub fn client_config(extra: Option<&Path>) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        tracing::debug!(target: "lb::tls", error = %e, "a system root certificate could not be read");
-    }
-    let (_, unusable) = roots.add_parsable_certificates(native.certs);
-    if unusable > 0 {
-        tracing::debug!(target: "lb::tls", unusable, "system root certificates rustls cannot use");
-    }
-    let mut pinned = Vec::new();
-    if let Some(path) = extra {
-        for cert in certificates(path)? {
-            roots.add(cert.clone()).map_err(|e| TlsError::Invalid {
-                path: path.to_owned(),
-                why: format!("not a CA certificate rustls can use: {e}"),
-            })?;
-            pinned.push(cert);
+    ClientRoots::load(extra)?.client_config()
+}
+
+/// What `https://` backends are trusted by, as read: the system's roots and the
+/// certificates of `upstream_ca`. Equal roots verify the same way, so a reload that reads
+/// equal ones may keep the client config built from the old (and its pooled connections).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRoots {
+    system: Vec<CertificateDer<'static>>,
+    extra: Option<(PathBuf, Vec<CertificateDer<'static>>)>,
+}
+
+impl ClientRoots {
+    /// Reads the system's roots and `extra`'s certificates.
+    ///
+    /// # Errors
+    /// `extra` cannot be read or holds no certificate.
+    pub fn load(extra: Option<&Path>) -> Result<Self, TlsError> {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(target: "lb::tls", error = %e, "a system root certificate could not be read");
         }
+        let extra = match extra {
+            Some(path) => Some((path.to_owned(), certificates(path)?)),
+            None => None,
+        };
+        Ok(Self {
+            system: native.certs,
+            extra,
+        })
     }
-    let invalid = |e: String| TlsError::Invalid {
-        path: extra.map(Path::to_owned).unwrap_or_default(),
-        why: e,
-    };
-    let inner =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| invalid(e.to_string()))?;
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| invalid(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Verifier { inner, pinned }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+
+    /// The client config verifying with these roots (see [`client_config`]).
+    ///
+    /// # Errors
+    /// A certificate of `upstream_ca` rustls cannot use as a root.
+    pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let mut roots = RootCertStore::empty();
+        let (_, unusable) = roots.add_parsable_certificates(self.system.iter().cloned());
+        if unusable > 0 {
+            tracing::debug!(target: "lb::tls", unusable, "system root certificates rustls cannot use");
+        }
+        let mut pinned = Vec::new();
+        if let Some((path, certs)) = &self.extra {
+            for cert in certs {
+                roots.add(cert.clone()).map_err(|e| TlsError::Invalid {
+                    path: path.clone(),
+                    why: format!("not a CA certificate rustls can use: {e}"),
+                })?;
+                pinned.push(cert.clone());
+            }
+        }
+        let invalid = |e: String| TlsError::Invalid {
+            path: self
+                .extra
+                .as_ref()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default(),
+            why: e,
+        };
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| invalid(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier { inner, pinned }))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
 }
 
 /// Verifies backends' certificates as webpki does, and also accepts a certificate that is
