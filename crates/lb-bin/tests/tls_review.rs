@@ -1,6 +1,6 @@
 //! Regression tests, through the real binary, for the defects the hostile review of TLS
 //! found (each test failed before its fix). Certificates are made in the test with rcgen; ports
-//! are fixed in 24100-24999; every wait is bounded.
+//! are fixed in 24100-24999 and 25101-25102; every wait is bounded.
 
 mod common;
 
