@@ -403,7 +403,18 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     // TLS first: a request routed to a new https backend finds its verifier in force. New
     // connections get the new certificates; established ones keep theirs.
     let old_tls = proxy.tls();
-    proxy.set_tls(tls);
+    // Until the swap, requests on the old routes may still pick an https backend the new
+    // config dropped: the old verifier stays for them while there is no new one.
+    let needs_old_client = tls.client.is_none() && old_tls.client.is_some();
+    let during = lb_proxy::TlsConfig {
+        server: tls.server.clone(),
+        client: tls.client.clone().or_else(|| old_tls.client.clone()),
+    };
+    proxy.set_tls(if needs_old_client {
+        during
+    } else {
+        tls.clone()
+    });
     let swapped = if same_balancer {
         // Building the routes changes the balancer in force: build and swap as one step,
         // or a request between the two could pick a backend its routes do not know.
@@ -456,6 +467,9 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .checker = old_checker;
         return;
+    }
+    if needs_old_client {
+        proxy.set_tls(tls);
     }
     let targets = probe_targets(&proxy.routes(), new.tls.client.as_ref()).await;
     let checker = if new.health == old_settings.health && old_checker.is_some() {
