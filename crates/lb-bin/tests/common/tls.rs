@@ -339,6 +339,8 @@ pub struct HttpsBackend {
     pub seen: Arc<Mutex<Vec<SeenRequest>>>,
     /// Handshakes that failed (a client that refused the certificate, say).
     pub failed_handshakes: Arc<AtomicU64>,
+    /// Connections accepted (over TLS: whose handshake succeeded).
+    pub connections: Arc<AtomicU64>,
 }
 
 impl HttpsBackend {
@@ -370,7 +372,8 @@ impl HttpsBackend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let failed_handshakes = Arc::new(AtomicU64::new(0));
-        let (s, f) = (seen.clone(), failed_handshakes.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let (s, f, c) = (seen.clone(), failed_handshakes.clone(), connections.clone());
         let body = Bytes::from(name.to_owned());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -383,15 +386,22 @@ impl HttpsBackend {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (acceptor, s, f, body) =
-                        (acceptor.clone(), s.clone(), f.clone(), body.clone());
+                    let (acceptor, s, f, c, body) = (
+                        acceptor.clone(),
+                        s.clone(),
+                        f.clone(),
+                        c.clone(),
+                        body.clone(),
+                    );
                     tokio::spawn(async move {
                         let Some(acceptor) = acceptor else {
+                            c.fetch_add(1, Ordering::SeqCst);
                             serve(stream, None, s, body).await;
                             return;
                         };
                         match tokio::time::timeout(DEADLINE, acceptor.accept(stream)).await {
                             Ok(Ok(tls)) => {
+                                c.fetch_add(1, Ordering::SeqCst);
                                 let sni = tls.get_ref().1.server_name().map(str::to_owned);
                                 serve(tls, sni, s, body).await;
                             }
@@ -407,6 +417,7 @@ impl HttpsBackend {
             addr,
             seen,
             failed_handshakes,
+            connections,
         }
     }
 
