@@ -1,9 +1,17 @@
 //! Backends: their identity, their weight, and the live counters the hot path reads.
 //!
-//! A backend is named by its address as written (`"http://127.0.0.1:3031"` or `"10.0.0.1:80"`):
-//! the core never parses or dials it, it only needs a stable identity. The [`Balancer`]
-//! assigns each address a [`BackendId`] that stays the same for as long as the address stays
-//! in the set, so a reload that keeps a backend keeps its health, ejection and load state.
+//! A backend has an address as written (`"http://127.0.0.1:3031"` or `"10.0.0.1:80"`), shown
+//! in `/status` and logs, and an *identity*: the string that says which backend it is. The
+//! core never parses or dials either. By default the identity is the address; an embedder
+//! that accepts one backend written several ways (`http://a:1`, `http://a:1/`, `A:1`) gives
+//! [`Backend::with_identity`] one normalized form of it.
+//!
+//! The identity is what consistent hashing places a backend by, so **give every instance the
+//! same identity for the same backend**: then any balancers given the same backends (in any
+//! order, whatever ids they were assigned) send each key to the same one. The [`Balancer`]
+//! assigns each backend a [`BackendId`] that stays the same for as long as the backend stays
+//! in the set (same identity, same address), so a reload that keeps a backend keeps its
+//! health, ejection and load state.
 //!
 //! [`Balancer`]: crate::Balancer
 
@@ -71,35 +79,58 @@ impl Default for Weight {
     }
 }
 
-/// One backend as configured: an address (its identity) and a weight.
+/// One backend as configured: an address, an identity (by default the address) and a weight.
 ///
 /// ```
 /// use lb_core::{Backend, Weight};
-/// let b = Backend::new("http://127.0.0.1:3031", Weight::new(3).unwrap());
-/// assert_eq!(b.addr(), "http://127.0.0.1:3031");
+/// let b = Backend::new("HTTP://127.0.0.1:3031/", Weight::new(3).unwrap());
+/// assert_eq!(b.addr(), "HTTP://127.0.0.1:3031/");
+/// assert_eq!(b.identity(), "HTTP://127.0.0.1:3031/");
 /// assert_eq!(b.weight().get(), 3);
+/// // The same backend, as every instance should name it:
+/// let b = b.with_identity("http://127.0.0.1:3031");
+/// assert_eq!(b.identity(), "http://127.0.0.1:3031");
+/// assert_eq!(b.addr(), "HTTP://127.0.0.1:3031/");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
     addr: String,
+    identity: Option<String>,
     weight: Weight,
 }
 
 // === impl Backend ===
 
 impl Backend {
-    /// A backend with the given address and weight.
+    /// A backend with the given address and weight; its identity is the address.
     pub fn new(addr: impl Into<String>, weight: Weight) -> Self {
         Self {
             addr: addr.into(),
+            identity: None,
             weight,
         }
     }
 
-    /// The address, exactly as given (also the key consistent hashing places it by).
+    /// The same backend with `identity` as its identity: the string consistent hashing places
+    /// it by and duplicates are detected by. Give every balancer instance the same identity
+    /// for the same backend, however its address is written (a normalized
+    /// `scheme://host:port`, or the resolved `ip:port` of a discovered backend).
+    #[must_use]
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// The address, exactly as given (what `/status` and logs show).
     #[must_use]
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The identity: what [`Backend::with_identity`] set, else the address.
+    #[must_use]
+    pub fn identity(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.addr)
     }
 
     /// The configured weight.
@@ -127,6 +158,8 @@ const AT_MASK: u64 = (1 << AT_BITS) - 1;
 pub(crate) struct BackendState {
     pub(crate) id: BackendId,
     pub(crate) addr: String,
+    /// What consistent hashing places it by (see [`Backend::identity`]).
+    pub(crate) identity: String,
     /// Attempts sent and not yet finished.
     pub(crate) in_flight: AtomicU32,
     /// Consecutive connection-level failures (refused, timed out, reset, a broken body); reset
@@ -154,10 +187,17 @@ pub(crate) struct BackendState {
 // === impl BackendState ===
 
 impl BackendState {
+    /// State whose identity is its address.
     pub(crate) fn new(id: BackendId, addr: String) -> Self {
+        let identity = addr.clone();
+        Self::with_identity(id, addr, identity)
+    }
+
+    pub(crate) fn with_identity(id: BackendId, addr: String, identity: String) -> Self {
         Self {
             id,
             addr,
+            identity,
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             errors: AtomicU64::new(0),

@@ -20,7 +20,8 @@ use crate::upstream::PoolKey;
 pub struct Target {
     /// `host:port` to connect to (and the `backend` label of metrics).
     pub authority: Authority,
-    /// The backend's URL as configured (its identity in lb-core and in `/status`).
+    /// The backend's URL as configured (what `/status` and logs show; lb-core places it by
+    /// its normalized [`BackendAddr::identity`]).
     pub url: Arc<str>,
     /// Its connections in the upstream pool.
     pub(crate) key: PoolKey,
@@ -130,11 +131,13 @@ impl Routes {
         for (url, weight) in backends {
             parsed.push((parse_backend(url)?, url.clone(), *weight));
         }
+        // The URL as written for `/status` and logs; the normalized address as the identity,
+        // so every instance places keys alike however its config spells a backend.
         let ids = balancer
             .set_backends(
-                parsed
-                    .iter()
-                    .map(|(_, url, w)| Backend::new(url.clone(), *w)),
+                parsed.iter().map(|(addr, url, w)| {
+                    Backend::new(url.clone(), *w).with_identity(addr.identity())
+                }),
                 now,
             )
             .map_err(RouteError::Core)?;
@@ -228,14 +231,48 @@ pub struct BackendAddr {
 }
 
 impl BackendAddr {
-    /// What makes two backends the same (SPEC: the same scheme, host and port as written).
+    /// What makes two backends the same: [`backend_identity`] of its scheme, host and port.
+    /// `http://127.0.0.1:3031`, `http://127.0.0.1:3031/`, `127.0.0.1:3031` and
+    /// `HTTP://127.0.0.1:3031` are one backend.
     #[must_use]
     pub fn identity(&self) -> String {
-        let scheme = if self.https { "https" } else { "http" };
-        format!(
-            "{scheme}://{}",
-            self.authority.as_str().to_ascii_lowercase()
+        // `parse_backend` checked there is a port.
+        backend_identity(
+            self.https,
+            self.authority.host(),
+            self.authority.port_u16().unwrap_or(0),
         )
+    }
+}
+
+/// A backend's identity, however its address was written or found: `http://host:port` or
+/// `https://host:port` (the scheme is part of it), the host lower-case without a trailing dot,
+/// an IP address in its canonical form (`[::1]`, not `[0:0::1]`).
+///
+/// lb-core places consistent-hash keys by this string (given as
+/// [`Backend::with_identity`]), so every lb instance given the same backend, from any
+/// config or from DNS, must name it by this one function. A backend found by DNS is
+/// `backend_identity(https, &ip.to_string(), port)`.
+///
+/// ```
+/// use lb_proxy::backend_identity;
+/// assert_eq!(backend_identity(false, "Api.Example.", 80), "http://api.example:80");
+/// assert_eq!(backend_identity(true, "[0:0::1]", 443), "https://[::1]:443");
+/// assert_eq!(backend_identity(false, "127.0.0.1", 3031), "http://127.0.0.1:3031");
+/// ```
+#[must_use]
+pub fn backend_identity(https: bool, host: &str, port: u16) -> String {
+    let scheme = if https { "https" } else { "http" };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => format!("{scheme}://{}", SocketAddr::new(ip, port)),
+        Err(_) => {
+            let host = host.strip_suffix('.').unwrap_or(host);
+            format!("{scheme}://{}:{port}", host.to_ascii_lowercase())
+        }
     }
 }
 
@@ -320,6 +357,24 @@ mod tests {
         ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
+        let one = parse_backend("http://127.0.0.1:3031").unwrap().identity();
+        assert_eq!(one, "http://127.0.0.1:3031");
+        for same in [
+            "http://127.0.0.1:3031/",
+            "127.0.0.1:3031",
+            "HTTP://127.0.0.1:3031",
+            "Http://127.0.0.1:3031/",
+        ] {
+            assert_eq!(parse_backend(same).unwrap().identity(), one, "{same}");
+        }
+        assert_eq!(
+            parse_backend("http://[0:0::1]:9000").unwrap().identity(),
+            parse_backend("[::1]:9000").unwrap().identity()
+        );
+        assert_eq!(
+            parse_backend("http://LocalHost.:80").unwrap().identity(),
+            "http://localhost:80"
+        );
         let tls = parse_backend("https://Api.Example:8443").unwrap();
         assert!(tls.https);
         assert_eq!(tls.identity(), "https://api.example:8443");

@@ -178,13 +178,14 @@ impl<S: Select> Balancer<S> {
 
     // --- commands ---
 
-    /// Replaces the backend set. Backends whose address stays keep their id, health,
+    /// Replaces the backend set. Backends whose identity and address stay keep their id, health,
     /// ejection and load; new ones start healthy (with slow start, unless this is the first
     /// set or the strategy is consistent hashing); removed ones are never picked again, from
     /// the moment this is called. Returns the ids in the order given.
     ///
     /// # Errors
-    /// [`ConfigError::DuplicateBackend`] if an address appears twice; nothing changes then.
+    /// [`ConfigError::DuplicateBackend`] if an identity ([`Backend::identity`]) appears twice;
+    /// nothing changes then.
     pub fn set_backends(
         &self,
         backends: impl IntoIterator<Item = Backend>,
@@ -192,7 +193,7 @@ impl<S: Select> Balancer<S> {
     ) -> Result<Vec<BackendId>, ConfigError> {
         let backends: Vec<Backend> = backends.into_iter().collect();
         let mut seen = HashSet::new();
-        if let Some(dup) = backends.iter().find(|b| !seen.insert(b.addr())) {
+        if let Some(dup) = backends.iter().find(|b| !seen.insert(b.identity())) {
             return Err(ConfigError::DuplicateBackend(dup.addr().to_owned()));
         }
         self.ticks(now);

@@ -213,17 +213,31 @@ impl<S: Select> Balancer<S> {
         let mut old: HashMap<String, Member> = ctl
             .members
             .drain(..)
-            .map(|m| (m.state.addr.clone(), m))
+            .map(|m| (m.state.identity.clone(), m))
             .collect();
         let mut ids = Vec::with_capacity(backends.len());
+        let mut rewritten = Vec::new();
         for b in backends {
-            let member = if let Some(mut m) = old.remove(b.addr()) {
+            // Kept only if it is still written the same (its state shows the address); one
+            // written anew is a new member, and the old one goes as a removed one does.
+            let kept = match old.remove(b.identity()) {
+                Some(m) if m.state.addr != b.addr() => {
+                    rewritten.push(m);
+                    None
+                }
+                kept => kept,
+            };
+            let member = if let Some(mut m) = kept {
                 m.weight = b.weight();
                 m
             } else {
                 let id = BackendId(ctl.next_id);
                 ctl.next_id += 1;
-                let state = Arc::new(BackendState::new(id, b.addr().to_owned()));
+                let state = Arc::new(BackendState::with_identity(
+                    id,
+                    b.addr().to_owned(),
+                    b.identity().to_owned(),
+                ));
                 self.latency.start(&state, self.ticks(now));
                 Member {
                     state,
@@ -237,7 +251,7 @@ impl<S: Select> Balancer<S> {
             ctl.members.push(member);
         }
         // Removed: never picked again, from this instant, whatever snapshot a pick reads.
-        for m in old.values() {
+        for m in old.values().chain(&rewritten) {
             m.state
                 .hidden
                 .store(true, std::sync::atomic::Ordering::Relaxed);

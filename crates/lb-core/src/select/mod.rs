@@ -59,7 +59,7 @@ pub struct Candidate {
 impl Candidate {
     /// A candidate with counters of its own, outside any [`Balancer`](crate::Balancer): for
     /// testing or benchmarking a [`Select`] implementation on its own. It is not ramping:
-    /// its effective weight is the configured one at 100 %.
+    /// its effective weight is the configured one at 100 %. Its identity is `addr`.
     #[must_use]
     pub fn detached(id: BackendId, addr: impl Into<String>, weight: u32) -> Self {
         Self {
@@ -69,16 +69,42 @@ impl Candidate {
         }
     }
 
+    /// Like [`Candidate::detached`], with an identity other than the address.
+    #[must_use]
+    pub fn detached_with_identity(
+        id: BackendId,
+        addr: impl Into<String>,
+        identity: impl Into<String>,
+        weight: u32,
+    ) -> Self {
+        Self {
+            weight: weight.max(1).saturating_mul(100),
+            base_weight: weight.max(1),
+            state: Arc::new(BackendState::with_identity(
+                id,
+                addr.into(),
+                identity.into(),
+            )),
+        }
+    }
+
     /// The backend's id.
     #[must_use]
     pub fn id(&self) -> BackendId {
         self.state.id
     }
 
-    /// The backend's address as configured (the identity consistent hashing places it by).
+    /// The backend's address as configured (what `/status` and logs show).
     #[must_use]
     pub fn addr(&self) -> &str {
         &self.state.addr
+    }
+
+    /// The backend's identity (see [`Backend::identity`](crate::Backend::identity)): what
+    /// consistent hashing places it by. The address unless the embedder gave another.
+    #[must_use]
+    pub fn identity(&self) -> &str {
+        &self.state.identity
     }
 
     /// Effective weight: the configured weight scaled by slow start, in hundredths
