@@ -59,6 +59,7 @@ struct File {
     listen: Option<S<Vec<S<String>>>>,
     port: Option<S<u16>>,
     admin: Option<S<String>>,
+    admin_token: Option<S<String>>,
     strategy: Option<S<String>>,
     hash_key: Option<S<String>>,
     log_format: Option<S<String>>,
@@ -213,6 +214,9 @@ pub(crate) struct Settings {
     pub(crate) backends: Vec<(String, Weight)>,
     pub(crate) log_format: LogFormat,
     pub(crate) tls: TlsSettings,
+    /// The admin API's bearer token (`--admin-token-file` or `admin_token`): none, and its
+    /// mutating endpoints answer 403.
+    pub(crate) admin_token: Option<crate::admin::Token>,
 }
 
 /// Reads the config file (if any), applies the flags over it, validates everything.
@@ -567,6 +571,7 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     }
 
     let core = core_config(h, f, cx)?;
+    let admin_token = admin_token(cli, f, cx)?;
     let proxy = proxy_config(f, cx)?;
     let nt = Timeouts::default();
     let t = f.timeouts.as_ref().unwrap_or(&nt);
@@ -594,7 +599,43 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         backends,
         log_format,
         tls,
+        admin_token,
     })
+}
+
+/// `--admin-token-file` (one line, its newline ignored) or else `admin_token`.
+fn admin_token(
+    cli: &Cli,
+    f: &File,
+    cx: &Cx<'_>,
+) -> Result<Option<crate::admin::Token>, ConfigError> {
+    if let Some(path) = &cli.admin_token_file {
+        let err = |message: String| ConfigError {
+            file: Some(path.clone()),
+            line: None,
+            key: "--admin-token-file".into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read the admin token file: {e}")))?;
+        let line = text
+            .strip_suffix('\n')
+            .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+        if line.is_empty() {
+            return Err(err("the admin token file is empty".into()));
+        }
+        if line.contains('\n') {
+            return Err(err("the admin token file must hold one line".into()));
+        }
+        return Ok(Some(crate::admin::Token::new(line)));
+    }
+    match &f.admin_token {
+        Some(t) if t.get_ref().is_empty() => {
+            cx.err("admin_token", Some(t.span()), "must not be empty")
+        }
+        Some(t) => Ok(Some(crate::admin::Token::new(t.get_ref()))),
+        None => Ok(None),
+    }
 }
 
 /// `[tls]` and `--tls-cert`/`--tls-key` (each flag replaces its key): the certificates read
