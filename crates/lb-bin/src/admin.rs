@@ -115,10 +115,10 @@ fn route(req: &Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Response<
     }
 }
 
-/// Whether a request may use the mutating endpoints: `Err` is the answer when not.
-fn authorize(req: &Request<Incoming>, token: Option<&Token>) -> Result<(), Response<Full<Bytes>>> {
+/// The answer to a request that may not use the mutating endpoints; none if it may.
+fn refusal(req: &Request<Incoming>, token: Option<&Token>) -> Option<Response<Full<Bytes>>> {
     let Some(token) = token else {
-        return Err(text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             "the admin API is off: set admin_token or --admin-token-file\n".into(),
         ));
@@ -137,10 +137,10 @@ fn authorize(req: &Request<Incoming>, token: Option<&Token>) -> Result<(), Respo
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
-            Err(r)
+            Some(r)
         }
-        Some(given) if token.matches(given) => Ok(()),
-        Some(_) => Err(text(StatusCode::FORBIDDEN, "wrong token\n".into())),
+        Some(given) if token.matches(given) => None,
+        Some(_) => Some(text(StatusCode::FORBIDDEN, "wrong token\n".into())),
     }
 }
 
@@ -160,7 +160,7 @@ async fn backends(req: Request<Incoming>, control: &Control) -> Response<Full<By
             "POST /backends, PATCH or DELETE /backends/{host:port}\n".into(),
         );
     }
-    if let Err(r) = authorize(&req, control.token().as_ref()) {
+    if let Some(r) = refusal(&req, control.token().as_ref()) {
         return r;
     }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {

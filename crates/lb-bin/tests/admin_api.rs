@@ -491,3 +491,37 @@ fn help_lists_the_token_flag_and_token_file_errors_exit_1_naming_the_file() {
     let _ = child.wait();
     assert_eq!((other, right), (403, 201), "the flag wins");
 }
+
+#[test]
+fn probes_follow_added_and_removed_backends() {
+    let a = Counting::start("A");
+    let b = Counting::start("B");
+    let listen = free_port_addr();
+    let admin_addr = free_port_addr();
+    let text = format!(
+        "listen = [\"{listen}\"]\nadmin = \"{admin_addr}\"\nadmin_token = \"{TOKEN}\"\n\
+         [health]\ninterval = \"100ms\"\npath = \"{PROBE_PATH}\"\n\
+         [[backend]]\nurl = \"{}\"\n",
+        a.url()
+    );
+    let (_, path) = write_temp_config("admin-probes", &text);
+    let mut lb = Lb::spawn(&path);
+    lb.wait_for("lb to probe A", |_| a.probes() > 0);
+    assert_eq!(b.probes(), 0);
+    let post = format!(r#"{{"url": "{}"}}"#, b.url());
+    assert_eq!(admin(admin_addr, "POST", "/backends", &post).0, 201);
+    lb.wait_for("probes of the added backend", |_| b.probes() > 0);
+    assert_eq!(state_of(admin_addr, &b.url()).as_deref(), Some("up"));
+    let probes_of_a = a.probes();
+    assert_eq!(
+        admin(admin_addr, "DELETE", &format!("/backends/{}", b.addr), "").0,
+        200
+    );
+    let after = b.probes();
+    // Ten probe intervals: A is probed on, the removed B at most once more (one in flight).
+    lb.wait_for("A's probes to go on", |_| a.probes() >= probes_of_a + 10);
+    assert!(
+        b.probes() <= after + 1,
+        "the removed backend is still probed"
+    );
+}
