@@ -1253,6 +1253,48 @@ weight = 1
     }
 
     #[test]
+    fn admin_token_from_the_key_or_the_file_which_wins() {
+        let base = "[[backend]]\nurl = \"http://a:1\"\n";
+        let s = with_file(base, &[]).unwrap();
+        assert_eq!(s.admin_token, None);
+        let s = with_file(&format!("admin_token = \"k\"\n{base}"), &[]).unwrap();
+        assert_eq!(s.admin_token, Some(crate::admin::Token::new("k")));
+        let e = with_file(&format!("admin_token = 1\n{base}"), &[]).unwrap_err();
+        assert_eq!(e.key, "admin_token", "{e}");
+        let e = with_file(
+            &format!("strategy = \"random\"\nadmin_token = \"\"\n{base}"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "admin_token"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\r\n").unwrap();
+        let flag = file.display().to_string();
+        let s = with_file(
+            &format!("admin_token = \"k\"\n{base}"),
+            &["--admin-token-file", &flag],
+        )
+        .unwrap();
+        assert_eq!(
+            s.admin_token,
+            Some(crate::admin::Token::new("from-file")),
+            "the flag wins"
+        );
+        for (text, why) in [("", "empty"), ("\n", "empty"), ("a\nb\n", "one line")] {
+            std::fs::write(&file, text).unwrap();
+            let e = with_file(base, &["--admin-token-file", &flag]).unwrap_err();
+            assert_eq!(e.file.as_deref(), Some(file.as_path()), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let missing = dir.join("missing").display().to_string();
+        let e = with_file(base, &["--admin-token-file", &missing]).unwrap_err();
+        assert!(e.to_string().starts_with(&missing), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_key_and_line() {
         let e = with_file("strategy = \"round-robin\"\nbogus = 1\n", &[]).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "bogus"), "{e}");

@@ -286,23 +286,7 @@ fn a_drained_backend_finishes_its_request_in_flight_and_takes_no_new_one() {
         &with_token("round-robin"),
         &[(slow.url(), 1), (b.url(), 1)],
     );
-    // Requests until one is in flight on SLOW (round robin: within two).
-    let listen = r.listen;
-    let mut in_flight = None;
-    for _ in 0..4 {
-        let before = (slow.hits(), b.hits());
-        let t = std::thread::spawn(move || get(listen));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while (slow.hits(), b.hits()) == before && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if slow.hits() > before.0 {
-            in_flight = Some(t);
-            break;
-        }
-        assert_eq!(t.join().unwrap().0, 200);
-    }
-    let in_flight = in_flight.expect("a request reached SLOW");
+    let in_flight = in_flight_on(&slow, &b, r.listen);
 
     let path = format!("/backends/{}", slow.addr);
     let (code, entry) = admin(r.admin, "PATCH", &path, r#"{"drain": true}"#);
@@ -337,6 +321,52 @@ fn a_drained_backend_finishes_its_request_in_flight_and_takes_no_new_one() {
         assert_eq!(get(r.listen).0, 200);
     }
     assert_eq!(slow.hits(), s0 + 1, "drain false restores it");
+}
+
+/// Sends requests (round robin over `slow` and `other`: within two) until one is in flight
+/// on `slow`; that request's thread.
+fn in_flight_on(
+    slow: &Backend,
+    other: &Backend,
+    listen: SocketAddr,
+) -> std::thread::JoinHandle<(u16, String)> {
+    for _ in 0..4 {
+        let before = (slow.hits(), other.hits());
+        let t = std::thread::spawn(move || get(listen));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (slow.hits(), other.hits()) == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if slow.hits() > before.0 {
+            return t;
+        }
+        assert_eq!(t.join().unwrap().0, 200);
+    }
+    panic!("no request reached the slow backend");
+}
+
+#[test]
+fn delete_lets_the_request_in_flight_finish() {
+    let slow = Backend::start_delayed("SLOW", Duration::from_millis(1500));
+    let b = Backend::start("B");
+    let r = start(
+        "admin-delete",
+        &with_token("round-robin"),
+        &[(slow.url(), 1), (b.url(), 1)],
+    );
+    let in_flight = in_flight_on(&slow, &b, r.listen);
+    let (code, entry) = admin(r.admin, "DELETE", &format!("/backends/{}", slow.addr), "");
+    assert_eq!(code, 200, "{entry}");
+    let entry: Value = serde_json::from_str(&entry).unwrap();
+    assert_eq!(entry["state"], "draining");
+    assert_eq!(entry["active_requests"], 1);
+    let s0 = slow.hits();
+    for _ in 0..4 {
+        assert_eq!(get(r.listen), (200, "B".into()));
+    }
+    assert_eq!(slow.hits(), s0);
+    assert!(state_of(r.admin, &slow.url()).is_none());
+    assert_eq!(in_flight.join().unwrap(), (200, "SLOW".into()));
 }
 
 #[test]
