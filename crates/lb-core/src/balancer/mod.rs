@@ -64,7 +64,8 @@ const EVENT_QUEUE: usize = 4096;
 /// * inputs: [`start`](Self::start), [`handle_outcome`](Self::handle_outcome),
 ///   [`finish`](Self::finish), [`abandon`](Self::abandon), [`handle_probe`](Self::handle_probe),
 ///   [`handle_timeout`](Self::handle_timeout);
-/// * commands: [`set_backends`](Self::set_backends);
+/// * commands: [`set_backends`](Self::set_backends), [`set_draining`](Self::set_draining),
+///   [`set_weight`](Self::set_weight);
 /// * outputs: [`poll_timeout`](Self::poll_timeout), [`poll_event`](Self::poll_event).
 ///
 /// After any input, re-arm your timer from `poll_timeout` and drain `poll_event`.

@@ -364,9 +364,10 @@ impl<S: Select> Balancer<S> {
     /// Drains a backend (`on`) or ends its drain. A draining backend takes no new request
     /// under any strategy, retries included, from the moment this returns (consistent-hash
     /// keys move off it as if it had left); attempts in flight on it go on and finish as
-    /// usual. It keeps its id, health, ejection and counters, and [`set_backends`]
-    /// (Self::set_backends) keeps a drain of a backend that stays (end it with `on =
-    /// false`). The eligible share panic mode compares with its threshold still counts it.
+    /// usual. It keeps its id, health, ejection and counters, and
+    /// [`set_backends`](Self::set_backends) keeps the drain of a backend that stays (end it
+    /// with `on = false`). The eligible share that panic mode compares with its threshold
+    /// still counts it (panic mode never overrides a drain).
     ///
     /// Returns false, changing nothing, if `id` is not a member.
     pub fn set_draining(&self, id: BackendId, on: bool, now: Instant) -> bool {
