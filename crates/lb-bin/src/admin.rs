@@ -200,7 +200,7 @@ async fn backends(req: Request<Incoming>, control: &Control) -> Response<Full<By
             let code = match e {
                 AdminError::NotFound(_) => StatusCode::NOT_FOUND,
                 AdminError::Exists(_) => StatusCode::CONFLICT,
-                AdminError::Route(_) => StatusCode::BAD_REQUEST,
+                AdminError::Route(_) | AdminError::NoVerifier(_) => StatusCode::BAD_REQUEST,
             };
             text(code, format!("{e}\n"))
         }

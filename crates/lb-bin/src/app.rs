@@ -136,6 +136,9 @@ pub(crate) enum AdminError {
     /// The URL or the resulting set is not valid (400).
     #[error(transparent)]
     Route(#[from] lb_proxy::RouteError),
+    /// An `https://` backend while lb has no verifier for backends' certificates (400).
+    #[error("cannot add https backend {0}: lb verifies backends' certificates only when the config has an https backend or [tls] upstream_ca (then reload or restart)")]
+    NoVerifier(String),
 }
 
 /// The backend in `backends` whose URL's authority is `authority` (host case-insensitive).
@@ -208,7 +211,12 @@ impl Control {
     /// `POST /backends`: adds `url` with `weight`.
     pub(crate) async fn add(&self, url: &str, weight: Weight) -> Result<BackendStatus, AdminError> {
         let _op = self.ops.lock().await;
-        let identity = lb_proxy::parse_backend(url)?.identity();
+        let addr = lb_proxy::parse_backend(url)?;
+        // The verifier is built from the config (system roots, upstream_ca) at load time.
+        if addr.https && self.proxy.tls().client.is_none() {
+            return Err(AdminError::NoVerifier(url.to_owned()));
+        }
+        let identity = addr.identity();
         let mut backends = self.running().backends.clone();
         if backends
             .iter()

@@ -194,6 +194,8 @@ fn tokens_post_duplicates_bad_bodies_and_traffic_to_an_added_backend() {
         r#"{"url": "http://127.0.0.1:9", "weight": 0}"#,
         r#"{"url": "http://127.0.0.1:9", "weight": 10001}"#,
         r#"{"url": "http://127.0.0.1:9", "colour": "red"}"#,
+        // No https backend in the config and no upstream_ca: nothing to verify it with.
+        r#"{"url": "https://localhost:9"}"#,
     ] {
         assert_eq!(admin(r.admin, "POST", "/backends", bad).0, 400, "{bad}");
     }
