@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lb_core::select::AnySelect;
-use lb_core::{BackendId, Balancer};
+use lb_core::{BackendId, BackendStatus, Balancer, Weight};
 use lb_health::{
     Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
 };
@@ -101,6 +101,193 @@ struct Running {
     settings: Settings,
     checker: Option<Checker<AnyProber>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The backends in force: the config's, with the admin API's changes since.
+    backends: Vec<(String, Weight)>,
+    /// What the admin API changed since the config was loaded (a reload discards it).
+    changes: Vec<String>,
+}
+
+/// What SIGHUP and the admin API both change, shared by the control task and the admin
+/// server (both on the control thread).
+///
+/// # Why one handle
+/// A reload and an admin change each rebuild the routes from a backend list and then point
+/// the health checker at the new set; the admin API's changes must also be remembered so a
+/// reload can say which it discarded. Keeping the list, the checker and the change log in
+/// one place, and running every change under one async lock (`ops`), means a reload never
+/// interleaves with an admin change at an await point (probe targets are resolved with
+/// DNS), and the admin server needs no channel of its own into the control loop.
+pub(crate) struct Control {
+    proxy: Proxy,
+    sink: Arc<dyn ProbeSink>,
+    running: Mutex<Running>,
+    ops: tokio::sync::Mutex<()>,
+}
+
+/// Why an admin change was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdminError {
+    /// No backend at that `host:port` (404).
+    #[error("no backend {0}")]
+    NotFound(String),
+    /// A backend with that identity exists (409).
+    #[error("backend {0} exists")]
+    Exists(String),
+    /// The URL or the resulting set is not valid (400).
+    #[error(transparent)]
+    Route(#[from] lb_proxy::RouteError),
+    /// An `https://` backend while lb has no verifier for backends' certificates (400).
+    #[error("cannot add https backend {0}: lb verifies backends' certificates only when the config has an https backend or [tls] upstream_ca (then reload or restart)")]
+    NoVerifier(String),
+}
+
+/// The backend in `backends` whose URL's authority is `authority` (host case-insensitive).
+fn find(backends: &[(String, Weight)], authority: &str) -> Option<usize> {
+    backends.iter().position(|(url, _)| {
+        lb_proxy::parse_backend(url)
+            .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
+    })
+}
+
+// === impl Control ===
+
+impl Control {
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The admin API's bearer token, if one is configured.
+    pub(crate) fn token(&self) -> Option<crate::admin::Token> {
+        self.running().settings.admin_token.clone()
+    }
+
+    /// The proxy.
+    pub(crate) const fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// `url`'s status entry in the routes in force.
+    fn status_of(&self, url: &str) -> Option<BackendStatus> {
+        let routes = self.proxy.routes();
+        let found = routes
+            .balancer()
+            .backends(Instant::now())
+            .into_iter()
+            .find(|b| b.addr == url);
+        found
+    }
+
+    /// Rebuilds the routes on the balancer in force from `backends` (backends that stay
+    /// keep their state; requests in flight keep the routes they started with), then
+    /// points the probes at the new set.
+    async fn apply(&self, backends: Vec<(String, Weight)>) -> Result<(), AdminError> {
+        let current = self.proxy.routes();
+        let hash_key = self.running().settings.hash_key.clone();
+        self.proxy.replace_routes(|| {
+            Routes::new(
+                Arc::clone(current.balancer()),
+                &backends,
+                hash_key,
+                Instant::now(),
+            )
+        })?;
+        let client = self.running().settings.tls.client.clone();
+        let targets = probe_targets(&self.proxy.routes(), client.as_ref()).await;
+        let mut r = self.running();
+        if let Some(c) = &r.checker {
+            c.set_targets(targets);
+        }
+        r.backends = backends;
+        Ok(())
+    }
+
+    fn record(&self, change: String) {
+        tracing::info!(target: "lb::admin", "admin: {change}");
+        self.running().changes.push(change);
+    }
+
+    /// `POST /backends`: adds `url` with `weight`.
+    pub(crate) async fn add(&self, url: &str, weight: Weight) -> Result<BackendStatus, AdminError> {
+        let _op = self.ops.lock().await;
+        let addr = lb_proxy::parse_backend(url)?;
+        // The verifier is built from the config (system roots, upstream_ca) at load time.
+        if addr.https && self.proxy.tls().client.is_none() {
+            return Err(AdminError::NoVerifier(url.to_owned()));
+        }
+        let identity = addr.identity();
+        let mut backends = self.running().backends.clone();
+        if backends
+            .iter()
+            .any(|(u, _)| lb_proxy::parse_backend(u).is_ok_and(|a| a.identity() == identity))
+        {
+            return Err(AdminError::Exists(url.to_owned()));
+        }
+        backends.push((url.to_owned(), weight));
+        self.apply(backends).await?;
+        self.record(format!("added backend {url} (weight {})", weight.get()));
+        self.status_of(url)
+            .ok_or_else(|| AdminError::NotFound(url.to_owned()))
+    }
+
+    /// `PATCH /backends/{authority}`: a new weight and/or the start or end of a drain.
+    pub(crate) async fn change(
+        &self,
+        authority: &str,
+        weight: Option<Weight>,
+        drain: Option<bool>,
+    ) -> Result<BackendStatus, AdminError> {
+        let _op = self.ops.lock().await;
+        let not_found = || AdminError::NotFound(authority.to_owned());
+        let r = self.running();
+        let i = find(&r.backends, authority).ok_or_else(not_found)?;
+        let url = r.backends[i].0.clone();
+        let old = r.backends[i].1;
+        drop(r);
+        let status = self.status_of(&url).ok_or_else(not_found)?;
+        let routes = self.proxy.routes();
+        let now = Instant::now();
+        if let Some(w) = weight {
+            // The list too: the next rebuild (an add or a remove) sets weights from it.
+            self.running().backends[i].1 = w;
+            routes.balancer().set_weight(status.id, w, now);
+            if w != old {
+                self.record(format!(
+                    "backend {url}: weight {} -> {}",
+                    old.get(),
+                    w.get()
+                ));
+            }
+        }
+        if let Some(on) = drain {
+            routes.balancer().set_draining(status.id, on, now);
+            if on != status.draining {
+                let what = if on { "drain on" } else { "drain off" };
+                self.record(format!("backend {url}: {what}"));
+            }
+        }
+        self.status_of(&url).ok_or_else(not_found)
+    }
+
+    /// `DELETE /backends/{authority}`: drains the backend and removes it. Its requests in
+    /// flight finish (they hold the routes they started with); no new one goes there.
+    pub(crate) async fn remove(&self, authority: &str) -> Result<BackendStatus, AdminError> {
+        let _op = self.ops.lock().await;
+        let not_found = || AdminError::NotFound(authority.to_owned());
+        let mut backends = self.running().backends.clone();
+        let i = find(&backends, authority).ok_or_else(not_found)?;
+        let (url, _) = backends.remove(i);
+        let status = self.status_of(&url).ok_or_else(not_found)?;
+        self.proxy
+            .routes()
+            .balancer()
+            .set_draining(status.id, true, Instant::now());
+        let status = self.status_of(&url).unwrap_or(status);
+        self.apply(backends).await?;
+        self.record(format!("removed backend {url}"));
+        Ok(status)
+    }
 }
 
 fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
@@ -241,10 +428,22 @@ async fn run(
     if let Some(c) = &checker {
         c.set_targets(probe_targets(&proxy.routes(), settings.tls.client.as_ref()).await);
     }
+    let control = Arc::new(Control {
+        proxy: proxy.clone(),
+        sink: Arc::clone(&sink),
+        running: Mutex::new(Running {
+            backends: settings.backends.clone(),
+            settings: settings.clone(),
+            checker,
+            ticketer,
+            changes: Vec::new(),
+        }),
+        ops: tokio::sync::Mutex::new(()),
+    });
     let admin_task = match (admin, &metrics) {
         (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
             TcpListener::from_std(l)?,
-            proxy.clone(),
+            Arc::clone(&control),
             Arc::clone(m),
         ))),
         _ => None,
@@ -301,11 +500,6 @@ async fn run(
             })?;
         threads.push(thread);
     }
-    let running = Mutex::new(Running {
-        settings,
-        checker,
-        ticketer,
-    });
     loop {
         // The lines of requests answered before the signal go before its own.
         tokio::select! {
@@ -321,7 +515,7 @@ async fn run(
             }
             _ = sighup.recv() => {
                 crate::log::flush_workers().await;
-                reload(&cli, &proxy, &running, &sink).await;
+                reload(&cli, &control).await;
             }
         }
     }
@@ -337,12 +531,8 @@ async fn run(
             Ok(Ok(())) => {}
         }
     }
-    if let Some(c) = running
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .checker
-        .take()
-    {
+    let checker = control.running().checker.take();
+    if let Some(c) = checker {
         c.shutdown();
     }
     if let Some(t) = admin_task {
@@ -354,7 +544,12 @@ async fn run(
 
 /// SIGHUP: re-read the config file; apply it if valid, keep the old one otherwise. Requests
 /// in flight finish with the routes they started with; probes of backends that stay go on.
-async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<dyn ProbeSink>) {
+///
+/// Runtime changes made through the admin API are discarded (and logged): the config's
+/// backends, weights and drains win.
+async fn reload(cli: &Cli, control: &Control) {
+    let _op = control.ops.lock().await;
+    let (proxy, running, sink) = (&control.proxy, &control.running, &control.sink);
     let new = match config::load(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -362,11 +557,15 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
             return;
         }
     };
-    let (old_settings, ticketer) = {
+    let (old_settings, ticketer, old_backends) = {
         let r = running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (r.settings.clone(), Arc::clone(&r.ticketer))
+        (
+            r.settings.clone(),
+            Arc::clone(&r.ticketer),
+            r.backends.clone(),
+        )
     };
     let mut new = new;
     new.tls.keep_client_of(&old_settings.tls);
@@ -420,12 +619,19 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
         // or a request between the two could pick a backend its routes do not know.
         proxy
             .replace_routes(|| {
-                Routes::new(
+                let now = Instant::now();
+                let routes = Routes::new(
                     Arc::clone(current.balancer()),
                     &new.backends,
                     new.hash_key.clone(),
-                    Instant::now(),
-                )
+                    now,
+                )?;
+                // The config wins over the admin API: a drain it made ends here.
+                let balancer = routes.balancer();
+                for b in balancer.backends(now).iter().filter(|b| b.draining) {
+                    balancer.set_draining(b.id, false, now);
+                }
+                Ok::<_, lb_proxy::RouteError>(routes)
             })
             .map_err(StartupError::from)
     } else {
@@ -449,8 +655,7 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
                 // the backends the new config keeps, so that none of them goes to a removed
                 // one (SPEC: whatever a reload changed, strategy included). Kept backends
                 // keep their ids there, so the old routes still know them.
-                let kept = old_settings
-                    .backends
+                let kept = old_backends
                     .iter()
                     .filter(|(url, _)| new.backends.iter().any(|(u, _)| u == url))
                     .map(|(url, w)| lb_core::Backend::new(url.clone(), *w));
@@ -489,6 +694,15 @@ async fn reload(cli: &Cli, proxy: &Proxy, running: &Mutex<Running>, sink: &Arc<d
     let mut r = running
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !r.changes.is_empty() {
+        tracing::info!(
+            target: "lb::admin",
+            "reload discarded runtime changes: {}",
+            r.changes.join("; ")
+        );
+        r.changes.clear();
+    }
+    r.backends = new.backends.clone();
     r.settings = new;
     r.checker = checker;
 }

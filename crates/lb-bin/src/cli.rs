@@ -67,6 +67,11 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_key: Option<PathBuf>,
 
+    /// Bearer token for the admin server's mutating endpoints (one line; replaces the
+    /// config's `admin_token`)
+    #[arg(long, value_name = "FILE")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+
     /// TOML config file; flags given on the command line override it
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,

@@ -59,6 +59,7 @@ struct File {
     listen: Option<S<Vec<S<String>>>>,
     port: Option<S<u16>>,
     admin: Option<S<String>>,
+    admin_token: Option<S<String>>,
     strategy: Option<S<String>>,
     hash_key: Option<S<String>>,
     log_format: Option<S<String>>,
@@ -213,6 +214,9 @@ pub(crate) struct Settings {
     pub(crate) backends: Vec<(String, Weight)>,
     pub(crate) log_format: LogFormat,
     pub(crate) tls: TlsSettings,
+    /// The admin API's bearer token (`--admin-token-file` or `admin_token`): none, and its
+    /// mutating endpoints answer 403.
+    pub(crate) admin_token: Option<crate::admin::Token>,
 }
 
 /// Reads the config file (if any), applies the flags over it, validates everything.
@@ -567,6 +571,7 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
     }
 
     let core = core_config(h, f, cx)?;
+    let admin_token = admin_token(cli, f, cx)?;
     let proxy = proxy_config(f, cx)?;
     let nt = Timeouts::default();
     let t = f.timeouts.as_ref().unwrap_or(&nt);
@@ -594,7 +599,43 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         backends,
         log_format,
         tls,
+        admin_token,
     })
+}
+
+/// `--admin-token-file` (one line, its newline ignored) or else `admin_token`.
+fn admin_token(
+    cli: &Cli,
+    f: &File,
+    cx: &Cx<'_>,
+) -> Result<Option<crate::admin::Token>, ConfigError> {
+    if let Some(path) = &cli.admin_token_file {
+        let err = |message: String| ConfigError {
+            file: Some(path.clone()),
+            line: None,
+            key: "--admin-token-file".into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read the admin token file: {e}")))?;
+        let line = text
+            .strip_suffix('\n')
+            .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+        if line.is_empty() {
+            return Err(err("the admin token file is empty".into()));
+        }
+        if line.contains('\n') {
+            return Err(err("the admin token file must hold one line".into()));
+        }
+        return Ok(Some(crate::admin::Token::new(line)));
+    }
+    match &f.admin_token {
+        Some(t) if t.get_ref().is_empty() => {
+            cx.err("admin_token", Some(t.span()), "must not be empty")
+        }
+        Some(t) => Ok(Some(crate::admin::Token::new(t.get_ref()))),
+        None => Ok(None),
+    }
 }
 
 /// `[tls]` and `--tls-cert`/`--tls-key` (each flag replaces its key): the certificates read
@@ -1209,6 +1250,48 @@ weight = 1
         assert_eq!(s.core.passive().max_ejection(), Duration::from_secs(300));
         assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
         assert_eq!(s.proxy.body_read_timeout, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn admin_token_from_the_key_or_the_file_which_wins() {
+        let base = "[[backend]]\nurl = \"http://a:1\"\n";
+        let s = with_file(base, &[]).unwrap();
+        assert_eq!(s.admin_token, None);
+        let s = with_file(&format!("admin_token = \"k\"\n{base}"), &[]).unwrap();
+        assert_eq!(s.admin_token, Some(crate::admin::Token::new("k")));
+        let e = with_file(&format!("admin_token = 1\n{base}"), &[]).unwrap_err();
+        assert_eq!(e.key, "admin_token", "{e}");
+        let e = with_file(
+            &format!("strategy = \"random\"\nadmin_token = \"\"\n{base}"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "admin_token"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\r\n").unwrap();
+        let flag = file.display().to_string();
+        let s = with_file(
+            &format!("admin_token = \"k\"\n{base}"),
+            &["--admin-token-file", &flag],
+        )
+        .unwrap();
+        assert_eq!(
+            s.admin_token,
+            Some(crate::admin::Token::new("from-file")),
+            "the flag wins"
+        );
+        for (text, why) in [("", "empty"), ("\n", "empty"), ("a\nb\n", "one line")] {
+            std::fs::write(&file, text).unwrap();
+            let e = with_file(base, &["--admin-token-file", &flag]).unwrap_err();
+            assert_eq!(e.file.as_deref(), Some(file.as_path()), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let missing = dir.join("missing").display().to_string();
+        let e = with_file(base, &["--admin-token-file", &missing]).unwrap_err();
+        assert!(e.to_string().starts_with(&missing), "{e}");
     }
 
     #[test]

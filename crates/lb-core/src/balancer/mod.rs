@@ -64,7 +64,8 @@ const EVENT_QUEUE: usize = 4096;
 /// * inputs: [`start`](Self::start), [`handle_outcome`](Self::handle_outcome),
 ///   [`finish`](Self::finish), [`abandon`](Self::abandon), [`handle_probe`](Self::handle_probe),
 ///   [`handle_timeout`](Self::handle_timeout);
-/// * commands: [`set_backends`](Self::set_backends);
+/// * commands: [`set_backends`](Self::set_backends), [`set_draining`](Self::set_draining),
+///   [`set_weight`](Self::set_weight);
 /// * outputs: [`poll_timeout`](Self::poll_timeout), [`poll_event`](Self::poll_event).
 ///
 /// After any input, re-arm your timer from `poll_timeout` and drain `poll_event`.
@@ -607,6 +608,109 @@ mod tests {
             let _ = lb.handle_outcome(&mut st, Outcome::Response { status: 200 }, t0);
             lb.finish(st, Completion::Done, t0);
         }
+    }
+
+    #[test]
+    fn a_draining_backend_takes_no_new_request_while_its_in_flight_one_finishes() {
+        let (lb, ids, t0) = two(Config::default());
+        let (mut held, a) = lb.start(RequestInfo::new(true, true), t0);
+        assert!(matches!(a, Action::Forward { backend, .. } if backend == ids[0]));
+        assert!(lb.set_draining(ids[0], true, t0));
+        assert!(lb.backends(t0)[0].draining);
+        for _ in 0..4 {
+            let (mut st, a) = lb.start(RequestInfo::new(true, true), t0);
+            assert!(matches!(a, Action::Forward { backend, .. } if backend == ids[1]));
+            // A retry never goes to the drained backend either.
+            let a = lb.handle_outcome(&mut st, Outcome::ConnectRefused, t0);
+            assert!(matches!(a, Action::Fail(_)), "{a:?}");
+        }
+        assert_eq!(
+            lb.handle_outcome(&mut held, Outcome::Response { status: 200 }, t0),
+            Action::Relay
+        );
+        lb.finish(held, Completion::Done, t0);
+        assert_eq!(lb.backends(t0)[0].active_requests, 0);
+        // set_backends keeps the drain of a backend that stays.
+        lb.set_backends(
+            [
+                Backend::new("a", Weight::ONE),
+                Backend::new("b", Weight::ONE),
+            ],
+            t0,
+        )
+        .unwrap();
+        assert!(lb.backends(t0)[0].draining);
+        assert!(lb.set_draining(ids[0], false, t0));
+        let mut seen = HashSet::new();
+        for _ in 0..4 {
+            let (st, a) = lb.start(RequestInfo::new(true, true), t0);
+            if let Action::Forward { backend, .. } = a {
+                seen.insert(backend);
+            }
+            lb.abandon(st, t0);
+        }
+        assert_eq!(seen.len(), 2, "drain false restores it");
+        assert!(!lb.set_draining(BackendId(99), true, t0));
+    }
+
+    #[test]
+    fn consistent_hash_keys_move_off_a_draining_backend_and_weights_change_at_runtime() {
+        let t0 = epoch();
+        let lb = Balancer::new(
+            Config::default(),
+            AnySelect::new(StrategyKind::ConsistentHash),
+        )
+        .unwrap();
+        let ids = lb
+            .set_backends(
+                (0..3).map(|i| Backend::new(format!("10.0.0.{i}:80"), Weight::ONE)),
+                t0,
+            )
+            .unwrap();
+        let place = |k: u64| {
+            let (st, a) = lb.start(RequestInfo::new(true, true).with_hash_key(k), t0);
+            lb.abandon(st, t0);
+            match a {
+                Action::Forward { backend, .. } => backend,
+                a => panic!("{a:?}"),
+            }
+        };
+        let before: Vec<BackendId> = (0..300).map(place).collect();
+        assert!(before.contains(&ids[0]));
+        lb.set_draining(ids[0], true, t0);
+        for (k, was) in before.iter().enumerate() {
+            let now = place(k as u64);
+            assert_ne!(now, ids[0], "key {k} stayed on the drained backend");
+            if *was != ids[0] {
+                assert_eq!(now, *was, "key {k} moved though its backend stayed");
+            }
+        }
+        lb.set_draining(ids[0], false, t0);
+        assert!((0..300).map(place).eq(before.iter().copied()));
+
+        let lb = Balancer::new(
+            Config::default(),
+            AnySelect::new(StrategyKind::WeightedRoundRobin),
+        )
+        .unwrap();
+        let ids = lb
+            .set_backends(
+                [
+                    Backend::new("a", Weight::ONE),
+                    Backend::new("b", Weight::ONE),
+                ],
+                t0,
+            )
+            .unwrap();
+        assert!(lb.set_weight(ids[1], Weight::new(3).unwrap(), t0));
+        assert_eq!(lb.backends(t0)[1].weight, 3);
+        let mut to_b = 0;
+        for _ in 0..8 {
+            let (st, a) = lb.start(RequestInfo::new(true, true), t0);
+            to_b += usize::from(matches!(a, Action::Forward { backend, .. } if backend == ids[1]));
+            lb.abandon(st, t0);
+        }
+        assert_eq!(to_b, 6, "weights 1:3 over 8 picks");
     }
 
     #[test]

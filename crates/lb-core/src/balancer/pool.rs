@@ -86,11 +86,14 @@ pub(super) struct Member {
     pub(super) health: RiseFall,
     pub(super) ejected_until: Option<Instant>,
     pub(super) ramp_start: Option<Instant>,
+    /// Drained by the operator: never a candidate, whatever probes, ejections or panic
+    /// mode say (see [`Balancer::set_draining`]).
+    pub(super) draining: bool,
 }
 
 impl Member {
     pub(super) const fn is_eligible(&self, panic: bool) -> bool {
-        self.health.is_up() && (panic || self.ejected_until.is_none())
+        !self.draining && self.health.is_up() && (panic || self.ejected_until.is_none())
     }
 
     /// Makes the lock-free view agree: hidden if and only if not eligible.
@@ -127,6 +130,8 @@ pub struct BackendStatus {
     pub requests_total: u64,
     /// Connection-level failures so far (refused, timed out, reset, broken bodies).
     pub failures_total: u64,
+    /// Drained: takes no new request (see [`Balancer::set_draining`]).
+    pub draining: bool,
 }
 
 // === impl Control ===
@@ -245,6 +250,7 @@ impl<S: Select> Balancer<S> {
                     health: RiseFall::new(true),
                     ejected_until: None,
                     ramp_start: (!first && self.ramps()).then_some(now),
+                    draining: false,
                 }
             };
             ids.push(member.state.id);
@@ -364,7 +370,45 @@ impl<S: Select> Balancer<S> {
                     .state
                     .failures_total
                     .load(std::sync::atomic::Ordering::Relaxed),
+                draining: m.draining,
             })
             .collect()
+    }
+
+    /// Drains a backend (`on`) or ends its drain. A draining backend takes no new request
+    /// under any strategy, retries included, from the moment this returns (consistent-hash
+    /// keys move off it as if it had left); attempts in flight on it go on and finish as
+    /// usual. It keeps its id, health, ejection and counters, and
+    /// [`set_backends`](Self::set_backends) keeps the drain of a backend that stays (end it
+    /// with `on = false`). The eligible share that panic mode compares with its threshold
+    /// still counts it (panic mode never overrides a drain).
+    ///
+    /// Returns false, changing nothing, if `id` is not a member.
+    pub fn set_draining(&self, id: BackendId, on: bool, now: Instant) -> bool {
+        self.change_member(id, now, |m| m.draining = on)
+    }
+
+    /// Changes a member's weight at once (the next snapshot uses it), keeping everything
+    /// else about it. Returns false, changing nothing, if `id` is not a member.
+    pub fn set_weight(&self, id: BackendId, weight: Weight, now: Instant) -> bool {
+        self.change_member(id, now, |m| m.weight = weight)
+    }
+
+    /// Applies `change` to member `id`, then makes its flag and the snapshot agree.
+    fn change_member(&self, id: BackendId, now: Instant, change: impl FnOnce(&mut Member)) -> bool {
+        self.ticks(now);
+        {
+            let mut ctl = self.control();
+            let Some(&i) = ctl.by_id.get(&id) else {
+                return false;
+            };
+            change(&mut ctl.members[i]);
+            // Hidden at once: no pick from the snapshot still published chooses it.
+            ctl.members[i].publish_flag(ctl.panic);
+            ctl.dirty = true;
+            self.schedule(&mut ctl, now);
+        }
+        self.rebuild(now);
+        true
     }
 }
