@@ -1,0 +1,143 @@
+//! Review13: the admin API's edges through the real binary. Ports 29100-29999 on 127.0.0.1
+//! (probed free, never kernel-chosen); the backends are never contacted (probes off), so
+//! none is started.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const TOKEN: &str = "review-t0ken";
+
+/// A free port in 29100-29999.
+fn port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 29100 + (std::process::id() % 400) as u16;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::SeqCst) % 500;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port()))
+}
+
+/// One request over a fresh connection: (status, body); 0 if no answer.
+fn http(to: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(to) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(a) = auth {
+        req.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (code, body)
+}
+
+/// `lb` with the admin token, probes off, and `backends` as written.
+fn start(name: &str, backends: &[&str]) -> (Lb, SocketAddr) {
+    let (listen, admin) = (addr(), addr());
+    let mut text = format!(
+        "listen = [\"{listen}\"]\nadmin = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n[health]\ninterval = \"0s\"\n"
+    );
+    for b in backends {
+        text.push_str(&format!("[[backend]]\nurl = \"{b}\"\n"));
+    }
+    let (_, path) = write_temp_config(name, &text);
+    let mut lb = Lb::spawn(&path);
+    lb.wait_for("lb to listen", |_| http(admin, "GET", "/status", None, "").0 == 200);
+    (lb, admin)
+}
+
+/// PATCH and DELETE name a backend by `host:port`; lb says a backend is the one it already
+/// has by its normalized identity (a POST of `http://localhost:P` when the config wrote
+/// `http://LocalHost.:P` is 409), so the same `host:port` must find it for PATCH too, and
+/// for an IPv6 backend written in a non-canonical form. A client that percent-encodes the
+/// path segment (`%5B::1%5D:P`, `127.0.0.1%3AP`) names the same backend.
+#[test]
+fn patch_and_delete_find_a_backend_by_its_normalized_host_port() {
+    let (p1, p2, p3) = (port(), port(), port());
+    let (_lb, admin) = start(
+        "review13-find",
+        &[
+            &format!("http://LocalHost.:{p1}"),
+            &format!("http://[0:0::1]:{p2}"),
+            &format!("127.0.0.1:{p3}/"),
+        ],
+    );
+    let auth = format!("Bearer {TOKEN}");
+    let auth = Some(auth.as_str());
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/backends",
+        auth,
+        &format!(r#"{{"url": "http://localhost:{p1}"}}"#),
+    );
+    assert_eq!(code, 409, "the same backend: {body}");
+    let drain = r#"{"drain": true}"#;
+    for path in [
+        format!("/backends/localhost:{p1}"),
+        format!("/backends/[::1]:{p2}"),
+        format!("/backends/%5B::1%5D:{p2}"),
+        format!("/backends/127.0.0.1%3A{p3}"),
+    ] {
+        let (code, body) = http(admin, "PATCH", &path, auth, drain);
+        assert_eq!(code, 200, "PATCH {path}: {body}");
+        assert!(body.contains(r#""state":"draining""#), "{path}: {body}");
+    }
+    let (code, body) = http(admin, "DELETE", &format!("/backends/[::1]:{p2}"), auth, "");
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http(admin, "PATCH", &format!("/backends/127.0.0.1:{p3}/extra"), auth, drain);
+    assert_eq!(code, 404);
+}
+
+/// RFC 9110 §11.1: the authentication scheme is case-insensitive, and one or more spaces
+/// separate it from the credentials (RFC 9110 §11.4, `1*SP`): `bearer TOKEN` and
+/// `Bearer  TOKEN` are the right token, not "no token" (401) or a wrong one (403).
+#[test]
+fn the_bearer_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces() {
+    let (_lb, admin) = start("review13-bearer", &["http://127.0.0.1:29999"]);
+    let patch = r#"{"weight": 2}"#;
+    for auth in [
+        format!("Bearer {TOKEN}"),
+        format!("bearer {TOKEN}"),
+        format!("BEARER {TOKEN}"),
+        format!("Bearer   {TOKEN}"),
+    ] {
+        let (code, body) = http(admin, "PATCH", "/backends/127.0.0.1:29999", Some(&auth), patch);
+        assert_eq!(code, 200, "{auth:?}: {body}");
+    }
+    for (auth, want) in [
+        (format!("Bearer {TOKEN}x"), 403),
+        (format!("Basic {TOKEN}"), 401),
+        (format!("Bearer{TOKEN}"), 401),
+        ("Bearer".to_owned(), 401),
+    ] {
+        let (code, body) = http(admin, "PATCH", "/backends/127.0.0.1:29999", Some(&auth), patch);
+        assert_eq!(code, want, "{auth:?}: {body}");
+    }
+}
