@@ -126,7 +126,7 @@ fn refusal(req: &Request<Incoming>, token: Option<&Token>) -> Option<Response<Fu
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|v| bearer(v.as_bytes()));
     match given {
         None => {
             let mut r = text(
@@ -144,10 +144,44 @@ fn refusal(req: &Request<Incoming>, token: Option<&Token>) -> Option<Response<Fu
     }
 }
 
+/// The credentials of an `Authorization: Bearer TOKEN` value: the scheme is
+/// case-insensitive and one or more spaces follow it (RFC 9110 §11.1, §11.4).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let scheme = value.get(..6)?;
+    let rest = value.get(6..)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    Some(rest.trim_ascii_start())
+}
+
+/// `s` with its `%XX` escapes decoded; none if one is malformed or the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// `POST /backends`, `PATCH` and `DELETE /backends/{host:port}`.
 async fn backends(req: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
-    let target = path.strip_prefix("/backends/").map(str::to_owned);
+    let target = path
+        .strip_prefix("/backends/")
+        .map(|t| percent_decode(t).unwrap_or_else(|| t.to_owned()));
     let method = req.method().clone();
     let allowed = match (&method, &target) {
         (&Method::POST, None) => true,

@@ -141,12 +141,17 @@ pub(crate) enum AdminError {
     NoVerifier(String),
 }
 
-/// The backend in `backends` whose URL's authority is `authority` (host case-insensitive).
+/// The backend in `backends` at `authority` (`host:port`), compared as identities are: host
+/// case-insensitive without a trailing dot, an IP address in any form (`[0:0::1]` is `[::1]`).
 fn find(backends: &[(String, Weight)], authority: &str) -> Option<usize> {
-    backends.iter().position(|(url, _)| {
-        lb_proxy::parse_backend(url)
-            .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
-    })
+    let key = |a: &lb_proxy::BackendAddr| {
+        let port = a.authority.port_u16().unwrap_or(0);
+        lb_proxy::backend_identity(false, a.authority.host(), port)
+    };
+    let want = key(&lb_proxy::parse_backend(authority).ok()?);
+    backends
+        .iter()
+        .position(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| key(&a) == want))
 }
 
 // === impl Control ===
