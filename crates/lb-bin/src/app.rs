@@ -663,7 +663,14 @@ async fn reload(cli: &Cli, control: &Control) {
                 let kept = old_backends
                     .iter()
                     .filter(|(url, _)| new.backends.iter().any(|(u, _)| u == url))
-                    .map(|(url, w)| lb_core::Backend::new(url.clone(), *w));
+                    .map(|(url, w)| {
+                        // The identity the routes gave it, or it is a new member there.
+                        let b = lb_core::Backend::new(url.clone(), *w);
+                        match lb_proxy::parse_backend(url) {
+                            Ok(a) => b.with_identity(a.identity()),
+                            Err(_) => b,
+                        }
+                    });
                 if let Err(e) = current.balancer().set_backends(kept, Instant::now()) {
                     tracing::warn!(target: "lb", error = %e, "reload: the old balancer kept its backends");
                 }
