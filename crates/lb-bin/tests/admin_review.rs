@@ -53,7 +53,10 @@ fn http(to: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: &str
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     (code, body)
 }
 
@@ -68,7 +71,9 @@ fn start(name: &str, backends: &[&str]) -> (Lb, SocketAddr) {
     }
     let (_, path) = write_temp_config(name, &text);
     let mut lb = Lb::spawn(&path);
-    lb.wait_for("lb to listen", |_| http(admin, "GET", "/status", None, "").0 == 200);
+    lb.wait_for("lb to listen", |_| {
+        http(admin, "GET", "/status", None, "").0 == 200
+    });
     (lb, admin)
 }
 
@@ -111,7 +116,13 @@ fn patch_and_delete_find_a_backend_by_its_normalized_host_port() {
     }
     let (code, body) = http(admin, "DELETE", &format!("/backends/[::1]:{p2}"), auth, "");
     assert_eq!(code, 200, "{body}");
-    let (code, _) = http(admin, "PATCH", &format!("/backends/127.0.0.1:{p3}/extra"), auth, drain);
+    let (code, _) = http(
+        admin,
+        "PATCH",
+        &format!("/backends/127.0.0.1:{p3}/extra"),
+        auth,
+        drain,
+    );
     assert_eq!(code, 404);
 }
 
@@ -128,7 +139,13 @@ fn the_bearer_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces()
         format!("BEARER {TOKEN}"),
         format!("Bearer   {TOKEN}"),
     ] {
-        let (code, body) = http(admin, "PATCH", "/backends/127.0.0.1:29999", Some(&auth), patch);
+        let (code, body) = http(
+            admin,
+            "PATCH",
+            "/backends/127.0.0.1:29999",
+            Some(&auth),
+            patch,
+        );
         assert_eq!(code, 200, "{auth:?}: {body}");
     }
     for (auth, want) in [
@@ -137,7 +154,13 @@ fn the_bearer_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces()
         (format!("Bearer{TOKEN}"), 401),
         ("Bearer".to_owned(), 401),
     ] {
-        let (code, body) = http(admin, "PATCH", "/backends/127.0.0.1:29999", Some(&auth), patch);
+        let (code, body) = http(
+            admin,
+            "PATCH",
+            "/backends/127.0.0.1:29999",
+            Some(&auth),
+            patch,
+        );
         assert_eq!(code, want, "{auth:?}: {body}");
     }
 }
@@ -218,5 +241,8 @@ fn a_strategy_change_reload_keeps_a_backend_written_unnormalized_for_a_request_o
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with('Y'), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with('Y'),
+        "{text}"
+    );
 }

@@ -2,13 +2,14 @@
 //! and retries alike, with requests in flight on the others (load-aware tables) and while it
 //! is down or ejected too; ending the drain brings it back. Public API only.
 
+mod common;
+
 use lb_core::select::{AnySelect, StrategyKind};
 use lb_core::{Action, Backend, BackendId, Balancer, Config, Outcome, RequestInfo, Weight};
-use std::time::Instant;
 
 #[test]
 fn a_draining_backend_gets_no_first_attempt_nor_retry_under_any_strategy() {
-    let t0 = Instant::now();
+    let t0 = common::Clock::new().now();
     for kind in [
         StrategyKind::RoundRobin,
         StrategyKind::WeightedRoundRobin,
@@ -36,7 +37,10 @@ fn a_draining_backend_gets_no_first_attempt_nor_retry_under_any_strategy() {
             let Action::Forward { backend, .. } = a else {
                 panic!("{kind:?}: {a:?}");
             };
-            assert_ne!(backend, ids[0], "{kind:?}: key {k} went to the drained backend");
+            assert_ne!(
+                backend, ids[0],
+                "{kind:?}: key {k} went to the drained backend"
+            );
             seen.push(backend);
             // A retry of a refused attempt goes to the third backend, never the drained one.
             let a = lb.handle_outcome(&mut st, Outcome::ConnectRefused, t0);
@@ -55,6 +59,9 @@ fn a_draining_backend_gets_no_first_attempt_nor_retry_under_any_strategy() {
             lb.abandon(st, t0);
             matches!(a, Action::Forward { backend, .. } if backend == ids[0])
         });
-        assert!(back, "{kind:?}: the drain ended but the backend gets nothing");
+        assert!(
+            back,
+            "{kind:?}: the drain ended but the backend gets nothing"
+        );
     }
 }
