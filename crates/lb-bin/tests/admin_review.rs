@@ -1,28 +1,20 @@
-//! Review13: the admin API's edges through the real binary. Ports 29100-29999 on 127.0.0.1
-//! (probed free, never kernel-chosen); the backends are never contacted (probes off), so
+//! Review13: the admin API's edges through the real binary, on free ports of 127.0.0.1
+//! (free_port_addr); the backends are never contacted (probes off), so
 //! none is started.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use common::*;
 
 const TOKEN: &str = "review-t0ken";
 
-/// A free port in 29100-29999.
+/// A free port on 127.0.0.1.
 fn port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 29100 + (std::process::id() % 400) as u16;
-    loop {
-        let p = base + NEXT.fetch_add(1, Ordering::SeqCst) % 500;
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
+    free_port_addr().port()
 }
 
 fn addr() -> SocketAddr {
