@@ -618,24 +618,35 @@ fn admin_token(
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| err(format!("cannot read the admin token file: {e}")))?;
-        let line = text
-            .strip_suffix('\n')
-            .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
-        if line.is_empty() {
-            return Err(err("the admin token file is empty".into()));
-        }
-        if line.contains('\n') {
+        if text.trim_end().contains('\n') {
             return Err(err("the admin token file must hold one line".into()));
         }
-        return Ok(Some(crate::admin::Token::new(line)));
+        return token(&text)
+            .map(|t| Some(crate::admin::Token::new(t)))
+            .map_err(|why| err(format!("the admin token {why}")));
     }
     match &f.admin_token {
-        Some(t) if t.get_ref().is_empty() => {
-            cx.err("admin_token", Some(t.span()), "must not be empty")
-        }
-        Some(t) => Ok(Some(crate::admin::Token::new(t.get_ref()))),
+        Some(t) => match token(t.get_ref()) {
+            Ok(tok) => Ok(Some(crate::admin::Token::new(tok))),
+            Err(why) => cx.err("admin_token", Some(t.span()), format!("the token {why}")),
+        },
         None => Ok(None),
     }
+}
+
+/// A bearer token as a client can send it: surrounding whitespace (a file's newline, a
+/// stray space) is not part of it, since HTTP strips it from header values too; what is
+/// left must be RFC 6750 `b64token` characters, or no request could ever match it.
+fn token(raw: &str) -> Result<&str, &'static str> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err("is empty");
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    if !t.chars().all(allowed) {
+        return Err("may hold only letters, digits and -._~+/= (RFC 6750)");
+    }
+    Ok(t)
 }
 
 /// `[tls]` and `--tls-cert`/`--tls-key` (each flag replaces its key): the certificates read
@@ -1267,6 +1278,11 @@ weight = 1
         )
         .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "admin_token"), "{e}");
+        let e = with_file(&format!("admin_token = \" \"\n{base}"), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("empty"),
+            "a token of spaces could never match: {e}"
+        );
 
         let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1283,7 +1299,20 @@ weight = 1
             Some(crate::admin::Token::new("from-file")),
             "the flag wins"
         );
-        for (text, why) in [("", "empty"), ("\n", "empty"), ("a\nb\n", "one line")] {
+        std::fs::write(&file, " spaced-out \r\n").unwrap();
+        let s = with_file(base, &["--admin-token-file", &flag]).unwrap();
+        assert_eq!(
+            s.admin_token,
+            Some(crate::admin::Token::new("spaced-out")),
+            "surrounding whitespace is not the token's (HTTP strips it from the header)"
+        );
+        for (text, why) in [
+            ("", "empty"),
+            ("\n", "empty"),
+            ("  \r\n", "empty"),
+            ("a\nb\n", "one line"),
+            ("a b\n", "RFC 6750"),
+        ] {
             std::fs::write(&file, text).unwrap();
             let e = with_file(base, &["--admin-token-file", &flag]).unwrap_err();
             assert_eq!(e.file.as_deref(), Some(file.as_path()), "{e}");
