@@ -1,5 +1,6 @@
 //! Wiring: settings → balancer, routes, proxy, health checker, admin server; signals; reload.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,12 +10,13 @@ use lb_core::{BackendId, BackendStatus, Balancer, Weight};
 use lb_health::{
     Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
 };
-use lb_proxy::{NoObserver, Observer, Proxy, Routes};
+use lb_proxy::{BackendSpec, NoObserver, Observer, Proxy, Routes};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::Cli;
-use crate::config::{self, Settings};
+use crate::config::{self, NameSpec, Settings};
+use crate::discovery::{self, Answer, Found};
 use crate::metrics::{label_of, Metrics};
 
 /// Why `lb` could not start (exit 1).
@@ -105,6 +107,37 @@ struct Running {
     backends: Vec<(String, Weight)>,
     /// What the admin API changed since the config was loaded (a reload discards it).
     changes: Vec<String>,
+    /// Each name's last known backends, by the name as written (`url` or `srv`).
+    discovered: BTreeMap<String, Vec<Found>>,
+    /// The tasks re-resolving the names (a reload replaces them).
+    watchers: Vec<tokio::task::AbortHandle>,
+}
+
+/// The set in force: `backends` (the config's static ones with the admin API's changes),
+/// then every name's last known backends in config order; an address already in the set
+/// (configured, added, or found under an earlier name) is not added twice.
+fn merged(
+    backends: &[(String, Weight)],
+    names: &[NameSpec],
+    discovered: &BTreeMap<String, Vec<Found>>,
+) -> Vec<BackendSpec> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (url, w) in backends {
+        if let Ok(a) = lb_proxy::parse_backend(url) {
+            seen.insert(a.identity());
+        }
+        out.push(BackendSpec::new(url.clone(), *w));
+    }
+    for n in names {
+        for f in discovered.get(&n.written).into_iter().flatten() {
+            let id = lb_proxy::parse_backend(&f.url).map(|a| a.identity());
+            if id.is_ok_and(|id| seen.insert(id)) {
+                out.push(f.spec());
+            }
+        }
+    }
+    out
 }
 
 /// What SIGHUP and the admin API both change, shared by the control task and the admin
@@ -120,6 +153,7 @@ struct Running {
 pub(crate) struct Control {
     proxy: Proxy,
     sink: Arc<dyn ProbeSink>,
+    metrics: Option<Arc<Metrics>>,
     running: Mutex<Running>,
     ops: tokio::sync::Mutex<()>,
 }
@@ -184,11 +218,15 @@ impl Control {
     /// points the probes at the new set.
     async fn apply(&self, backends: Vec<(String, Weight)>) -> Result<(), AdminError> {
         let current = self.proxy.routes();
-        let hash_key = self.running().settings.hash_key.clone();
+        let (hash_key, specs) = {
+            let r = self.running();
+            let specs = merged(&backends, &r.settings.names, &r.discovered);
+            (r.settings.hash_key.clone(), specs)
+        };
         self.proxy.replace_routes(|| {
-            Routes::new(
+            Routes::from_specs(
                 Arc::clone(current.balancer()),
-                &backends,
+                &specs,
                 hash_key,
                 Instant::now(),
             )
@@ -201,6 +239,59 @@ impl Control {
         }
         r.backends = backends;
         Ok(())
+    }
+
+    /// The name (`url` or `srv` as written) a backend in force was found under, if DNS
+    /// found it (`/status` `"name"`).
+    pub(crate) fn name_of(&self, url: &str) -> Option<String> {
+        let r = self.running();
+        let found = r
+            .settings
+            .names
+            .iter()
+            .find(|n| {
+                r.discovered
+                    .get(&n.written)
+                    .is_some_and(|f| f.iter().any(|f| f.url == url))
+            })
+            .map(|n| n.written.clone());
+        // A static backend at the same address is the config's, not DNS's.
+        found.filter(|_| !r.backends.iter().any(|(u, _)| u == url))
+    }
+
+    /// A lookup of `name` answered: a new set applies like a reload on the balancer in
+    /// force (the static backends with the admin API's changes, plus every name's last
+    /// known set), a failure keeps the last known set.
+    async fn discovered(&self, name: &NameSpec, answer: &Answer) {
+        let _op = self.ops.lock().await;
+        let found = match answer {
+            Answer::Found(found, _) => found.clone(),
+            Answer::Empty => Vec::new(),
+            Answer::Failed(why) => {
+                tracing::warn!(target: "lb::discovery", name = %name.written, error = %why, "DNS lookup failed: keeping the last known addresses");
+                if let Some(m) = &self.metrics {
+                    m.discovery_error(&name.written);
+                }
+                return;
+            }
+        };
+        let backends = {
+            let mut r = self.running();
+            // A reload may have dropped the name while this lookup ran.
+            if !r.settings.names.iter().any(|n| n == name) {
+                return;
+            }
+            if r.discovered.get(&name.written) == Some(&found) {
+                return;
+            }
+            let urls: Vec<&str> = found.iter().map(|f| f.url.as_str()).collect();
+            tracing::info!(target: "lb::discovery", name = %name.written, backends = %urls.join(","), "DNS answer changed");
+            r.discovered.insert(name.written.clone(), found);
+            r.backends.clone()
+        };
+        if let Err(e) = self.apply(backends).await {
+            tracing::warn!(target: "lb::discovery", name = %name.written, error = %e, "cannot apply DNS answer");
+        }
     }
 
     fn record(&self, change: String) {
@@ -288,6 +379,86 @@ impl Control {
         self.record(format!("removed backend {url}"));
         Ok(status)
     }
+}
+
+/// The resolver for `settings`' names and their first answers (every name at once), or
+/// none without names. A name that does not resolve starts with no backends.
+async fn first_resolution(
+    settings: &Settings,
+    metrics: Option<&Metrics>,
+) -> Option<(
+    Arc<hickory_resolver::TokioResolver>,
+    BTreeMap<String, Vec<Found>>,
+)> {
+    if settings.names.is_empty() {
+        return None;
+    }
+    if let Some(m) = metrics {
+        m.discovery_names(settings.names.iter().map(|n| n.written.as_str()));
+    }
+    let resolver = match discovery::resolver(&settings.discovery) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            // No /etc/resolv.conf: names get no backends, the static ones still serve.
+            tracing::error!(target: "lb::discovery", error = %e, "cannot set up the DNS resolver: names are not resolved");
+            return None;
+        }
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for n in settings.names.clone() {
+        let r = Arc::clone(&resolver);
+        set.spawn(async move {
+            let a = discovery::resolve(&r, &n).await;
+            (n, a)
+        });
+    }
+    let mut discovered = BTreeMap::new();
+    while let Some(Ok((n, answer))) = set.join_next().await {
+        match answer {
+            Answer::Found(found, _) => {
+                discovered.insert(n.written, found);
+            }
+            Answer::Empty => {
+                tracing::warn!(target: "lb::discovery", name = %n.written, "name has no addresses: no backends from it until it has");
+            }
+            Answer::Failed(why) => {
+                tracing::warn!(target: "lb::discovery", name = %n.written, error = %why, "DNS lookup failed at start-up: retrying");
+                if let Some(m) = metrics {
+                    m.discovery_error(&n.written);
+                }
+            }
+        }
+    }
+    Some((resolver, discovered))
+}
+
+/// Starts one task per name of `settings` that re-resolves it and hands each answer to
+/// `control`.
+fn watch(
+    control: &Arc<Control>,
+    resolver: &Arc<hickory_resolver::TokioResolver>,
+    settings: &Settings,
+    first: Duration,
+) -> Vec<tokio::task::AbortHandle> {
+    let refresh = settings.discovery.refresh;
+    settings
+        .names
+        .iter()
+        .map(|n| {
+            let (control, resolver, n) = (Arc::clone(control), Arc::clone(resolver), n.clone());
+            tokio::spawn(async move {
+                // After start-up's lookups, `refresh`; after a reload, at once.
+                let mut wait = first;
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let answer = discovery::resolve(&resolver, &n).await;
+                    control.discovered(&n, &answer).await;
+                    wait = discovery::next_refresh(&answer, refresh);
+                }
+            })
+            .abort_handle()
+        })
+        .collect()
 }
 
 fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
@@ -411,9 +582,15 @@ async fn run(
         Some(m) => m.clone(),
         None => Arc::new(NoObserver),
     };
-    let routes = Routes::new(
+    // The first resolution is not a change: its backends start like configured ones.
+    let resolver = first_resolution(&settings, metrics.as_deref()).await;
+    let discovered = resolver
+        .as_ref()
+        .map(|(_, d)| d.clone())
+        .unwrap_or_default();
+    let routes = Routes::from_specs(
         balancer(&settings)?,
-        &settings.backends,
+        &merged(&settings.backends, &settings.names, &discovered),
         settings.hash_key.clone(),
         Instant::now(),
     )?;
@@ -431,15 +608,22 @@ async fn run(
     let control = Arc::new(Control {
         proxy: proxy.clone(),
         sink: Arc::clone(&sink),
+        metrics: metrics.clone(),
         running: Mutex::new(Running {
             backends: settings.backends.clone(),
             settings: settings.clone(),
             checker,
             ticketer,
             changes: Vec::new(),
+            discovered,
+            watchers: Vec::new(),
         }),
         ops: tokio::sync::Mutex::new(()),
     });
+    if let Some((resolver, _)) = resolver {
+        let watchers = watch(&control, &resolver, &settings, settings.discovery.refresh);
+        control.running().watchers = watchers;
+    }
     let admin_task = match (admin, &metrics) {
         (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
             TcpListener::from_std(l)?,
@@ -455,6 +639,7 @@ async fn run(
         admin = %settings.admin.map_or("off".into(), |a| a.to_string()),
         strategy = %settings.strategy,
         backends = settings.backends.len(),
+        names = settings.names.len(),
         workers = listeners.len(),
         "lb started"
     );
@@ -531,6 +716,9 @@ async fn run(
             Ok(Ok(())) => {}
         }
     }
+    for w in control.running().watchers.drain(..) {
+        w.abort();
+    }
     let checker = control.running().checker.take();
     if let Some(c) = checker {
         c.shutdown();
@@ -547,7 +735,8 @@ async fn run(
 ///
 /// Runtime changes made through the admin API are discarded (and logged): the config's
 /// backends, weights and drains win.
-async fn reload(cli: &Cli, control: &Control) {
+async fn reload(cli: &Cli, control_arc: &Arc<Control>) {
+    let control: &Control = control_arc;
     let _op = control.ops.lock().await;
     let (proxy, running, sink) = (&control.proxy, &control.running, &control.sink);
     let new = match config::load(cli) {
@@ -557,16 +746,30 @@ async fn reload(cli: &Cli, control: &Control) {
             return;
         }
     };
-    let (old_settings, ticketer, old_backends) = {
+    let (old_settings, ticketer, old_specs, discovered) = {
         let r = running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Names the new config keeps keep their last known backends; new ones are
+        // resolved by their watchers, which start at once.
+        let discovered: BTreeMap<String, Vec<Found>> = r
+            .discovered
+            .iter()
+            .filter(|(w, _)| {
+                new.names
+                    .iter()
+                    .any(|n| &n.written == *w && r.settings.names.contains(n))
+            })
+            .map(|(w, f)| (w.clone(), f.clone()))
+            .collect();
         (
             r.settings.clone(),
             Arc::clone(&r.ticketer),
-            r.backends.clone(),
+            merged(&r.backends, &r.settings.names, &r.discovered),
+            discovered,
         )
     };
+    let new_specs = merged(&new.backends, &new.names, &discovered);
     let mut new = new;
     new.tls.keep_client_of(&old_settings.tls);
     // Built before anything changes: a certificate rustls refuses keeps the old ones (and
@@ -620,9 +823,9 @@ async fn reload(cli: &Cli, control: &Control) {
         proxy
             .replace_routes(|| {
                 let now = Instant::now();
-                let routes = Routes::new(
+                let routes = Routes::from_specs(
                     Arc::clone(current.balancer()),
-                    &new.backends,
+                    &new_specs,
                     new.hash_key.clone(),
                     now,
                 )?;
@@ -637,9 +840,9 @@ async fn reload(cli: &Cli, control: &Control) {
     } else {
         balancer(&new)
             .and_then(|b| {
-                Ok(Routes::new(
+                Ok(Routes::from_specs(
                     b,
-                    &new.backends,
+                    &new_specs,
                     new.hash_key.clone(),
                     Instant::now(),
                 )?)
@@ -655,10 +858,10 @@ async fn reload(cli: &Cli, control: &Control) {
                 // the backends the new config keeps, so that none of them goes to a removed
                 // one (SPEC: whatever a reload changed, strategy included). Kept backends
                 // keep their ids there, so the old routes still know them.
-                let kept = old_backends
+                let kept = old_specs
                     .iter()
-                    .filter(|(url, _)| new.backends.iter().any(|(u, _)| u == url))
-                    .map(|(url, w)| lb_core::Backend::new(url.clone(), *w));
+                    .filter(|b| new_specs.iter().any(|n| n.url == b.url))
+                    .map(|b| lb_core::Backend::new(b.url.clone(), b.weight));
                 if let Err(e) = current.balancer().set_backends(kept, Instant::now()) {
                     tracing::warn!(target: "lb", error = %e, "reload: the old balancer kept its backends");
                 }
@@ -703,6 +906,31 @@ async fn reload(cli: &Cli, control: &Control) {
         r.changes.clear();
     }
     r.backends = new.backends.clone();
+    r.discovered = discovered;
+    for w in r.watchers.drain(..) {
+        w.abort();
+    }
+    if !new.names.is_empty() {
+        if let Some(m) = &control.metrics {
+            m.discovery_names(new.names.iter().map(|n| n.written.as_str()));
+        }
+        match discovery::resolver(&new.discovery) {
+            Ok(resolver) => {
+                drop(r);
+                let watchers = watch(control_arc, &Arc::new(resolver), &new, Duration::ZERO);
+                let mut r = running
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                r.settings = new;
+                r.checker = checker;
+                r.watchers = watchers;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(target: "lb::discovery", error = %e, "cannot set up the DNS resolver: names are not resolved");
+            }
+        }
+    }
     r.settings = new;
     r.checker = checker;
 }
