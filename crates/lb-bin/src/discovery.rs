@@ -58,6 +58,7 @@ impl Found {
             url: self.url.clone(),
             weight: self.weight,
             server_name: self.server_name.clone(),
+            priority: self.priority,
         }
     }
 }

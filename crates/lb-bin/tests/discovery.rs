@@ -463,3 +463,53 @@ fn srv_records_give_targets_ports_and_weights() {
     assert!(status.contains(&format!("\"name\":\"{name}\"")), "{status}");
     assert!(b[0].hits() > 0 && b[1].hits() > 0);
 }
+
+#[test]
+fn srv_priorities_fail_over_only_while_the_lower_group_has_no_eligible_backend() {
+    let dns = Dns::start();
+    let (port, b) = backends_at_one_port(&["A", "B"]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let name = "_http._tcp.prio.test";
+    let live = [
+        (10, 1, port, "t1.test", lo(1)),
+        (20, 1, port, "t2.test", lo(2)),
+    ];
+    dns.set_srv(name, &live);
+    let r = start_lb(
+        "disc-prio",
+        &dns,
+        "[passive]\nslow_start = \"0s\"\nconsecutive_failures = 1\nejection = \"30s\"",
+        &format!("[[backend]]\nsrv = \"{name}\"\n"),
+    );
+    // Both up: the lower priority only.
+    let got = spread(&r, 20);
+    assert_eq!(got.get("200 A"), Some(&20), "{got:?}");
+    assert_eq!(b[1].hits(), 0, "the higher priority waits");
+
+    // The priority-10 target moves to a port where nothing listens: its first refused
+    // connect ejects it, the request is retried on priority 20, and that group serves
+    // while the lower one has no eligible backend.
+    dns.set_srv(
+        name,
+        &[
+            (10, 1, closed, "t1.test", lo(1)),
+            (20, 1, port, "t2.test", lo(2)),
+        ],
+    );
+    until(&r, |code, body| code == 200 && body == "B").expect("fail-over to priority 20");
+    let got = spread(&r, 20);
+    assert_eq!(got.get("200 B"), Some(&20), "{got:?}");
+
+    // Back where it listens (a new backend, eligible): traffic returns to priority 10.
+    dns.set_srv(name, &live);
+    let a0 = b[0].hits();
+    until(&r, |_, _| b[0].hits() > a0).expect("fail-back to priority 10");
+    let b0 = b[1].hits();
+    let got = spread(&r, 20);
+    assert_eq!(got.get("200 A"), Some(&20), "{got:?}");
+    assert_eq!(b[1].hits(), b0);
+}

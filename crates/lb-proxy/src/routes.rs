@@ -117,6 +117,8 @@ pub struct BackendSpec {
     /// For an `https://` backend, the name its certificate is verified for (and its SNI)
     /// when that is not the URL's host: the DNS name an address was found under.
     pub server_name: Option<String>,
+    /// Its priority group ([`Backend::with_priority`]): an SRV record's priority.
+    pub priority: u16,
 }
 
 impl BackendSpec {
@@ -127,6 +129,7 @@ impl BackendSpec {
             url,
             weight,
             server_name: None,
+            priority: 0,
         }
     }
 }
@@ -191,7 +194,9 @@ impl Routes {
         let ids = balancer
             .set_backends(
                 parsed.iter().map(|(addr, _, b)| {
-                    Backend::new(b.url.clone(), b.weight).with_identity(addr.identity())
+                    Backend::new(b.url.clone(), b.weight)
+                        .with_identity(addr.identity())
+                        .with_priority(b.priority)
                 }),
                 now,
             )
