@@ -257,6 +257,17 @@ fn discovery_errors(admin: SocketAddr, name: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap_or(0))
 }
 
+/// `/status` `requests_total` of the backend with `url`.
+fn requests_total(admin: SocketAddr, url: &str) -> Option<u64> {
+    let (_, status) = procfs::admin_get(admin, "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).ok()?;
+    v["backends"]
+        .as_array()?
+        .iter()
+        .find(|e| e["url"] == url)
+        .and_then(|e| e["requests_total"].as_u64())
+}
+
 /// Sends requests until `done` says so (each after a request, with the body), up to 15 s;
 /// the time it took, or none.
 fn until(r: &Running, mut done: impl FnMut(u16, &str) -> bool) -> Option<Duration> {
@@ -359,6 +370,12 @@ fn a_name_with_two_addresses_follows_dns() {
     let before = b[1].hits();
     let back = until(&r, |_, _| b[1].hits() > before).expect("traffic returned");
     println!("DNS change to traffic moving (refresh 1s): addition {back:?}");
+    // The address that stayed kept its state through both changes: its counter is the
+    // backend's own count, not restarted.
+    assert_eq!(
+        requests_total(r.admin, &format!("http://127.0.0.1:{port}")),
+        Some(b[0].hits() as u64)
+    );
 
     // SERVFAIL and timeouts keep the set, and are counted.
     for mode in [Mode::ServFail, Mode::Drop] {
@@ -512,4 +529,53 @@ fn srv_priorities_fail_over_only_while_the_lower_group_has_no_eligible_backend()
     let got = spread(&r, 20);
     assert_eq!(got.get("200 A"), Some(&20), "{got:?}");
     assert_eq!(b[1].hits(), b0);
+}
+
+#[test]
+fn a_reload_keeps_the_last_known_set_of_names_it_keeps() {
+    let dns = Dns::start();
+    let (port, b) = backends_at_one_port(&["A", "B"]);
+    let name = "reload.test";
+    dns.set_a(name, &[lo(1), lo(2)]);
+    let named = format!("[[backend]]\nurl = \"http://{name}:{port}\"\n");
+    let mut r = start_lb(
+        "disc-reload",
+        &dns,
+        "[passive]\nslow_start = \"0s\"",
+        &named,
+    );
+    let path = r._dir.join("lb.toml");
+    let got = spread(&r, 20);
+    assert_eq!(
+        (got.get("200 A"), got.get("200 B")),
+        (Some(&10), Some(&10)),
+        "{got:?}"
+    );
+
+    // The same file again: the name's set is kept, nothing waits for DNS.
+    r.lb.signal("HUP");
+    r.lb.wait_for("the reload", |lb| lb.logged("configuration reloaded") == 1);
+    let got = spread(&r, 20);
+    assert_eq!(
+        (got.get("200 A"), got.get("200 B")),
+        (Some(&10), Some(&10)),
+        "{got:?}"
+    );
+
+    // The name replaced by a static backend: only that one.
+    let text = std::fs::read_to_string(&path).unwrap().replace(&named, "");
+    std::fs::write(
+        &path,
+        format!("{text}[[backend]]\nurl = \"{}\"\n", b[1].url()),
+    )
+    .unwrap();
+    r.lb.signal("HUP");
+    r.lb.wait_for("the reload", |lb| lb.logged("configuration reloaded") == 2);
+    let got = spread(&r, 20);
+    assert_eq!(got.get("200 B"), Some(&20), "{got:?}");
+    // And its watcher is gone: a DNS change no longer matters.
+    dns.set_a(name, &[lo(1)]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = spread(&r, 10);
+    assert_eq!(got.get("200 B"), Some(&10), "{got:?}");
 }
