@@ -579,3 +579,41 @@ fn a_reload_keeps_the_last_known_set_of_names_it_keeps() {
     let got = spread(&r, 10);
     assert_eq!(got.get("200 B"), Some(&10), "{got:?}");
 }
+
+#[test]
+fn an_https_name_is_verified_for_that_name_and_sent_it_as_sni() {
+    use common::tls::{toml_path, HttpsBackend, Pki};
+    let dns = Dns::start();
+    let pki = Pki::new("disc-https");
+    let backend = HttpsBackend::start("S", &pki.leaf("backend", &["secure.test"], 11));
+    dns.set_a("secure.test", &[lo(1)]);
+    let r = start_lb(
+        "disc-https",
+        &dns,
+        &format!("[tls]\nupstream_ca = {}", toml_path(&pki.ca_pem)),
+        &format!(
+            "[[backend]]\nurl = \"https://secure.test:{}\"\n",
+            backend.addr.port()
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(get(r.listen), (200, "S".to_owned()));
+    }
+    let seen = backend.requests();
+    assert_eq!(seen.len(), 3);
+    for s in seen {
+        assert_eq!(
+            s.sni.as_deref(),
+            Some("secure.test"),
+            "the name, not the address"
+        );
+    }
+    let (_, status) = procfs::admin_get(r.admin, "/status");
+    assert!(
+        status.contains(&format!(
+            "\"url\":\"https://127.0.0.1:{}\"",
+            backend.addr.port()
+        )),
+        "{status}"
+    );
+}
