@@ -233,9 +233,15 @@ fn start_lb(name: &str, dns: &Dns, extra: &str, backends: &str) -> Running {
     let listen = free_port_addr();
     let admin = free_port_addr();
     let text = format!(
-        "listen = [\"{listen}\"]\nadmin = \"{admin}\"\n{extra}\n[health]\ninterval = \"0s\"\n\
+        "listen = [\"{listen}\"]\nadmin = \"{admin}\"\n{extra}\n{health}\
          [discovery]\nresolver = \"{}\"\nrefresh = \"1s\"\n{backends}",
-        dns.addr
+        dns.addr,
+        // No probes unless the test asks for them.
+        health = if extra.contains("[health]") {
+            ""
+        } else {
+            "[health]\ninterval = \"0s\"\n"
+        },
     );
     let (dir, path) = write_temp_config(name, &text);
     let mut lb = Lb::spawn_quiet(&path);
@@ -615,5 +621,64 @@ fn an_https_name_is_verified_for_that_name_and_sent_it_as_sni() {
             backend.addr.port()
         )),
         "{status}"
+    );
+}
+
+/// `lb_health_checks_total` of `backend` (`host:port`), all results.
+fn probes_of(admin: SocketAddr, backend: &str) -> u64 {
+    let (_, text) = procfs::admin_get(admin, "/metrics");
+    let series = format!("lb_health_checks_total{{backend=\"{backend}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn probes_follow_the_discovered_set() {
+    let dns = Dns::start();
+    let (port, _b) = backends_at_one_port(&["A", "B"]);
+    let name = "probed.test";
+    dns.set_a(name, &[lo(1)]);
+    let r = start_lb(
+        "disc-probes",
+        &dns,
+        "[health]\ninterval = \"100ms\"",
+        &format!("[[backend]]\nurl = \"http://{name}:{port}\"\n"),
+    );
+    let (one, two) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    let probed = |who: &str, more_than: u64| {
+        let t0 = Instant::now();
+        while probes_of(r.admin, who) <= more_than && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        probes_of(r.admin, who) > more_than
+    };
+    assert!(probed(&one, 2), "the first address is probed");
+    assert_eq!(probes_of(r.admin, &two), 0);
+    // Added: probed too, and the one that stays goes on being probed.
+    dns.set_a(name, &[lo(1), lo(2)]);
+    assert!(probed(&two, 2), "the added address is probed");
+    // Removed: its probes stop.
+    dns.set_a(name, &[lo(1)]);
+    until(&r, |_, body| {
+        body == "A" && {
+            let got = spread(&r, 10);
+            got.get("200 A") == Some(&10)
+        }
+    })
+    .expect("the removal applies");
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = probes_of(r.admin, &two);
+    let still = probes_of(r.admin, &one);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        probes_of(r.admin, &two),
+        stopped,
+        "no probe of a removed address"
+    );
+    assert!(
+        probes_of(r.admin, &one) > still,
+        "the address that stays is still probed"
     );
 }
