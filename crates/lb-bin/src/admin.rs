@@ -200,7 +200,7 @@ async fn backends(req: Request<Incoming>, control: &Control) -> Response<Full<By
         Err(e) => {
             let code = match e {
                 AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-                AdminError::Exists(_) => StatusCode::CONFLICT,
+                AdminError::Exists(_) | AdminError::Discovered(_) => StatusCode::CONFLICT,
                 AdminError::Route(_) | AdminError::NoVerifier(_) => StatusCode::BAD_REQUEST,
             };
             text(code, format!("{e}\n"))

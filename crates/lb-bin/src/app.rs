@@ -170,6 +170,11 @@ pub(crate) enum AdminError {
     /// The URL or the resulting set is not valid (400).
     #[error(transparent)]
     Route(#[from] lb_proxy::RouteError),
+    /// A weight change or removal of a backend DNS found: DNS owns those (409).
+    #[error(
+        "backend {0} was found by DNS: its weight and membership follow DNS (a drain is allowed)"
+    )]
+    Discovered(String),
     /// An `https://` backend while lb has no verifier for backends' certificates (400).
     #[error("cannot add https backend {0}: lb verifies backends' certificates only when the config has an https backend or [tls] upstream_ca (then reload or restart)")]
     NoVerifier(String),
@@ -332,16 +337,34 @@ impl Control {
         let _op = self.ops.lock().await;
         let not_found = || AdminError::NotFound(authority.to_owned());
         let r = self.running();
-        let i = find(&r.backends, authority).ok_or_else(not_found)?;
-        let url = r.backends[i].0.clone();
-        let old = r.backends[i].1;
+        let i = find(&r.backends, authority);
+        let (url, old) = match i {
+            Some(i) => r.backends[i].clone(),
+            // A discovered backend: it can be drained; DNS owns its weight.
+            None => {
+                let specs = merged(&r.backends, &r.settings.names, &r.discovered);
+                let found = specs
+                    .into_iter()
+                    .find(|b| {
+                        lb_proxy::parse_backend(&b.url)
+                            .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
+                    })
+                    .ok_or_else(not_found)?;
+                if weight.is_some() {
+                    return Err(AdminError::Discovered(found.url));
+                }
+                (found.url, found.weight)
+            }
+        };
         drop(r);
         let status = self.status_of(&url).ok_or_else(not_found)?;
         let routes = self.proxy.routes();
         let now = Instant::now();
         if let Some(w) = weight {
             // The list too: the next rebuild (an add or a remove) sets weights from it.
-            self.running().backends[i].1 = w;
+            if let Some(i) = i {
+                self.running().backends[i].1 = w;
+            }
             routes.balancer().set_weight(status.id, w, now);
             if w != old {
                 self.record(format!(
@@ -367,7 +390,16 @@ impl Control {
         let _op = self.ops.lock().await;
         let not_found = || AdminError::NotFound(authority.to_owned());
         let mut backends = self.running().backends.clone();
-        let i = find(&backends, authority).ok_or_else(not_found)?;
+        let Some(i) = find(&backends, authority) else {
+            let r = self.running();
+            let discovered = merged(&r.backends, &r.settings.names, &r.discovered)
+                .into_iter()
+                .find(|b| {
+                    lb_proxy::parse_backend(&b.url)
+                        .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
+                });
+            return Err(discovered.map_or_else(not_found, |b| AdminError::Discovered(b.url)));
+        };
         let (url, _) = backends.remove(i);
         let status = self.status_of(&url).ok_or_else(not_found)?;
         self.proxy

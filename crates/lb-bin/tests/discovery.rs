@@ -682,3 +682,94 @@ fn probes_follow_the_discovered_set() {
         "the address that stays is still probed"
     );
 }
+
+/// An admin API request with bearer token `t0ken`: (status, body).
+fn admin_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: lb\r\nAuthorization: Bearer t0ken\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (code, body)
+}
+
+#[test]
+fn runtime_changes_survive_dns_changes_and_a_discovered_backend_can_be_drained() {
+    let dns = Dns::start();
+    let (port, b) = backends_at_one_port(&["A", "B"]);
+    let c = Backend::start("C");
+    let name = "admin.test";
+    dns.set_a(name, &[lo(1), lo(2)]);
+    let url = format!("http://{name}:{port}");
+    let r = start_lb(
+        "disc-admin",
+        &dns,
+        "admin_token = \"t0ken\"\n[passive]\nslow_start = \"0s\"",
+        &format!("[[backend]]\nurl = \"{url}\"\n"),
+    );
+    // A discovered backend can be drained (its entry has its name) ...
+    let (code, body) = admin_call(
+        r.admin,
+        "PATCH",
+        &format!("/backends/127.0.0.2:{port}"),
+        r#"{"drain": true}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["name"].as_str()),
+        (Some("draining"), Some(url.as_str()))
+    );
+    let got = spread(&r, 10);
+    assert_eq!(got.get("200 A"), Some(&10), "{got:?}");
+    // ... but DNS owns its weight and membership.
+    let path = format!("/backends/127.0.0.1:{port}");
+    assert_eq!(
+        admin_call(r.admin, "PATCH", &path, r#"{"weight": 3}"#).0,
+        409
+    );
+    assert_eq!(admin_call(r.admin, "DELETE", &path, "").0, 409);
+    let before = b[1].hits();
+
+    // A runtime addition survives a DNS change (which rebuilds the set) ...
+    let (code, body) = admin_call(
+        r.admin,
+        "POST",
+        "/backends",
+        &format!(r#"{{"url": "{}"}}"#, c.url()),
+    );
+    assert_eq!(code, 201, "{body}");
+    dns.set_a(name, &[lo(1), lo(2), lo(3)]);
+    until(&r, |_, _| {
+        let (_, status) = procfs::admin_get(r.admin, "/status");
+        status.contains(&format!("127.0.0.3:{port}"))
+    })
+    .expect("the DNS change applies");
+    let (_, status) = procfs::admin_get(r.admin, "/status");
+    assert!(
+        status.contains(&c.url()),
+        "the added backend stays: {status}"
+    );
+    // ... and so does the drain of an address that stays. (127.0.0.3 listens nowhere:
+    // refused, ejected, retried.)
+    let got = spread(&r, 20);
+    assert_eq!(b[1].hits(), before, "still drained: {got:?}");
+    assert!(
+        got.contains_key("200 A") && got.contains_key("200 C"),
+        "{got:?}"
+    );
+    assert!(got.keys().all(|k| k.starts_with("200 ")), "{got:?}");
+}
