@@ -413,15 +413,19 @@ impl Control {
     }
 }
 
+/// The resolver, each name's first backends, and when to ask each again.
+type FirstResolution = (
+    Arc<hickory_resolver::TokioResolver>,
+    BTreeMap<String, Vec<Found>>,
+    BTreeMap<String, Duration>,
+);
+
 /// The resolver for `settings`' names and their first answers (every name at once), or
 /// none without names. A name that does not resolve starts with no backends.
 async fn first_resolution(
     settings: &Settings,
     metrics: Option<&Metrics>,
-) -> Option<(
-    Arc<hickory_resolver::TokioResolver>,
-    BTreeMap<String, Vec<Found>>,
-)> {
+) -> Option<FirstResolution> {
     if settings.names.is_empty() {
         return None;
     }
@@ -445,7 +449,12 @@ async fn first_resolution(
         });
     }
     let mut discovered = BTreeMap::new();
+    let mut next = BTreeMap::new();
     while let Some(Ok((n, answer))) = set.join_next().await {
+        next.insert(
+            n.written.clone(),
+            discovery::next_refresh(&answer, settings.discovery.refresh),
+        );
         match answer {
             Answer::Found(found, _) => {
                 discovered.insert(n.written, found);
@@ -461,7 +470,7 @@ async fn first_resolution(
             }
         }
     }
-    Some((resolver, discovered))
+    Some((resolver, discovered, next))
 }
 
 /// Starts one task per name of `settings` that re-resolves it and hands each answer to
@@ -470,17 +479,17 @@ fn watch(
     control: &Arc<Control>,
     resolver: &Arc<hickory_resolver::TokioResolver>,
     settings: &Settings,
-    first: Duration,
+    first: &BTreeMap<String, Duration>,
 ) -> Vec<tokio::task::AbortHandle> {
     let refresh = settings.discovery.refresh;
     settings
         .names
         .iter()
         .map(|n| {
+            // After start-up's lookup, as its answer says; after a reload (none), at once.
+            let mut wait = first.get(&n.written).copied().unwrap_or(Duration::ZERO);
             let (control, resolver, n) = (Arc::clone(control), Arc::clone(resolver), n.clone());
             tokio::spawn(async move {
-                // After start-up's lookups, `refresh`; after a reload, at once.
-                let mut wait = first;
                 loop {
                     tokio::time::sleep(wait).await;
                     let answer = discovery::resolve(&resolver, &n).await;
@@ -618,7 +627,7 @@ async fn run(
     let resolver = first_resolution(&settings, metrics.as_deref()).await;
     let discovered = resolver
         .as_ref()
-        .map(|(_, d)| d.clone())
+        .map(|(_, d, _)| d.clone())
         .unwrap_or_default();
     let routes = Routes::from_specs(
         balancer(&settings)?,
@@ -652,8 +661,8 @@ async fn run(
         }),
         ops: tokio::sync::Mutex::new(()),
     });
-    if let Some((resolver, _)) = resolver {
-        let watchers = watch(&control, &resolver, &settings, settings.discovery.refresh);
+    if let Some((resolver, _, next)) = resolver {
+        let watchers = watch(&control, &resolver, &settings, &next);
         control.running().watchers = watchers;
     }
     let admin_task = match (admin, &metrics) {
@@ -949,7 +958,7 @@ async fn reload(cli: &Cli, control_arc: &Arc<Control>) {
         match discovery::resolver(&new.discovery) {
             Ok(resolver) => {
                 drop(r);
-                let watchers = watch(control_arc, &Arc::new(resolver), &new, Duration::ZERO);
+                let watchers = watch(control_arc, &Arc::new(resolver), &new, &BTreeMap::new());
                 let mut r = running
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -230,11 +230,15 @@ struct Running {
 }
 
 fn start_lb(name: &str, dns: &Dns, extra: &str, backends: &str) -> Running {
+    start_lb_refresh(name, dns, extra, backends, "1s")
+}
+
+fn start_lb_refresh(name: &str, dns: &Dns, extra: &str, backends: &str, refresh: &str) -> Running {
     let listen = free_port_addr();
     let admin = free_port_addr();
     let text = format!(
         "listen = [\"{listen}\"]\nadmin = \"{admin}\"\n{extra}\n{health}\
-         [discovery]\nresolver = \"{}\"\nrefresh = \"1s\"\n{backends}",
+         [discovery]\nresolver = \"{}\"\nrefresh = \"{refresh}\"\n{backends}",
         dns.addr,
         // No probes unless the test asks for them.
         health = if extra.contains("[health]") {
@@ -772,4 +776,26 @@ fn runtime_changes_survive_dns_changes_and_a_discovered_backend_can_be_drained()
         "{got:?}"
     );
     assert!(got.keys().all(|k| k.starts_with("200 ")), "{got:?}");
+}
+
+#[test]
+fn a_short_ttl_refreshes_sooner_than_refresh() {
+    let dns = Dns::start();
+    let (port, b) = backends_at_one_port(&["A", "B"]);
+    let name = "ttl.test";
+    // Records with TTL 1 s, refresh one hour: the TTL decides.
+    dns.set_a(name, &[lo(1), lo(2)]);
+    let r = start_lb_refresh(
+        "disc-ttl",
+        &dns,
+        "[passive]\nslow_start = \"0s\"",
+        &format!("[[backend]]\nurl = \"http://{name}:{port}\"\n"),
+        "1h",
+    );
+    dns.set_a(name, &[lo(1)]);
+    until(&r, |_, _| spread(&r, 10).get("200 A") == Some(&10))
+        .expect("the TTL, not refresh, set when to ask again");
+    let before = b[1].hits();
+    assert_eq!(spread(&r, 10).get("200 A"), Some(&10));
+    assert_eq!(b[1].hits(), before);
 }
