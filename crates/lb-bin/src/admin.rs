@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lb_core::{BackendStatus, Weight};
-use lb_proxy::Proxy;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -78,7 +77,7 @@ pub(crate) async fn serve(listener: TcpListener, control: Arc<Control>, metrics:
                     {
                         backends(req, &control).await
                     } else {
-                        route(&req, control.proxy(), &metrics)
+                        route(&req, &control, &metrics)
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -90,7 +89,8 @@ pub(crate) async fn serve(listener: TcpListener, control: Arc<Control>, metrics:
     }
 }
 
-fn route(req: &Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, control: &Control, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let proxy = control.proxy();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
@@ -106,7 +106,7 @@ fn route(req: &Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Response<
             );
             r
         }
-        "/status" => json_response(&status(proxy, now)),
+        "/status" => json_response(&status(control, now)),
         "/debug/requests" => json_response(&metrics.recent()),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -226,14 +226,15 @@ async fn backends(req: Request<Incoming>, control: &Control) -> Response<Full<By
     };
     match done {
         Ok((code, b)) => {
-            let mut r = json_response(&entry(&b, Instant::now(), SystemTime::now()));
+            let name = control.name_of(&b.addr);
+            let mut r = json_response(&entry(&b, name, Instant::now(), SystemTime::now()));
             *r.status_mut() = code;
             r
         }
         Err(e) => {
             let code = match e {
                 AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-                AdminError::Exists(_) => StatusCode::CONFLICT,
+                AdminError::Exists(_) | AdminError::Discovered(_) => StatusCode::CONFLICT,
                 AdminError::Route(_) | AdminError::NoVerifier(_) => StatusCode::BAD_REQUEST,
             };
             text(code, format!("{e}\n"))
@@ -308,7 +309,8 @@ fn parse_patch(body: &[u8]) -> Result<Patch, String> {
 }
 
 /// One backend's `/status` entry.
-fn entry(b: &BackendStatus, now: Instant, wall: SystemTime) -> Value {
+/// `name`: the `url` or `srv` as written that DNS found it under, for a discovered one.
+fn entry(b: &BackendStatus, name: Option<String>, now: Instant, wall: SystemTime) -> Value {
     let ejected_until = b.ejected_until.map(|until| {
         let at = wall + until.saturating_duration_since(now);
         humantime::format_rfc3339_millis(at).to_string()
@@ -322,7 +324,7 @@ fn entry(b: &BackendStatus, now: Instant, wall: SystemTime) -> Value {
     } else {
         "up"
     };
-    json!({
+    let mut v = json!({
         "url": b.addr,
         "healthy": b.healthy,
         "state": state,
@@ -331,18 +333,25 @@ fn entry(b: &BackendStatus, now: Instant, wall: SystemTime) -> Value {
         "requests_total": b.requests_total,
         "failures_total": b.failures_total,
         "ejected_until": ejected_until,
-    })
+    });
+    if let (Some(name), Some(o)) = (name, v.as_object_mut()) {
+        o.insert("name".into(), Value::String(name));
+    }
+    v
 }
 
 /// SPEC.md's `/status` document.
-pub(crate) fn status(proxy: &Proxy, now: Instant) -> Value {
-    let routes = proxy.routes();
+pub(crate) fn status(control: &Control, now: Instant) -> Value {
+    let routes = control.proxy().routes();
     let wall = SystemTime::now();
     let backends: Vec<Value> = routes
         .balancer()
         .backends(now)
         .into_iter()
-        .map(|b| entry(&b, now, wall))
+        .map(|b| {
+            let name = control.name_of(&b.addr);
+            entry(&b, name, now, wall)
+        })
         .collect();
     json!({ "backends": backends, "strategy": lb_core::select::Select::name(routes.balancer().strategy()) })
 }

@@ -1,5 +1,6 @@
 //! Wiring: settings → balancer, routes, proxy, health checker, admin server; signals; reload.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,12 +10,13 @@ use lb_core::{BackendId, BackendStatus, Balancer, Weight};
 use lb_health::{
     Checker, CheckerConfig, HttpProber, ProbeError, ProbeSink, Prober, Target, TcpProber,
 };
-use lb_proxy::{NoObserver, Observer, Proxy, Routes};
+use lb_proxy::{BackendSpec, NoObserver, Observer, Proxy, Routes};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::Cli;
-use crate::config::{self, Settings};
+use crate::config::{self, NameSpec, Settings};
+use crate::discovery::{self, Answer, Found};
 use crate::metrics::{label_of, Metrics};
 
 /// Why `lb` could not start (exit 1).
@@ -105,6 +107,37 @@ struct Running {
     backends: Vec<(String, Weight)>,
     /// What the admin API changed since the config was loaded (a reload discards it).
     changes: Vec<String>,
+    /// Each name's last known backends, by the name as written (`url` or `srv`).
+    discovered: BTreeMap<String, Vec<Found>>,
+    /// The tasks re-resolving the names (a reload replaces them).
+    watchers: Vec<tokio::task::AbortHandle>,
+}
+
+/// The set in force: `backends` (the config's static ones with the admin API's changes),
+/// then every name's last known backends in config order; an address already in the set
+/// (configured, added, or found under an earlier name) is not added twice.
+fn merged(
+    backends: &[(String, Weight)],
+    names: &[NameSpec],
+    discovered: &BTreeMap<String, Vec<Found>>,
+) -> Vec<BackendSpec> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (url, w) in backends {
+        if let Ok(a) = lb_proxy::parse_backend(url) {
+            seen.insert(a.identity());
+        }
+        out.push(BackendSpec::new(url.clone(), *w));
+    }
+    for n in names {
+        for f in discovered.get(&n.written).into_iter().flatten() {
+            let id = lb_proxy::parse_backend(&f.url).map(|a| a.identity());
+            if id.is_ok_and(|id| seen.insert(id)) {
+                out.push(f.spec());
+            }
+        }
+    }
+    out
 }
 
 /// What SIGHUP and the admin API both change, shared by the control task and the admin
@@ -120,6 +153,7 @@ struct Running {
 pub(crate) struct Control {
     proxy: Proxy,
     sink: Arc<dyn ProbeSink>,
+    metrics: Option<Arc<Metrics>>,
     running: Mutex<Running>,
     ops: tokio::sync::Mutex<()>,
 }
@@ -136,6 +170,11 @@ pub(crate) enum AdminError {
     /// The URL or the resulting set is not valid (400).
     #[error(transparent)]
     Route(#[from] lb_proxy::RouteError),
+    /// A weight change or removal of a backend DNS found: DNS owns those (409).
+    #[error(
+        "backend {0} was found by DNS: its weight and membership follow DNS (a drain is allowed)"
+    )]
+    Discovered(String),
     /// An `https://` backend while lb has no verifier for backends' certificates (400).
     #[error("cannot add https backend {0}: lb verifies backends' certificates only when the config has an https backend or [tls] upstream_ca (then reload or restart)")]
     NoVerifier(String),
@@ -189,11 +228,15 @@ impl Control {
     /// points the probes at the new set.
     async fn apply(&self, backends: Vec<(String, Weight)>) -> Result<(), AdminError> {
         let current = self.proxy.routes();
-        let hash_key = self.running().settings.hash_key.clone();
+        let (hash_key, specs) = {
+            let r = self.running();
+            let specs = merged(&backends, &r.settings.names, &r.discovered);
+            (r.settings.hash_key.clone(), specs)
+        };
         self.proxy.replace_routes(|| {
-            Routes::new(
+            Routes::from_specs(
                 Arc::clone(current.balancer()),
-                &backends,
+                &specs,
                 hash_key,
                 Instant::now(),
             )
@@ -206,6 +249,59 @@ impl Control {
         }
         r.backends = backends;
         Ok(())
+    }
+
+    /// The name (`url` or `srv` as written) a backend in force was found under, if DNS
+    /// found it (`/status` `"name"`).
+    pub(crate) fn name_of(&self, url: &str) -> Option<String> {
+        let r = self.running();
+        let found = r
+            .settings
+            .names
+            .iter()
+            .find(|n| {
+                r.discovered
+                    .get(&n.written)
+                    .is_some_and(|f| f.iter().any(|f| f.url == url))
+            })
+            .map(|n| n.written.clone());
+        // A static backend at the same address is the config's, not DNS's.
+        found.filter(|_| !r.backends.iter().any(|(u, _)| u == url))
+    }
+
+    /// A lookup of `name` answered: a new set applies like a reload on the balancer in
+    /// force (the static backends with the admin API's changes, plus every name's last
+    /// known set), a failure keeps the last known set.
+    async fn discovered(&self, name: &NameSpec, answer: &Answer) {
+        let _op = self.ops.lock().await;
+        let found = match answer {
+            Answer::Found(found, _) => found.clone(),
+            Answer::Empty => Vec::new(),
+            Answer::Failed(why) => {
+                tracing::warn!(target: "lb::discovery", name = %name.written, error = %why, "DNS lookup failed: keeping the last known addresses");
+                if let Some(m) = &self.metrics {
+                    m.discovery_error(&name.written);
+                }
+                return;
+            }
+        };
+        let backends = {
+            let mut r = self.running();
+            // A reload may have dropped the name while this lookup ran.
+            if !r.settings.names.iter().any(|n| n == name) {
+                return;
+            }
+            if r.discovered.get(&name.written) == Some(&found) {
+                return;
+            }
+            let urls: Vec<&str> = found.iter().map(|f| f.url.as_str()).collect();
+            tracing::info!(target: "lb::discovery", name = %name.written, backends = %urls.join(","), "DNS answer changed");
+            r.discovered.insert(name.written.clone(), found);
+            r.backends.clone()
+        };
+        if let Err(e) = self.apply(backends).await {
+            tracing::warn!(target: "lb::discovery", name = %name.written, error = %e, "cannot apply DNS answer");
+        }
     }
 
     fn record(&self, change: String) {
@@ -246,16 +342,34 @@ impl Control {
         let _op = self.ops.lock().await;
         let not_found = || AdminError::NotFound(authority.to_owned());
         let r = self.running();
-        let i = find(&r.backends, authority).ok_or_else(not_found)?;
-        let url = r.backends[i].0.clone();
-        let old = r.backends[i].1;
+        let i = find(&r.backends, authority);
+        let (url, old) = match i {
+            Some(i) => r.backends[i].clone(),
+            // A discovered backend: it can be drained; DNS owns its weight.
+            None => {
+                let specs = merged(&r.backends, &r.settings.names, &r.discovered);
+                let found = specs
+                    .into_iter()
+                    .find(|b| {
+                        lb_proxy::parse_backend(&b.url)
+                            .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
+                    })
+                    .ok_or_else(not_found)?;
+                if weight.is_some() {
+                    return Err(AdminError::Discovered(found.url));
+                }
+                (found.url, found.weight)
+            }
+        };
         drop(r);
         let status = self.status_of(&url).ok_or_else(not_found)?;
         let routes = self.proxy.routes();
         let now = Instant::now();
         if let Some(w) = weight {
             // The list too: the next rebuild (an add or a remove) sets weights from it.
-            self.running().backends[i].1 = w;
+            if let Some(i) = i {
+                self.running().backends[i].1 = w;
+            }
             routes.balancer().set_weight(status.id, w, now);
             if w != old {
                 self.record(format!(
@@ -281,7 +395,16 @@ impl Control {
         let _op = self.ops.lock().await;
         let not_found = || AdminError::NotFound(authority.to_owned());
         let mut backends = self.running().backends.clone();
-        let i = find(&backends, authority).ok_or_else(not_found)?;
+        let Some(i) = find(&backends, authority) else {
+            let r = self.running();
+            let discovered = merged(&r.backends, &r.settings.names, &r.discovered)
+                .into_iter()
+                .find(|b| {
+                    lb_proxy::parse_backend(&b.url)
+                        .is_ok_and(|a| a.authority.as_str().eq_ignore_ascii_case(authority))
+                });
+            return Err(discovered.map_or_else(not_found, |b| AdminError::Discovered(b.url)));
+        };
         let (url, _) = backends.remove(i);
         let status = self.status_of(&url).ok_or_else(not_found)?;
         self.proxy
@@ -293,6 +416,95 @@ impl Control {
         self.record(format!("removed backend {url}"));
         Ok(status)
     }
+}
+
+/// The resolver, each name's first backends, and when to ask each again.
+type FirstResolution = (
+    Arc<hickory_resolver::TokioResolver>,
+    BTreeMap<String, Vec<Found>>,
+    BTreeMap<String, Duration>,
+);
+
+/// The resolver for `settings`' names and their first answers (every name at once), or
+/// none without names. A name that does not resolve starts with no backends.
+async fn first_resolution(
+    settings: &Settings,
+    metrics: Option<&Metrics>,
+) -> Option<FirstResolution> {
+    if settings.names.is_empty() {
+        return None;
+    }
+    if let Some(m) = metrics {
+        m.discovery_names(settings.names.iter().map(|n| n.written.as_str()));
+    }
+    let resolver = match discovery::resolver(&settings.discovery) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            // No /etc/resolv.conf: names get no backends, the static ones still serve.
+            tracing::error!(target: "lb::discovery", error = %e, "cannot set up the DNS resolver: names are not resolved");
+            return None;
+        }
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for n in settings.names.clone() {
+        let r = Arc::clone(&resolver);
+        set.spawn(async move {
+            let a = discovery::resolve(&r, &n).await;
+            (n, a)
+        });
+    }
+    let mut discovered = BTreeMap::new();
+    let mut next = BTreeMap::new();
+    while let Some(Ok((n, answer))) = set.join_next().await {
+        next.insert(
+            n.written.clone(),
+            discovery::next_refresh(&answer, settings.discovery.refresh),
+        );
+        match answer {
+            Answer::Found(found, _) => {
+                discovered.insert(n.written, found);
+            }
+            Answer::Empty => {
+                tracing::warn!(target: "lb::discovery", name = %n.written, "name has no addresses: no backends from it until it has");
+            }
+            Answer::Failed(why) => {
+                tracing::warn!(target: "lb::discovery", name = %n.written, error = %why, "DNS lookup failed at start-up: retrying");
+                if let Some(m) = metrics {
+                    m.discovery_error(&n.written);
+                }
+            }
+        }
+    }
+    Some((resolver, discovered, next))
+}
+
+/// Starts one task per name of `settings` that re-resolves it and hands each answer to
+/// `control`.
+fn watch(
+    control: &Arc<Control>,
+    resolver: &Arc<hickory_resolver::TokioResolver>,
+    settings: &Settings,
+    first: &BTreeMap<String, Duration>,
+) -> Vec<tokio::task::AbortHandle> {
+    let refresh = settings.discovery.refresh;
+    settings
+        .names
+        .iter()
+        .map(|n| {
+            // After start-up's lookup, as its answer says; after a reload (none), at once.
+            let mut wait = first.get(&n.written).copied().unwrap_or(Duration::ZERO);
+            let (control, resolver, n) = (Arc::clone(control), Arc::clone(resolver), n.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let answer = discovery::resolve(&resolver, &n).await;
+                    control.discovered(&n, &answer).await;
+                    wait = discovery::next_refresh(&answer, refresh);
+                }
+            })
+            .abort_handle()
+        })
+        .collect()
 }
 
 fn balancer(settings: &Settings) -> Result<Arc<Balancer>, StartupError> {
@@ -416,9 +628,15 @@ async fn run(
         Some(m) => m.clone(),
         None => Arc::new(NoObserver),
     };
-    let routes = Routes::new(
+    // The first resolution is not a change: its backends start like configured ones.
+    let resolver = first_resolution(&settings, metrics.as_deref()).await;
+    let discovered = resolver
+        .as_ref()
+        .map(|(_, d, _)| d.clone())
+        .unwrap_or_default();
+    let routes = Routes::from_specs(
         balancer(&settings)?,
-        &settings.backends,
+        &merged(&settings.backends, &settings.names, &discovered),
         settings.hash_key.clone(),
         Instant::now(),
     )?;
@@ -436,15 +654,22 @@ async fn run(
     let control = Arc::new(Control {
         proxy: proxy.clone(),
         sink: Arc::clone(&sink),
+        metrics: metrics.clone(),
         running: Mutex::new(Running {
             backends: settings.backends.clone(),
             settings: settings.clone(),
             checker,
             ticketer,
             changes: Vec::new(),
+            discovered,
+            watchers: Vec::new(),
         }),
         ops: tokio::sync::Mutex::new(()),
     });
+    if let Some((resolver, _, next)) = resolver {
+        let watchers = watch(&control, &resolver, &settings, &next);
+        control.running().watchers = watchers;
+    }
     let admin_task = match (admin, &metrics) {
         (Some(l), Some(m)) => Some(tokio::spawn(crate::admin::serve(
             TcpListener::from_std(l)?,
@@ -460,6 +685,7 @@ async fn run(
         admin = %settings.admin.map_or("off".into(), |a| a.to_string()),
         strategy = %settings.strategy,
         backends = settings.backends.len(),
+        names = settings.names.len(),
         workers = listeners.len(),
         "lb started"
     );
@@ -536,6 +762,9 @@ async fn run(
             Ok(Ok(())) => {}
         }
     }
+    for w in control.running().watchers.drain(..) {
+        w.abort();
+    }
     let checker = control.running().checker.take();
     if let Some(c) = checker {
         c.shutdown();
@@ -552,7 +781,8 @@ async fn run(
 ///
 /// Runtime changes made through the admin API are discarded (and logged): the config's
 /// backends, weights and drains win.
-async fn reload(cli: &Cli, control: &Control) {
+async fn reload(cli: &Cli, control_arc: &Arc<Control>) {
+    let control: &Control = control_arc;
     let _op = control.ops.lock().await;
     let (proxy, running, sink) = (&control.proxy, &control.running, &control.sink);
     let new = match config::load(cli) {
@@ -562,16 +792,30 @@ async fn reload(cli: &Cli, control: &Control) {
             return;
         }
     };
-    let (old_settings, ticketer, old_backends) = {
+    let (old_settings, ticketer, old_specs, discovered) = {
         let r = running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Names the new config keeps keep their last known backends; new ones are
+        // resolved by their watchers, which start at once.
+        let discovered: BTreeMap<String, Vec<Found>> = r
+            .discovered
+            .iter()
+            .filter(|(w, _)| {
+                new.names
+                    .iter()
+                    .any(|n| &n.written == *w && r.settings.names.contains(n))
+            })
+            .map(|(w, f)| (w.clone(), f.clone()))
+            .collect();
         (
             r.settings.clone(),
             Arc::clone(&r.ticketer),
-            r.backends.clone(),
+            merged(&r.backends, &r.settings.names, &r.discovered),
+            discovered,
         )
     };
+    let new_specs = merged(&new.backends, &new.names, &discovered);
     let mut new = new;
     new.tls.keep_client_of(&old_settings.tls);
     // Built before anything changes: a certificate rustls refuses keeps the old ones (and
@@ -625,9 +869,9 @@ async fn reload(cli: &Cli, control: &Control) {
         proxy
             .replace_routes(|| {
                 let now = Instant::now();
-                let routes = Routes::new(
+                let routes = Routes::from_specs(
                     Arc::clone(current.balancer()),
-                    &new.backends,
+                    &new_specs,
                     new.hash_key.clone(),
                     now,
                 )?;
@@ -642,9 +886,9 @@ async fn reload(cli: &Cli, control: &Control) {
     } else {
         balancer(&new)
             .and_then(|b| {
-                Ok(Routes::new(
+                Ok(Routes::from_specs(
                     b,
-                    &new.backends,
+                    &new_specs,
                     new.hash_key.clone(),
                     Instant::now(),
                 )?)
@@ -660,15 +904,17 @@ async fn reload(cli: &Cli, control: &Control) {
                 // the backends the new config keeps, so that none of them goes to a removed
                 // one (SPEC: whatever a reload changed, strategy included). Kept backends
                 // keep their ids there, so the old routes still know them.
-                let kept = old_backends
+                let kept = old_specs
                     .iter()
-                    .filter(|(url, _)| new.backends.iter().any(|(u, _)| u == url))
-                    .map(|(url, w)| {
-                        // The identity the routes gave it, or it is a new member there.
-                        let b = lb_core::Backend::new(url.clone(), *w);
-                        match lb_proxy::parse_backend(url) {
-                            Ok(a) => b.with_identity(a.identity()),
-                            Err(_) => b,
+                    .filter(|b| new_specs.iter().any(|n| n.url == b.url))
+                    .map(|b| {
+                        // The identity and priority the routes gave it, or it is a new
+                        // member there.
+                        let backend = lb_core::Backend::new(b.url.clone(), b.weight)
+                            .with_priority(b.priority);
+                        match lb_proxy::parse_backend(&b.url) {
+                            Ok(a) => backend.with_identity(a.identity()),
+                            Err(_) => backend,
                         }
                     });
                 if let Err(e) = current.balancer().set_backends(kept, Instant::now()) {
@@ -715,6 +961,31 @@ async fn reload(cli: &Cli, control: &Control) {
         r.changes.clear();
     }
     r.backends = new.backends.clone();
+    r.discovered = discovered;
+    for w in r.watchers.drain(..) {
+        w.abort();
+    }
+    if !new.names.is_empty() {
+        if let Some(m) = &control.metrics {
+            m.discovery_names(new.names.iter().map(|n| n.written.as_str()));
+        }
+        match discovery::resolver(&new.discovery) {
+            Ok(resolver) => {
+                drop(r);
+                let watchers = watch(control_arc, &Arc::new(resolver), &new, &BTreeMap::new());
+                let mut r = running
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                r.settings = new;
+                r.checker = checker;
+                r.watchers = watchers;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(target: "lb::discovery", error = %e, "cannot set up the DNS resolver: names are not resolved");
+            }
+        }
+    }
     r.settings = new;
     r.checker = checker;
 }

@@ -69,8 +69,16 @@ struct File {
     timeouts: Option<Timeouts>,
     limits: Option<Limits>,
     tls: Option<Tls>,
+    discovery: Option<Discovery>,
     #[serde(default)]
     backend: Vec<BackendEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Discovery {
+    resolver: Option<S<String>>,
+    refresh: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,7 +150,9 @@ struct CertEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendEntry {
-    url: S<String>,
+    url: Option<S<String>>,
+    srv: Option<S<String>>,
+    scheme: Option<S<String>>,
     weight: Option<S<i64>>,
 }
 
@@ -199,6 +209,69 @@ impl PartialEq for TlsSettings {
     }
 }
 
+/// A backend entry that DNS turns into backends (SPEC "Dynamic backends").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NameSpec {
+    /// The `url` or `srv` as written: `/status` shows it as `"name"`, and it labels
+    /// `lb_discovery_errors_total`.
+    pub(crate) written: String,
+    /// What to ask DNS.
+    pub(crate) kind: NameKind,
+    /// Whether its backends speak TLS (`https`); their certificates are verified for the
+    /// name (`Host`) or the SRV target.
+    pub(crate) https: bool,
+}
+
+/// What a [`NameSpec`] asks DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NameKind {
+    /// A/AAAA records of `host`: each address at `port`, with `weight`.
+    Host {
+        host: String,
+        port: u16,
+        weight: Weight,
+    },
+    /// SRV records of the name: target, port, weight and priority from DNS.
+    Srv(String),
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DiscoverySettings {
+    /// The DNS server (UDP, TCP fallback); none: the system's configuration
+    /// (`/etc/resolv.conf`, and `/etc/hosts`).
+    pub(crate) resolver: Option<SocketAddr>,
+    /// Re-resolve at least this often (sooner by TTL, never under 1 s).
+    pub(crate) refresh: Duration,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        Self {
+            resolver: None,
+            refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether a backend URL's host is discovered through DNS: a host name that is neither an
+/// IP literal nor `localhost` (or a name under `.localhost`).
+///
+/// `localhost` stays a static backend connected by name, as before discovery existed:
+/// RFC 6761 reserves it for loopback (it is never asked of DNS), its `/etc/hosts` entries
+/// often list `::1` where a backend started on `127.0.0.1` does not listen, and TLS
+/// setups verify `https://localhost:PORT` backends by that name.
+pub(crate) fn is_discovered_host(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let lower = bare.trim_end_matches('.').to_ascii_lowercase();
+    bare.parse::<std::net::IpAddr>().is_err()
+        && lower != "localhost"
+        && !lower.ends_with(".localhost")
+}
+
 /// Everything `lb` runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Settings {
@@ -211,7 +284,11 @@ pub(crate) struct Settings {
     pub(crate) core: lb_core::Config,
     pub(crate) proxy: ProxyConfig,
     pub(crate) drain: Duration,
+    /// The static backends: URLs whose host is an IP address (or `localhost`).
     pub(crate) backends: Vec<(String, Weight)>,
+    /// The entries DNS resolves into backends.
+    pub(crate) names: Vec<NameSpec>,
+    pub(crate) discovery: DiscoverySettings,
     pub(crate) log_format: LogFormat,
     pub(crate) tls: TlsSettings,
     /// The admin API's bearer token (`--admin-token-file` or `admin_token`): none, and its
@@ -580,8 +657,9 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         None => cx.duration("timeouts.drain", &t.drain, Duration::from_secs(30))?,
     };
 
-    let backends = backends(cli, f, cx)?;
-    let tls = tls(cli, f, cx, &backends)?;
+    let (backends, names) = backends(cli, f, cx)?;
+    let discovery = discovery(f, cx)?;
+    let tls = tls(cli, f, cx, &backends, names.iter().any(|n| n.https))?;
     Ok(Settings {
         file: cx.file.map(Path::to_path_buf),
         listen,
@@ -597,6 +675,8 @@ fn settings(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Settings, ConfigError> {
         proxy,
         drain,
         backends,
+        names,
+        discovery,
         log_format,
         tls,
         admin_token,
@@ -657,6 +737,7 @@ fn tls(
     f: &File,
     cx: &Cx<'_>,
     backends: &[(String, Weight)],
+    https_names: bool,
 ) -> Result<TlsSettings, ConfigError> {
     use lb_proxy::tls::{Certificate, Certificates};
     let none = Tls::default();
@@ -758,7 +839,8 @@ fn tls(
     let upstream_ca = t.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
     let https = backends
         .iter()
-        .any(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| a.https));
+        .any(|(url, _)| lb_proxy::parse_backend(url).is_ok_and(|a| a.https))
+        || https_names;
     let (client, client_roots) = if https || upstream_ca.is_some() {
         let on_ca = |e: lb_proxy::tls::TlsError| {
             let span = t.upstream_ca.as_ref().map(Spanned::span);
@@ -898,9 +980,66 @@ fn proxy_config(f: &File, cx: &Cx<'_>) -> Result<ProxyConfig, ConfigError> {
     Ok(proxy)
 }
 
-/// `[[backend]]` or the flags (which replace the file's list), each validated and distinct.
-fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, ConfigError> {
+/// `[discovery]`: the resolver's address and the refresh period (at least 1 s).
+fn discovery(f: &File, cx: &Cx<'_>) -> Result<DiscoverySettings, ConfigError> {
+    let none = Discovery::default();
+    let d = f.discovery.as_ref().unwrap_or(&none);
+    let resolver = match &d.resolver {
+        None => None,
+        Some(v) => {
+            cx.seen("discovery.resolver", v);
+            Some(
+                parse_addr(v.get_ref())
+                    .or_else(|e| cx.err("discovery.resolver", Some(v.span()), e))?,
+            )
+        }
+    };
+    let refresh = cx.duration("discovery.refresh", &d.refresh, Duration::from_secs(5))?;
+    if refresh < Duration::from_secs(1) {
+        let span = d.refresh.as_ref().map(Spanned::span);
+        return cx.err(
+            "discovery.refresh",
+            span,
+            "must be at least 1s (DNS is not asked more often)",
+        );
+    }
+    Ok(DiscoverySettings { resolver, refresh })
+}
+
+/// One backend URL: a static backend, or a host name DNS resolves (a [`NameSpec`]).
+enum Parsed {
+    Static(String),
+    Name(NameSpec),
+}
+
+/// `url` as a static backend or a discovered name; its identity for duplicate checks.
+fn parse_url(url: &str, weight: Weight) -> Result<(Parsed, String), String> {
+    let addr = lb_proxy::parse_backend(url).map_err(|e| e.to_string())?;
+    let identity = addr.identity();
+    let host = addr.authority.host();
+    if !is_discovered_host(host) {
+        return Ok((Parsed::Static(url.to_owned()), identity));
+    }
+    let spec = NameSpec {
+        written: url.to_owned(),
+        kind: NameKind::Host {
+            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            // `parse_backend` checked there is one.
+            port: addr.authority.port_u16().unwrap_or(0),
+            weight,
+        },
+        https: addr.https,
+    };
+    Ok((Parsed::Name(spec), identity))
+}
+
+type Backends = (Vec<(String, Weight)>, Vec<NameSpec>);
+
+/// `[[backend]]` or the flags (which replace the file's list), each validated and distinct:
+/// the static backends, and the entries DNS resolves.
+fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Backends, ConfigError> {
     let mut backends = Vec::new();
+    let mut names = Vec::new();
     let mut seen = HashSet::new();
     let from_flags: Vec<&String> = cli
         .backend
@@ -910,34 +1049,126 @@ fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, C
         .collect();
     if from_flags.is_empty() {
         for (i, b) in f.backend.iter().enumerate() {
-            let key = format!("backend[{i}].url");
-            let url = b.url.get_ref().trim().to_owned();
-            let addr = lb_proxy::parse_backend(&url)
-                .or_else(|e| cx.err(&key, Some(b.url.span()), e.to_string()))?;
-            if !seen.insert(addr.identity()) {
-                return cx.err(&key, Some(b.url.span()), format!("duplicate backend {url}"));
+            let entry = |k: &str| format!("backend[{i}].{k}");
+            if let Some(s) = &b.scheme {
+                if b.srv.is_none() {
+                    return cx.err(
+                        &entry("scheme"),
+                        Some(s.span()),
+                        "scheme goes with srv only (a url has its own)",
+                    );
+                }
             }
+            let (url, srv) = match (&b.url, &b.srv) {
+                (Some(u), Some(s)) => {
+                    let at = u.span().start.max(s.span().start);
+                    let span = if at == u.span().start {
+                        u.span()
+                    } else {
+                        s.span()
+                    };
+                    return cx.err(
+                        &entry(if at == u.span().start { "url" } else { "srv" }),
+                        Some(span),
+                        "give url or srv, not both",
+                    );
+                }
+                (None, None) => {
+                    // The entry's `[[backend]]` header, where the file has one.
+                    let at = cx
+                        .text
+                        .match_indices("[[backend]]")
+                        .nth(i)
+                        .map(|(at, m)| at..at + m.len());
+                    return cx.err(&entry("url"), at, "missing url (or srv)");
+                }
+                (Some(u), None) => (u, None),
+                (None, Some(s)) => (s, Some(s)),
+            };
+            if let Some(srv) = srv {
+                let key = entry("srv");
+                if let Some(w) = &b.weight {
+                    return cx.err(
+                        &entry("weight"),
+                        Some(w.span()),
+                        "an srv entry's weights come from DNS",
+                    );
+                }
+                let name = srv
+                    .get_ref()
+                    .trim()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                if name.is_empty()
+                    || name.contains(|c: char| c.is_whitespace() || c == '/' || c == ':')
+                {
+                    return cx.err(
+                        &key,
+                        Some(srv.span()),
+                        format!("{:?} is not a DNS name", srv.get_ref()),
+                    );
+                }
+                let https = match b.scheme.as_ref().map(|s| s.get_ref().to_ascii_lowercase()) {
+                    None => false,
+                    Some(s) if s == "http" => false,
+                    Some(s) if s == "https" => true,
+                    Some(s) => {
+                        let span = b.scheme.as_ref().map(Spanned::span);
+                        return cx.err(
+                            &entry("scheme"),
+                            span,
+                            format!("{s:?}: scheme must be http or https"),
+                        );
+                    }
+                };
+                if !seen.insert(format!("srv:{https}:{name}")) {
+                    return cx.err(&key, Some(srv.span()), format!("duplicate backend {name}"));
+                }
+                names.push(NameSpec {
+                    written: srv.get_ref().trim().to_owned(),
+                    kind: NameKind::Srv(name),
+                    https,
+                });
+                continue;
+            }
+            let key = entry("url");
             // lb-core's `Weight` owns the range.
-            let wkey = format!("backend[{i}].weight");
+            let wkey = entry("weight");
             let weight = match &b.weight {
                 None => Weight::ONE,
                 Some(w) => Weight::new(cx.count(&wkey, &b.weight, 0)?)
                     .or_else(|e| cx.err(&wkey, Some(w.span()), e.to_string()))?,
             };
-            backends.push((url, weight));
+            let written = url.get_ref().trim().to_owned();
+            let (parsed, identity) =
+                parse_url(&written, weight).or_else(|e| cx.err(&key, Some(url.span()), e))?;
+            if !seen.insert(identity) {
+                return cx.err(
+                    &key,
+                    Some(url.span()),
+                    format!("duplicate backend {written}"),
+                );
+            }
+            match parsed {
+                Parsed::Static(u) => backends.push((u, weight)),
+                Parsed::Name(n) => names.push(n),
+            }
         }
     } else {
         for url in from_flags {
             let url = url.trim().to_owned();
-            let addr = lb_proxy::parse_backend(&url)
-                .or_else(|e| cx.flag_err("--backend", e.to_string()))?;
-            if !seen.insert(addr.identity()) {
+            let (parsed, identity) =
+                parse_url(&url, Weight::ONE).or_else(|e| cx.flag_err("--backend", e))?;
+            if !seen.insert(identity) {
                 return cx.flag_err("--backend", format!("duplicate backend {url}"));
             }
-            backends.push((url, Weight::ONE));
+            match parsed {
+                Parsed::Static(u) => backends.push((u, Weight::ONE)),
+                Parsed::Name(n) => names.push(n),
+            }
         }
     }
-    if backends.is_empty() {
+    if backends.is_empty() && names.is_empty() {
         return match cx.file {
             Some(_) => cx.err(
                 "backend",
@@ -950,7 +1181,7 @@ fn backends(cli: &Cli, f: &File, cx: &Cx<'_>) -> Result<Vec<(String, Weight)>, C
             ),
         };
     }
-    Ok(backends)
+    Ok((backends, names))
 }
 
 impl fmt::Display for Settings {
@@ -975,9 +1206,39 @@ impl fmt::Display for Settings {
             "strategy: {} (hash key {})",
             self.strategy, self.hash_key
         )?;
-        writeln!(f, "backends: {}", self.backends.len())?;
+        writeln!(f, "backends: {}", self.backends.len() + self.names.len())?;
         for (url, w) in &self.backends {
             writeln!(f, "  {url} weight {}", w.get())?;
+        }
+        for n in &self.names {
+            match &n.kind {
+                NameKind::Host { weight, .. } => {
+                    writeln!(
+                        f,
+                        "  {} weight {} (every A/AAAA record)",
+                        n.written,
+                        weight.get()
+                    )?;
+                }
+                NameKind::Srv(_) => {
+                    let scheme = if n.https { "https" } else { "http" };
+                    writeln!(
+                        f,
+                        "  srv {} ({scheme}; targets, ports, weights from DNS)",
+                        n.written
+                    )?;
+                }
+            }
+        }
+        if !self.names.is_empty() {
+            let d = &self.discovery;
+            writeln!(
+                f,
+                "discovery: resolver {}, refresh {}",
+                d.resolver
+                    .map_or("system (/etc/resolv.conf)".into(), |a| a.to_string()),
+                humantime::format_duration(d.refresh)
+            )?;
         }
         if self.tls.files.is_empty() {
             writeln!(f, "tls: off (plain HTTP)")?;
@@ -1566,6 +1827,108 @@ weight = 1
     }
 
     #[test]
+    fn host_names_and_srv_entries_are_discovered() {
+        let s = with_file(
+            "[[backend]]\nurl = \"http://127.0.0.1:1\"\n[[backend]]\nurl = \"http://localhost:2\"\n\
+             [[backend]]\nurl = \"http://Api.Internal.:8080\"\nweight = 2\n\
+             [[backend]]\nsrv = \"_http._tcp.api.service.consul\"\nscheme = \"https\"\n\
+             [discovery]\nresolver = \"127.0.0.1:8600\"\nrefresh = \"2s\"\n",
+            &[],
+        )
+        .unwrap();
+        let statics: Vec<&str> = s.backends.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(
+            statics,
+            ["http://127.0.0.1:1", "http://localhost:2"],
+            "IP literals and localhost are static"
+        );
+        assert_eq!(
+            s.names[0].kind,
+            NameKind::Host {
+                host: "api.internal".into(),
+                port: 8080,
+                weight: Weight::new(2).unwrap()
+            }
+        );
+        assert!(!s.names[0].https);
+        assert_eq!(
+            s.names[1].kind,
+            NameKind::Srv("_http._tcp.api.service.consul".into())
+        );
+        assert!(s.names[1].https);
+        assert_eq!(s.names[1].written, "_http._tcp.api.service.consul");
+        assert_eq!(
+            s.discovery.resolver,
+            Some("127.0.0.1:8600".parse().unwrap())
+        );
+        assert_eq!(s.discovery.refresh, Duration::from_secs(2));
+        assert!(
+            s.tls.client.is_some(),
+            "an https srv entry needs the verifier"
+        );
+        // Only names: no static backend is fine (503 until one resolves).
+        let s = with_file("[[backend]]\nsrv = \"_x._tcp.a\"\n", &[]).unwrap();
+        assert!(s.backends.is_empty());
+        assert_eq!(s.discovery, DiscoverySettings::default());
+        for (text, line, key) in [
+            (
+                "[[backend]]\nurl = \"http://a:1\"\nsrv = \"_x._tcp.a\"\n",
+                3,
+                "backend[0].srv",
+            ),
+            (
+                "[[backend]]\nurl = \"http://a:1\"\nscheme = \"http\"\n",
+                3,
+                "backend[0].scheme",
+            ),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\nweight = 2\n",
+                3,
+                "backend[0].weight",
+            ),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\nscheme = \"ftp\"\n",
+                3,
+                "backend[0].scheme",
+            ),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\n[[backend]]\nsrv = \"_X._tcp.a.\"\n",
+                4,
+                "backend[1].srv",
+            ),
+            ("[[backend]]\nsrv = \"http://a:1\"\n", 2, "backend[0].srv"),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\n[discovery]\nrefresh = \"500ms\"\n",
+                4,
+                "discovery.refresh",
+            ),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\n[discovery]\nresolver = \"nowhere\"\n",
+                4,
+                "discovery.resolver",
+            ),
+            (
+                "[[backend]]\nsrv = \"_x._tcp.a\"\n[discovery]\nresolvr = \"1.1.1.1:53\"\n",
+                4,
+                "discovery.resolvr",
+            ),
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{text:?}: {e}");
+        }
+        assert!(is_discovered_host("api.internal"));
+        for not in [
+            "127.0.0.1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST.",
+            "a.localhost",
+        ] {
+            assert!(!is_discovered_host(not), "{not}");
+        }
+    }
+
+    #[test]
     fn flags_override_the_file_and_port_adds_a_listener() {
         let s = with_file(
             "listen = [\"127.0.0.1:4000\"]\nstrategy = \"random\"\n[[backend]]\nurl = \"http://a:1\"\n",
@@ -1573,7 +1936,9 @@ weight = 1
         )
         .unwrap();
         assert_eq!(s.strategy, StrategyKind::LeastConnections);
-        assert_eq!(s.backends, vec![("http://b:2".to_owned(), Weight::ONE)]);
+        assert!(s.backends.is_empty(), "a host name is discovered");
+        let written: Vec<&str> = s.names.iter().map(|n| n.written.as_str()).collect();
+        assert_eq!(written, ["http://b:2"]);
         assert_eq!(
             s.listen,
             vec![

@@ -10,6 +10,7 @@ mod admin;
 mod app;
 mod cli;
 mod config;
+mod discovery;
 mod log;
 mod metrics;
 
@@ -76,8 +77,13 @@ pub fn main() -> ExitCode {
     if cli.check {
         use std::io::Write;
         // Not `println!`: a reader that stops early (`lb --check | head`) would make it panic.
+        let warnings = discovery::check_names(&settings);
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{settings}").and_then(|()| writeln!(out, "configuration OK"));
+        let _ = writeln!(out, "{settings}");
+        for w in warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        let _ = writeln!(out, "configuration OK");
         return ExitCode::SUCCESS;
     }
     log::init(settings.log_format);

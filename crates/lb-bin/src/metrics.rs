@@ -61,6 +61,11 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Name {
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendResult {
     backend: String,
     result: String,
@@ -78,6 +83,7 @@ pub(crate) struct Metrics {
     retries_denied: Family<Reason, Counter>,
     health_checks: Family<BackendResult, Counter>,
     tls_handshake_errors: Counter,
+    discovery_errors: Family<Name, Counter>,
     recent: Mutex<VecDeque<Recent>>,
     /// Tells this instance's [`Handles`] from another's (tests build several).
     id: u64,
@@ -147,6 +153,12 @@ impl Metrics {
             "Client TLS handshakes that failed or did not finish within header_read",
             tls_handshake_errors.clone(),
         );
+        let discovery_errors = Family::<Name, Counter>::default();
+        registry.register(
+            "lb_discovery_errors",
+            "DNS lookups of a backend name that failed (timeout, server failure): the last known addresses stay",
+            discovery_errors.clone(),
+        );
         // Series known in advance start at 0, so dashboards see them before the first event.
         for reason in ["not_sent", "idempotent"] {
             let _ = retries.get_or_create(&Reason {
@@ -176,9 +188,26 @@ impl Metrics {
             retries_denied,
             health_checks,
             tls_handshake_errors,
+            discovery_errors,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Starts `lb_discovery_errors_total{name}` at 0 for each of `names`.
+    pub(crate) fn discovery_names<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            let _ = self
+                .discovery_errors
+                .get_or_create(&Name { name: name.into() });
+        }
+    }
+
+    /// Counts one failed lookup of `name` (as written in the config).
+    pub(crate) fn discovery_error(&self, name: &str) {
+        self.discovery_errors
+            .get_or_create(&Name { name: name.into() })
+            .inc();
     }
 
     /// Counts one probe of `backend`.

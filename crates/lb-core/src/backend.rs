@@ -91,12 +91,16 @@ impl Default for Weight {
 /// let b = b.with_identity("http://127.0.0.1:3031");
 /// assert_eq!(b.identity(), "http://127.0.0.1:3031");
 /// assert_eq!(b.addr(), "HTTP://127.0.0.1:3031/");
+/// // A fail-over backend: used only while no priority-0 backend is eligible.
+/// let spare = Backend::new("http://10.0.0.9:80", Weight::ONE).with_priority(1);
+/// assert_eq!(spare.priority(), 1);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
     addr: String,
     identity: Option<String>,
     weight: Weight,
+    priority: u16,
 }
 
 // === impl Backend ===
@@ -108,7 +112,25 @@ impl Backend {
             addr: addr.into(),
             identity: None,
             weight,
+            priority: 0,
         }
+    }
+
+    /// The same backend in priority group `priority` (default 0; lower is preferred, as in
+    /// DNS SRV records). Only the lowest group with an eligible backend (up by probes, not
+    /// ejected, not draining) takes requests, with every strategy; the next group takes
+    /// over while none of a lower one is eligible, and hands back as soon as one is again.
+    /// Panic mode (`panic_threshold_percent`) counts the whole pool.
+    #[must_use]
+    pub const fn with_priority(mut self, priority: u16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The priority group (lower is preferred).
+    #[must_use]
+    pub const fn priority(&self) -> u16 {
+        self.priority
     }
 
     /// The same backend with `identity` as its identity: the string consistent hashing places

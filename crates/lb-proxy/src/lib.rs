@@ -65,7 +65,9 @@ use tokio::sync::{watch, Semaphore};
 pub use config::ProxyConfig;
 pub use error::{RouteError, ServeError};
 pub use observe::{Completed, NoObserver, Observer};
-pub use routes::{backend_identity, parse_backend, BackendAddr, HashKey, Routes, Target};
+pub use routes::{
+    backend_identity, parse_backend, BackendAddr, BackendSpec, HashKey, Routes, Target,
+};
 pub use tls::TlsConfig;
 
 use service::Shared;

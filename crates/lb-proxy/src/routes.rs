@@ -106,6 +106,34 @@ impl HashKey {
     }
 }
 
+/// One backend for [`Routes::from_specs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// `http://host:port` or `https://host:port`: where to connect, and (normalized) the
+    /// backend's identity.
+    pub url: String,
+    /// Its weight.
+    pub weight: Weight,
+    /// For an `https://` backend, the name its certificate is verified for (and its SNI)
+    /// when that is not the URL's host: the DNS name an address was found under.
+    pub server_name: Option<String>,
+    /// Its priority group ([`Backend::with_priority`]): an SRV record's priority.
+    pub priority: u16,
+}
+
+impl BackendSpec {
+    /// A backend reached and verified by its URL alone.
+    #[must_use]
+    pub const fn new(url: String, weight: Weight) -> Self {
+        Self {
+            url,
+            weight,
+            server_name: None,
+            priority: 0,
+        }
+    }
+}
+
 /// The routing state one request uses from start to end: swapped whole on reload.
 #[derive(Debug)]
 pub struct Routes {
@@ -127,16 +155,48 @@ impl Routes {
         hash_key: HashKey,
         now: Instant,
     ) -> Result<Self, RouteError> {
+        let specs: Vec<BackendSpec> = backends
+            .iter()
+            .map(|(url, weight)| BackendSpec::new(url.clone(), *weight))
+            .collect();
+        Self::from_specs(balancer, &specs, hash_key, now)
+    }
+
+    /// As [`Routes::new`], for backends that may carry more than a URL and a weight: a
+    /// backend found by DNS (`https://10.0.0.7:443`) verifies its certificate for the
+    /// name it was found under.
+    ///
+    /// # Errors
+    /// As [`Routes::new`]; also a `server_name` a certificate cannot be verified for.
+    pub fn from_specs(
+        balancer: Arc<Balancer>,
+        backends: &[BackendSpec],
+        hash_key: HashKey,
+        now: Instant,
+    ) -> Result<Self, RouteError> {
         let mut parsed = Vec::with_capacity(backends.len());
-        for (url, weight) in backends {
-            parsed.push((parse_backend(url)?, url.clone(), *weight));
+        for b in backends {
+            let addr = parse_backend(&b.url)?;
+            let mut key = PoolKey::new(&addr.authority, addr.https);
+            if let (true, Some(name)) = (addr.https, &b.server_name) {
+                key.tls =
+                    Some(
+                        crate::tls::server_name(name).ok_or_else(|| RouteError::BadUrl {
+                            url: b.url.clone(),
+                            why: "the host is not a name a certificate can be verified for",
+                        })?,
+                    );
+            }
+            parsed.push((addr, key, b));
         }
         // The URL as written for `/status` and logs; the normalized address as the identity,
         // so every instance places keys alike however its config spells a backend.
         let ids = balancer
             .set_backends(
-                parsed.iter().map(|(addr, url, w)| {
-                    Backend::new(url.clone(), *w).with_identity(addr.identity())
+                parsed.iter().map(|(addr, _, b)| {
+                    Backend::new(b.url.clone(), b.weight)
+                        .with_identity(addr.identity())
+                        .with_priority(b.priority)
                 }),
                 now,
             )
@@ -144,14 +204,13 @@ impl Routes {
         let targets = ids
             .into_iter()
             .zip(parsed)
-            .map(|(id, (addr, url, _))| {
-                let BackendAddr { authority, https } = addr;
+            .map(|(id, (addr, key, b))| {
                 (
                     id,
                     Target {
-                        key: PoolKey::new(&authority, https),
-                        authority,
-                        url: url.into(),
+                        key,
+                        authority: addr.authority,
+                        url: b.url.as_str().into(),
                     },
                 )
             })

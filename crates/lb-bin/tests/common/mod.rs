@@ -37,6 +37,15 @@ impl Backend {
     /// Like [`Backend::start`], answering each request only after `delay`.
     pub fn start_delayed(name: &'static str, delay: Duration) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve(listener, name, delay)
+    }
+
+    /// Like [`Backend::start`], on `listener` (bound by the caller: `127.0.0.2:PORT`).
+    pub fn start_on(listener: std::net::TcpListener, name: &'static str) -> Self {
+        Self::serve(listener, name, Duration::ZERO)
+    }
+
+    fn serve(listener: std::net::TcpListener, name: &'static str, delay: Duration) -> Self {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));

@@ -79,7 +79,7 @@ impl<S: Select> Balancer<S> {
         if ctl.update_panic(p.panic_threshold_percent) {
             ctl.publish_flags();
         } else {
-            ctl.members[i].publish_flag(ctl.panic);
+            ctl.publish_member(i);
         }
         ctl.timers.set_earlier(Timer::Ejection, until);
         ctl.timers.set_earlier(Timer::Rebuild, now);

@@ -808,6 +808,78 @@ mod tests {
         );
     }
 
+    /// The backends `n` picks (with varied hash keys) went to.
+    fn picked<S: Select>(lb: &Balancer<S>, n: u64, now: Instant) -> HashSet<BackendId> {
+        let mut seen = HashSet::new();
+        for k in 0..n {
+            let (st, a) = lb.start(RequestInfo::new(true, true).with_hash_key(k), now);
+            if let Action::Forward { backend, .. } = a {
+                seen.insert(backend);
+            }
+            lb.abandon(st, now);
+        }
+        seen
+    }
+
+    #[test]
+    fn only_the_lowest_priority_group_with_an_eligible_backend_takes_requests() {
+        for kind in StrategyKind::ALL {
+            let t0 = epoch();
+            let lb = Balancer::new(Config::default(), AnySelect::new(kind)).unwrap();
+            let ids = lb
+                .set_backends(
+                    [
+                        Backend::new("a", Weight::ONE),
+                        Backend::new("b", Weight::ONE),
+                        Backend::new("c", Weight::ONE).with_priority(1),
+                        Backend::new("d", Weight::ONE).with_priority(2),
+                    ],
+                    t0,
+                )
+                .unwrap();
+            let (a, b, c) = (ids[0], ids[1], ids[2]);
+            assert_eq!(lb.backends(t0)[2].priority, 1);
+            assert_eq!(picked(&lb, 64, t0), HashSet::from([a, b]), "{kind}");
+            // One of the group left: the group stays.
+            lb.set_draining(a, true, t0);
+            assert_eq!(picked(&lb, 64, t0), HashSet::from([b]), "{kind}");
+            // None of it eligible (b down by probes): the next group only, not the one after.
+            for i in 0..3 {
+                lb.handle_probe(b, ProbeResult::Failure(ProbeFailure::Refused), ms(t0, i));
+            }
+            let t1 = ms(t0, 10);
+            assert_eq!(picked(&lb, 64, t1), HashSet::from([c]), "{kind}: fail-over");
+            // A retry stays in the group in use: c refused, and no lower group to go to.
+            let (mut st, act) = lb.start(RequestInfo::new(true, true), t1);
+            assert!(matches!(act, Action::Forward { backend, .. } if backend == c));
+            let act = lb.handle_outcome(&mut st, Outcome::ConnectRefused, t1);
+            assert!(
+                !matches!(act, Action::Forward { backend, .. } if backend == a || backend == b),
+                "{kind}: {act:?}"
+            );
+            lb.abandon(st, t1);
+            // One of the lower group back: traffic returns to it at once.
+            lb.set_draining(a, false, t1);
+            assert_eq!(picked(&lb, 64, t1), HashSet::from([a]), "{kind}: fail-back");
+            // Priorities follow set_backends for backends that stay.
+            lb.set_backends(
+                [
+                    Backend::new("a", Weight::ONE).with_priority(3),
+                    Backend::new("b", Weight::ONE),
+                    Backend::new("c", Weight::ONE).with_priority(1),
+                    Backend::new("d", Weight::ONE).with_priority(2),
+                ],
+                t1,
+            )
+            .unwrap();
+            assert_eq!(
+                picked(&lb, 64, t1),
+                HashSet::from([c]),
+                "{kind}: a moved to group 3"
+            );
+        }
+    }
+
     #[test]
     fn probes_flip_after_thresholds_with_events() {
         let (lb, ids, t0) = two(Config::default());

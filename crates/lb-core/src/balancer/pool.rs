@@ -73,6 +73,8 @@ pub(super) struct Control {
     pub(super) panic: bool,
     /// Ejections panic mode ignores, as last reported.
     pub(super) ignored: usize,
+    /// The priority group in use: the lowest with an eligible member (none: no member is).
+    pub(super) group: Option<u16>,
     /// The candidates may differ from the published snapshot's.
     pub(super) dirty: bool,
     pub(super) timers: TimerTable,
@@ -89,6 +91,8 @@ pub(super) struct Member {
     /// Drained by the operator: never a candidate, whatever probes, ejections or panic
     /// mode say (see [`Balancer::set_draining`]).
     pub(super) draining: bool,
+    /// Its priority group ([`crate::Backend::with_priority`]).
+    pub(super) priority: u16,
 }
 
 impl Member {
@@ -96,9 +100,14 @@ impl Member {
         !self.draining && self.health.is_up() && (panic || self.ejected_until.is_none())
     }
 
-    /// Makes the lock-free view agree: hidden if and only if not eligible.
-    pub(super) fn publish_flag(&self, panic: bool) {
-        let hidden = !self.is_eligible(panic);
+    /// Eligible and in the group in use: a candidate.
+    pub(super) fn is_candidate(&self, panic: bool, group: Option<u16>) -> bool {
+        self.is_eligible(panic) && group == Some(self.priority)
+    }
+
+    /// Makes the lock-free view agree: hidden if and only if not a candidate.
+    pub(super) fn publish_flag(&self, panic: bool, group: Option<u16>) {
+        let hidden = !self.is_candidate(panic, group);
         if self.state.is_hidden() != hidden {
             self.state
                 .hidden
@@ -132,6 +141,8 @@ pub struct BackendStatus {
     pub failures_total: u64,
     /// Drained: takes no new request (see [`Balancer::set_draining`]).
     pub draining: bool,
+    /// Its priority group ([`crate::Backend::with_priority`]).
+    pub priority: u16,
 }
 
 // === impl Control ===
@@ -183,9 +194,35 @@ impl Control {
         toggled
     }
 
-    pub(super) fn publish_flags(&self) {
+    /// Recomputes the group in use; true if and only if it changed.
+    pub(super) fn update_group(&mut self) -> bool {
+        let panic = self.panic;
+        let group = self
+            .members
+            .iter()
+            .filter(|m| m.is_eligible(panic))
+            .map(|m| m.priority)
+            .min();
+        let changed = group != self.group;
+        self.group = group;
+        changed
+    }
+
+    /// Publishes every member's flag, the group in use recomputed first.
+    pub(super) fn publish_flags(&mut self) {
+        self.update_group();
         for m in &self.members {
-            m.publish_flag(self.panic);
+            m.publish_flag(self.panic, self.group);
+        }
+    }
+
+    /// Publishes member `i`'s flag after a change to it; every flag if that changed the
+    /// group in use (its last eligible member left, or one of a lower group returned).
+    pub(super) fn publish_member(&mut self, i: usize) {
+        if self.update_group() {
+            self.publish_flags();
+        } else {
+            self.members[i].publish_flag(self.panic, self.group);
         }
     }
 }
@@ -234,6 +271,7 @@ impl<S: Select> Balancer<S> {
             };
             let member = if let Some(mut m) = kept {
                 m.weight = b.weight();
+                m.priority = b.priority();
                 m
             } else {
                 let id = BackendId(ctl.next_id);
@@ -251,6 +289,7 @@ impl<S: Select> Balancer<S> {
                     ejected_until: None,
                     ramp_start: (!first && self.ramps()).then_some(now),
                     draining: false,
+                    priority: b.priority(),
                 }
             };
             ids.push(member.state.id);
@@ -280,7 +319,7 @@ impl<S: Select> Balancer<S> {
         // checks is not sent traffic, so "no healthy backend" is always a 503.
         ctl.members
             .iter()
-            .filter(|m| m.is_eligible(ctl.panic))
+            .filter(|m| m.is_candidate(ctl.panic, ctl.group))
             .map(|m| Candidate {
                 weight: (m.weight.get() * self.ramp_percent(m, now)).max(1),
                 base_weight: m.weight.get(),
@@ -371,6 +410,7 @@ impl<S: Select> Balancer<S> {
                     .failures_total
                     .load(std::sync::atomic::Ordering::Relaxed),
                 draining: m.draining,
+                priority: m.priority,
             })
             .collect()
     }
@@ -404,7 +444,7 @@ impl<S: Select> Balancer<S> {
             };
             change(&mut ctl.members[i]);
             // Hidden at once: no pick from the snapshot still published chooses it.
-            ctl.members[i].publish_flag(ctl.panic);
+            ctl.publish_member(i);
             ctl.dirty = true;
             self.schedule(&mut ctl, now);
         }

@@ -1,0 +1,314 @@
+//! DNS discovery (SPEC "Dynamic backends"): host-name and SRV backend entries resolved at
+//! start-up and re-resolved every `[discovery] refresh` (sooner when the answers' TTL is
+//! shorter, never more often than once a second).
+//!
+//! # Why a resolver without a cache
+//! lb asks the DNS server each time: a cache would answer from what it saw and hide a change
+//! until the TTL ran out on its side as well as ours. hickory's own cache is off
+//! (`cache_size: 0`); the refresh period and the TTL decide when to ask again.
+//!
+//! # What counts as a change
+//! An answer with records is the name's new set. An answer that the name has no such
+//! records (NXDOMAIN, or NOERROR with no answer) empties it. Anything else (a timeout, a
+//! SERVFAIL or REFUSED, an I/O error) keeps the last known set, is logged and counted in
+//! `lb_discovery_errors_total{name}`: a DNS outage must not take every backend away.
+//!
+//! The sets are applied by [`crate::app::Control`], like a reload on the balancer in force.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    LookupIpStrategy, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::ProtoErrorKind;
+use hickory_resolver::{ResolveError, TokioResolver};
+use lb_core::Weight;
+use lb_proxy::BackendSpec;
+
+use crate::config::{DiscoverySettings, NameKind, NameSpec};
+
+/// The shortest time between two lookups of a name.
+pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long one lookup may take, all attempts included: within it a lost UDP answer is
+/// asked again (and a truncated one over TCP).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One backend a name resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Found {
+    /// `scheme://addr:port` (IPv6 in brackets).
+    pub(crate) url: String,
+    /// From the entry (`url`) or the SRV record (0 counts as 1).
+    pub(crate) weight: Weight,
+    /// SRV priority (lower is preferred); 0 for a host name.
+    pub(crate) priority: u16,
+    /// The name an https backend's certificate is verified for.
+    pub(crate) server_name: Option<String>,
+}
+
+impl Found {
+    /// As lb-proxy routes it.
+    pub(crate) fn spec(&self) -> BackendSpec {
+        BackendSpec {
+            url: self.url.clone(),
+            weight: self.weight,
+            server_name: self.server_name.clone(),
+            priority: self.priority,
+        }
+    }
+}
+
+/// What one lookup of a name said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Its backends (sorted), and how long the answer is valid.
+    Found(Vec<Found>, Duration),
+    /// The name has no such records (NXDOMAIN, or none of the type asked): no backends.
+    Empty,
+    /// The lookup failed (timeout, SERVFAIL, ...): keep the last known set.
+    Failed(String),
+}
+
+/// The resolver `[discovery]` asks for: its `resolver` over UDP with TCP fallback (no hosts
+/// file: that server is the source of truth), else the system's configuration, where
+/// `/etc/hosts` applies as it does for every other program.
+pub(crate) fn resolver(settings: &DiscoverySettings) -> Result<TokioResolver, ResolveError> {
+    let (config, mut opts) = match settings.resolver {
+        Some(addr) => {
+            let servers = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
+            let mut opts = ResolverOpts::default();
+            opts.use_hosts_file = ResolveHosts::Never;
+            (ResolverConfig::from_parts(None, vec![], servers), opts)
+        }
+        None => {
+            let (config, mut opts) = hickory_resolver::system_conf::read_system_conf()?;
+            opts.use_hosts_file = ResolveHosts::Always;
+            (config, opts)
+        }
+    };
+    opts.cache_size = 0;
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    opts.timeout = Duration::from_millis(900);
+    opts.attempts = 1;
+    opts.try_tcp_on_error = true;
+    Ok(
+        TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+            .with_options(opts)
+            .build(),
+    )
+}
+
+/// Whether `e` says the name has no records of the type asked (NXDOMAIN, or NOERROR with
+/// an empty answer), as opposed to a failure to learn anything.
+fn is_empty_answer(e: &ResolveError) -> bool {
+    match e.proto().map(|p| p.kind()) {
+        Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) => {
+            matches!(
+                *response_code,
+                ResponseCode::NXDomain | ResponseCode::NoError
+            )
+        }
+        _ => false,
+    }
+}
+
+fn failed(e: &ResolveError) -> Answer {
+    if is_empty_answer(e) {
+        Answer::Empty
+    } else {
+        Answer::Failed(e.to_string())
+    }
+}
+
+/// `scheme://ip:port`.
+fn url_of(https: bool, ip: IpAddr, port: u16) -> String {
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, port))
+}
+
+/// How long until `valid_until` (tokio's clock, as the rest of lb-bin reads time).
+fn ttl_of(valid_until: std::time::Instant) -> Duration {
+    valid_until.saturating_duration_since(tokio::time::Instant::now().into_std())
+}
+
+/// Looks `spec` up once.
+pub(crate) async fn resolve(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
+    let answer = tokio::time::timeout(LOOKUP_TIMEOUT, resolve_inner(resolver, spec)).await;
+    answer.unwrap_or_else(|_| Answer::Failed(format!("no answer within {LOOKUP_TIMEOUT:?}")))
+}
+
+async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
+    let https = spec.https;
+    match &spec.kind {
+        NameKind::Host { host, port, weight } => {
+            // Absolute: the search list of resolv.conf does not apply to a backend's name.
+            let fqdn = format!("{host}.");
+            match resolver.lookup_ip(fqdn.as_str()).await {
+                Ok(ips) => {
+                    let mut found: Vec<Found> = ips
+                        .iter()
+                        .map(|ip| Found {
+                            url: url_of(https, ip, *port),
+                            weight: *weight,
+                            priority: 0,
+                            server_name: https.then(|| host.clone()),
+                        })
+                        .collect();
+                    found.sort_by(|a, b| a.url.cmp(&b.url));
+                    found.dedup_by(|a, b| a.url == b.url);
+                    if found.is_empty() {
+                        return Answer::Empty;
+                    }
+                    Answer::Found(found, ttl_of(ips.valid_until()))
+                }
+                Err(e) => failed(&e),
+            }
+        }
+        NameKind::Srv(name) => {
+            let fqdn = format!("{name}.");
+            let srv = match resolver.srv_lookup(fqdn.as_str()).await {
+                Ok(srv) => srv,
+                Err(e) => return failed(&e),
+            };
+            let mut ttl = ttl_of(srv.as_lookup().valid_until());
+            // The additional section's addresses, when the server sent them (Consul does).
+            let additional: Vec<(String, IpAddr)> = srv
+                .as_lookup()
+                .record_iter()
+                .filter_map(|r| {
+                    let target = r
+                        .name()
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase();
+                    match r.data() {
+                        RData::A(a) => Some((target, IpAddr::V4(a.0))),
+                        RData::AAAA(a) => Some((target, IpAddr::V6(a.0))),
+                        _ => None,
+                    }
+                })
+                .collect();
+            let mut found = Vec::new();
+            for record in srv.iter() {
+                let target = record
+                    .target()
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                let weight = Weight::new(u32::from(record.weight()).max(1)).unwrap_or(Weight::ONE);
+                let mut ips: Vec<IpAddr> = additional
+                    .iter()
+                    .filter(|(t, _)| *t == target)
+                    .map(|(_, ip)| *ip)
+                    .collect();
+                if ips.is_empty() {
+                    if let Ok(ip) = target.parse::<IpAddr>() {
+                        ips.push(ip);
+                    } else {
+                        match resolver.lookup_ip(format!("{target}.").as_str()).await {
+                            Ok(l) => {
+                                ttl = ttl.min(ttl_of(l.valid_until()));
+                                ips.extend(l.iter());
+                            }
+                            // A target without addresses gives no backend.
+                            Err(e) if is_empty_answer(&e) => {}
+                            // The set would be partial: keep the last known one.
+                            Err(e) => return Answer::Failed(format!("{target}: {e}")),
+                        }
+                    }
+                }
+                for ip in ips {
+                    found.push(Found {
+                        url: url_of(https, ip, record.port()),
+                        weight,
+                        priority: record.priority(),
+                        server_name: https.then(|| target.clone()),
+                    });
+                }
+            }
+            found.sort_by(|a, b| a.url.cmp(&b.url));
+            found.dedup_by(|a, b| a.url == b.url);
+            if found.is_empty() {
+                return Answer::Empty;
+            }
+            Answer::Found(found, ttl)
+        }
+    }
+}
+
+/// `lb --check`: looks every name up once and says which give no backend now (a warning,
+/// not an error: lb would start and keep trying).
+pub(crate) fn check_names(settings: &crate::config::Settings) -> Vec<String> {
+    if settings.names.is_empty() {
+        return Vec::new();
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![format!("cannot check DNS names: {e}")],
+    };
+    rt.block_on(async {
+        let resolver = match resolver(&settings.discovery) {
+            Ok(r) => r,
+            Err(e) => return vec![format!("cannot set up the DNS resolver: {e}")],
+        };
+        let mut warnings = Vec::new();
+        for n in &settings.names {
+            match resolve(&resolver, n).await {
+                Answer::Found(..) => {}
+                Answer::Empty => warnings.push(format!(
+                    "{} does not resolve (no such records): no backends from it until it does",
+                    n.written
+                )),
+                Answer::Failed(why) => warnings.push(format!(
+                    "{} does not resolve ({why}): no backends from it until it does",
+                    n.written
+                )),
+            }
+        }
+        warnings
+    })
+}
+
+/// When to ask again after `answer`: `refresh`, or sooner by the answer's TTL, never under
+/// [`MIN_REFRESH`].
+pub(crate) fn next_refresh(answer: &Answer, refresh: Duration) -> Duration {
+    match answer {
+        Answer::Found(_, ttl) => refresh.min(*ttl).max(MIN_REFRESH),
+        _ => refresh.max(MIN_REFRESH),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_is_the_shorter_of_period_and_ttl_but_at_least_a_second() {
+        let five = Duration::from_secs(5);
+        let found = |ttl| Answer::Found(Vec::new(), ttl);
+        assert_eq!(next_refresh(&found(Duration::from_secs(60)), five), five);
+        assert_eq!(
+            next_refresh(&found(Duration::from_secs(2)), five),
+            Duration::from_secs(2)
+        );
+        assert_eq!(next_refresh(&found(Duration::ZERO), five), MIN_REFRESH);
+        assert_eq!(next_refresh(&Answer::Empty, five), five);
+        assert_eq!(next_refresh(&Answer::Failed("x".into()), five), five);
+    }
+
+    #[test]
+    fn urls_by_address() {
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(url_of(false, v6, 80), "http://[::1]:80");
+        let v4: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(url_of(true, v4, 443), "https://10.0.0.7:443");
+    }
+}
