@@ -37,6 +37,8 @@ struct Zone {
     records: HashMap<(String, RecordType), Vec<Record>>,
     /// Per SRV name, the A records of its targets (the additional section).
     additional: HashMap<String, Vec<Record>>,
+    /// Per record type, a mode that overrides `mode` (an AAAA query failing while A works).
+    type_mode: HashMap<RecordType, Mode>,
     queries: usize,
 }
 
@@ -70,7 +72,8 @@ impl RequestHandler for Handler {
             let answers = z.records.get(&(name.clone(), qtype)).cloned();
             let exists = z.records.keys().any(|(n, _)| *n == name);
             let additional = z.additional.get(&name).cloned().unwrap_or_default();
-            (z.mode, answers.unwrap_or_default(), additional, exists)
+            let mode = z.type_mode.get(&qtype).copied().unwrap_or(z.mode);
+            (mode, answers.unwrap_or_default(), additional, exists)
         };
         let builder = MessageResponseBuilder::from_message_request(request);
         match mode {
@@ -109,6 +112,7 @@ impl Dns {
             mode: Mode::Answer,
             records: HashMap::new(),
             additional: HashMap::new(),
+            type_mode: HashMap::new(),
             queries: 0,
         }));
         // One port for both: bind UDP, then TCP on its port (retry if that one is taken).
@@ -142,6 +146,34 @@ impl Dns {
 
     fn set_mode(&self, mode: Mode) {
         self.zone.lock().unwrap().mode = mode;
+    }
+
+    /// `mode` for queries of type `t` only (`None`: as every other type).
+    fn set_type_mode(&self, t: RecordType, mode: Option<Mode>) {
+        let mut z = self.zone.lock().unwrap();
+        match mode {
+            Some(m) => z.type_mode.insert(t, m),
+            None => z.type_mode.remove(&t),
+        };
+    }
+
+    /// `name`'s AAAA records (TTL 1 s).
+    fn set_aaaa(&self, name: &str, ips: &[std::net::Ipv6Addr]) {
+        let records = ips
+            .iter()
+            .map(|ip| {
+                Record::from_rdata(
+                    fqdn(name),
+                    1,
+                    RData::AAAA(hickory_server::proto::rr::rdata::AAAA(*ip)),
+                )
+            })
+            .collect();
+        self.zone
+            .lock()
+            .unwrap()
+            .records
+            .insert((key(name), RecordType::AAAA), records);
     }
 
     fn queries(&self) -> usize {
@@ -798,4 +830,116 @@ fn a_short_ttl_refreshes_sooner_than_refresh() {
     let before = b[1].hits();
     assert_eq!(spread(&r, 10).get("200 A"), Some(&10));
     assert_eq!(b[1].hits(), before);
+}
+
+/// Waits (bounded) until `lb_discovery_errors_total{name}` passes `n`.
+fn wait_errors(r: &Running, name: &str, n: u64) -> u64 {
+    let t0 = Instant::now();
+    while discovery_errors(r.admin, name) < n && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    discovery_errors(r.admin, name)
+}
+
+/// `/status` urls of the backends found under `name`.
+fn urls_of_name(admin: SocketAddr, name: &str) -> Vec<String> {
+    let (_, status) = procfs::admin_get(admin, "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let mut urls: Vec<String> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == name)
+        .map(|e| e["url"].as_str().unwrap().to_owned())
+        .collect();
+    urls.sort();
+    urls
+}
+
+/// Review13b: an IPv4-only name (its AAAA query answers NOERROR with no records) whose A
+/// query times out is a timeout: the last known set stays. hickory's dual-stack lookup
+/// returned whichever error came first, here the AAAA "no records", and lb removed every
+/// address.
+#[test]
+fn an_a_timeout_beside_an_empty_aaaa_answer_keeps_the_last_known_set() {
+    let dns = Dns::start();
+    let (port, _b) = backends_at_one_port(&["A", "B"]);
+    let name = "v4only.test";
+    dns.set_a(name, &[lo(1), lo(2)]);
+    let url = format!("http://{name}:{port}");
+    let r = start_lb(
+        "disc-a-timeout",
+        &dns,
+        "[passive]\nslow_start = \"0s\"",
+        &format!("[[backend]]\nurl = \"{url}\"\n"),
+    );
+    let got = spread(&r, 20);
+    assert_eq!((got.get("200 A"), got.get("200 B")), (Some(&10), Some(&10)), "{got:?}");
+
+    let errors = discovery_errors(r.admin, &url);
+    dns.set_type_mode(RecordType::A, Some(Mode::Drop));
+    let now = wait_errors(&r, &url, errors + 2);
+    let got = spread(&r, 20);
+    dns.set_type_mode(RecordType::A, None);
+    assert_eq!(
+        (got.get("200 A"), got.get("200 B")),
+        (Some(&10), Some(&10)),
+        "an A timeout keeps the last known set: {got:?}"
+    );
+    assert!(now >= errors + 2, "the A timeouts are counted");
+}
+
+/// Review13b: a name with A and AAAA records whose AAAA query fails (SERVFAIL) while its A
+/// query answers keeps its IPv6 addresses: a server failure keeps the last known set.
+/// hickory's dual-stack lookup dropped the failed half silently and lb removed them.
+#[test]
+fn an_aaaa_failure_keeps_the_ipv6_addresses() {
+    let dns = Dns::start();
+    let (port, _b) = backends_at_one_port(&["A", "B"]);
+    let name = "dual.test";
+    dns.set_a(name, &[lo(1)]);
+    // An IPv4-mapped IPv6 address reaches 127.0.0.2 without an IPv6 listener.
+    dns.set_aaaa(name, &["::ffff:127.0.0.2".parse().unwrap()]);
+    let url = format!("http://{name}:{port}");
+    let r = start_lb(
+        "disc-aaaa-fail",
+        &dns,
+        "[passive]\nslow_start = \"0s\"",
+        &format!("[[backend]]\nurl = \"{url}\"\n"),
+    );
+    let both = urls_of_name(r.admin, &url);
+    assert_eq!(both.len(), 2, "{both:?}");
+
+    let errors = discovery_errors(r.admin, &url);
+    dns.set_type_mode(RecordType::AAAA, Some(Mode::ServFail));
+    let now = wait_errors(&r, &url, errors + 2);
+    let after = urls_of_name(r.admin, &url);
+    dns.set_type_mode(RecordType::AAAA, None);
+    assert_eq!(after, both, "an AAAA SERVFAIL keeps the IPv6 address");
+    assert!(now >= errors + 2, "the AAAA failures are counted");
+}
+
+/// Review13b: an SRV entry's lowest priority present is used, whatever its number, beside a
+/// static backend: Consul answers priority 1, and the static backend (priority 0 in
+/// lb-core) took every request while the SRV's backends got none.
+#[test]
+fn an_srv_entrys_lowest_priority_is_used_beside_a_static_backend() {
+    let dns = Dns::start();
+    let (port, _b) = backends_at_one_port(&["A", "B"]);
+    let name = "_http._tcp.prio.test";
+    dns.set_srv(name, &[(1, 1, port, "t2.test", lo(2))]);
+    let r = start_lb(
+        "disc-srv-static",
+        &dns,
+        "[passive]\nslow_start = \"0s\"",
+        &format!(
+            "[[backend]]\nurl = \"http://127.0.0.1:{port}\"\n[[backend]]\nsrv = \"{name}\"\n"
+        ),
+    );
+    let got = spread(&r, 20);
+    assert_eq!(
+        (got.get("200 A"), got.get("200 B")),
+        (Some(&10), Some(&10)),
+        "the SRV's lowest priority present shares the traffic: {got:?}"
+    );
 }
