@@ -136,6 +136,37 @@ fn ttl_of(valid_until: std::time::Instant) -> Duration {
     valid_until.saturating_duration_since(tokio::time::Instant::now().into_std())
 }
 
+/// `fqdn`'s A and AAAA addresses, asked separately: `None` when both say the name has no
+/// such records, an error when either failed (a timeout or SERVFAIL of one half must not
+/// drop that half's addresses, nor, beside an empty other half, all of them: hickory's
+/// dual-stack `lookup_ip` returns what one half found, or the first error, for that).
+async fn addresses(
+    resolver: &TokioResolver,
+    fqdn: &str,
+) -> Result<Option<(Vec<IpAddr>, Duration)>, String> {
+    let (v4, v6) = tokio::join!(resolver.ipv4_lookup(fqdn), resolver.ipv6_lookup(fqdn));
+    let mut ips = Vec::new();
+    let mut ttl: Option<Duration> = None;
+    match v4 {
+        Ok(l) => {
+            ttl = Some(ttl_of(l.as_lookup().valid_until()));
+            ips.extend(l.iter().map(|a| IpAddr::V4(a.0)));
+        }
+        Err(e) if is_empty_answer(&e) => {}
+        Err(e) => return Err(format!("A: {e}")),
+    }
+    match v6 {
+        Ok(l) => {
+            let t = ttl_of(l.as_lookup().valid_until());
+            ttl = Some(ttl.map_or(t, |x| x.min(t)));
+            ips.extend(l.iter().map(|a| IpAddr::V6(a.0)));
+        }
+        Err(e) if is_empty_answer(&e) => {}
+        Err(e) => return Err(format!("AAAA: {e}")),
+    }
+    Ok(ttl.filter(|_| !ips.is_empty()).map(|t| (ips, t)))
+}
+
 /// Looks `spec` up once.
 pub(crate) async fn resolve(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
     let answer = tokio::time::timeout(LOOKUP_TIMEOUT, resolve_inner(resolver, spec)).await;
@@ -148,12 +179,13 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
         NameKind::Host { host, port, weight } => {
             // Absolute: the search list of resolv.conf does not apply to a backend's name.
             let fqdn = format!("{host}.");
-            match resolver.lookup_ip(fqdn.as_str()).await {
-                Ok(ips) => {
+            match addresses(resolver, &fqdn).await {
+                Ok(None) => Answer::Empty,
+                Ok(Some((ips, ttl))) => {
                     let mut found: Vec<Found> = ips
                         .iter()
                         .map(|ip| Found {
-                            url: url_of(https, ip, *port),
+                            url: url_of(https, *ip, *port),
                             weight: *weight,
                             priority: 0,
                             server_name: https.then(|| host.clone()),
@@ -164,9 +196,9 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
                     if found.is_empty() {
                         return Answer::Empty;
                     }
-                    Answer::Found(found, ttl_of(ips.valid_until()))
+                    Answer::Found(found, ttl)
                 }
-                Err(e) => failed(&e),
+                Err(why) => Answer::Failed(why),
             }
         }
         NameKind::Srv(name) => {
@@ -194,13 +226,19 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
                 })
                 .collect();
             let mut found = Vec::new();
-            for record in srv.iter() {
+            let records: Vec<_> = srv.iter().collect();
+            let groups = srv_groups(
+                &records
+                    .iter()
+                    .map(|r| (r.priority(), r.weight()))
+                    .collect::<Vec<_>>(),
+            );
+            for (record, (priority, weight)) in records.into_iter().zip(groups) {
                 let target = record
                     .target()
                     .to_ascii()
                     .trim_end_matches('.')
                     .to_ascii_lowercase();
-                let weight = Weight::new(u32::from(record.weight()).max(1)).unwrap_or(Weight::ONE);
                 let mut ips: Vec<IpAddr> = additional
                     .iter()
                     .filter(|(t, _)| *t == target)
@@ -210,13 +248,13 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
                     if let Ok(ip) = target.parse::<IpAddr>() {
                         ips.push(ip);
                     } else {
-                        match resolver.lookup_ip(format!("{target}.").as_str()).await {
-                            Ok(l) => {
-                                ttl = ttl.min(ttl_of(l.valid_until()));
-                                ips.extend(l.iter());
+                        match addresses(resolver, &format!("{target}.")).await {
+                            Ok(Some((l, t))) => {
+                                ttl = ttl.min(t);
+                                ips.extend(l);
                             }
                             // A target without addresses gives no backend.
-                            Err(e) if is_empty_answer(&e) => {}
+                            Ok(None) => {}
                             // The set would be partial: keep the last known one.
                             Err(e) => return Answer::Failed(format!("{target}: {e}")),
                         }
@@ -226,12 +264,20 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
                     found.push(Found {
                         url: url_of(https, ip, record.port()),
                         weight,
-                        priority: record.priority(),
+                        priority,
                         server_name: https.then(|| target.clone()),
                     });
                 }
             }
-            found.sort_by(|a, b| a.url.cmp(&b.url));
+            // One address under several records: the most preferred record's, whatever
+            // order the server sent them in (every instance, every lookup, keeps the same).
+            found.sort_by(|a, b| {
+                (&a.url, a.priority, std::cmp::Reverse(a.weight.get())).cmp(&(
+                    &b.url,
+                    b.priority,
+                    std::cmp::Reverse(b.weight.get()),
+                ))
+            });
             found.dedup_by(|a, b| a.url == b.url);
             if found.is_empty() {
                 return Answer::Empty;
@@ -239,6 +285,32 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
             Answer::Found(found, ttl)
         }
     }
+}
+
+/// Each SRV record's `(priority, weight)` as lb-core groups and weighs it: the priorities
+/// ranked within the entry (its lowest present is group 0, as every configured or
+/// host-name backend is, so an SRV entry answered with priority 1, as Consul does, is used
+/// beside them rather than only as their fail-over), and the weights with 0 counting as 1,
+/// scaled down in proportion when one is above [`Weight::MAX`] (not turned into 1).
+fn srv_groups(records: &[(u16, u16)]) -> Vec<(u16, Weight)> {
+    let mut priorities: Vec<u16> = records.iter().map(|r| r.0).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    let max = records.iter().map(|r| u32::from(r.1)).max().unwrap_or(0);
+    records
+        .iter()
+        .map(|&(p, w)| {
+            let rank = priorities.binary_search(&p).unwrap_or(0);
+            let mut w = u32::from(w).max(1);
+            if max > Weight::MAX {
+                w = (u64::from(w) * u64::from(Weight::MAX) / u64::from(max)).max(1) as u32;
+            }
+            (
+                u16::try_from(rank).unwrap_or(u16::MAX),
+                Weight::new(w).unwrap_or(Weight::ONE),
+            )
+        })
+        .collect()
 }
 
 /// `lb --check`: looks every name up once and says which give no backend now (a warning,
@@ -302,6 +374,25 @@ mod tests {
         assert_eq!(next_refresh(&found(Duration::ZERO), five), MIN_REFRESH);
         assert_eq!(next_refresh(&Answer::Empty, five), five);
         assert_eq!(next_refresh(&Answer::Failed("x".into()), five), five);
+    }
+
+    /// Review13b: weights above 10000 (SRV allows 65535) were turned into 1, below a
+    /// weight of 100 beside them; an entry's priorities are ranked within it.
+    #[test]
+    fn srv_weights_scale_and_priorities_rank_within_the_entry() {
+        let w = |n| Weight::new(n).unwrap();
+        assert_eq!(
+            srv_groups(&[(1, 60000), (1, 100)]),
+            [(0, w(10000)), (0, w(16))]
+        );
+        assert_eq!(
+            srv_groups(&[(10, 0), (20, 3), (10, 5)]),
+            [(0, w(1)), (1, w(3)), (0, w(5))]
+        );
+        assert_eq!(
+            srv_groups(&[(1, 65535), (2, 0)]),
+            [(0, w(10000)), (1, w(1))]
+        );
     }
 
     #[test]

@@ -874,7 +874,11 @@ fn an_a_timeout_beside_an_empty_aaaa_answer_keeps_the_last_known_set() {
         &format!("[[backend]]\nurl = \"{url}\"\n"),
     );
     let got = spread(&r, 20);
-    assert_eq!((got.get("200 A"), got.get("200 B")), (Some(&10), Some(&10)), "{got:?}");
+    assert_eq!(
+        (got.get("200 A"), got.get("200 B")),
+        (Some(&10), Some(&10)),
+        "{got:?}"
+    );
 
     let errors = discovery_errors(r.admin, &url);
     dns.set_type_mode(RecordType::A, Some(Mode::Drop));
@@ -932,9 +936,7 @@ fn an_srv_entrys_lowest_priority_is_used_beside_a_static_backend() {
         "disc-srv-static",
         &dns,
         "[passive]\nslow_start = \"0s\"",
-        &format!(
-            "[[backend]]\nurl = \"http://127.0.0.1:{port}\"\n[[backend]]\nsrv = \"{name}\"\n"
-        ),
+        &format!("[[backend]]\nurl = \"http://127.0.0.1:{port}\"\n[[backend]]\nsrv = \"{name}\"\n"),
     );
     let got = spread(&r, 20);
     assert_eq!(
