@@ -880,6 +880,60 @@ mod tests {
         }
     }
 
+    /// Review13b: standby priority groups that are down by probes put the group in use in
+    /// panic mode. Two of two primaries up and three standbys down is 40 % eligible, below
+    /// the 50 % threshold: panic is on although the group in use is whole, so an ejected
+    /// primary keeps taking requests. Not fixed (the panic share per group in use is a
+    /// design change in `pool`): run with `--ignored`.
+    #[test]
+    #[ignore = "review13b: panic mode counts standby priority groups (not fixed)"]
+    fn down_standby_groups_do_not_put_the_group_in_use_in_panic() {
+        let mut config = Config::default();
+        config.passive.consecutive_failures = 1;
+        config.passive.slow_start = Duration::ZERO;
+        let t0 = epoch();
+        let lb = Balancer::new(config, RoundRobin::default()).unwrap();
+        let ids = lb
+            .set_backends(
+                [
+                    Backend::new("a", Weight::ONE),
+                    Backend::new("b", Weight::ONE),
+                    Backend::new("c", Weight::ONE).with_priority(1),
+                    Backend::new("d", Weight::ONE).with_priority(1),
+                    Backend::new("e", Weight::ONE).with_priority(1),
+                ],
+                t0,
+            )
+            .unwrap();
+        for &id in &ids[2..] {
+            for i in 0..3 {
+                lb.handle_probe(id, ProbeResult::Failure(ProbeFailure::Refused), ms(t0, i));
+            }
+        }
+        let t1 = ms(t0, 10);
+        assert_eq!(picked(&lb, 8, t1), HashSet::from([ids[0], ids[1]]));
+        // a refuses a connect: ejected (1 of 5 is within max_ejected_percent).
+        loop {
+            let (mut st, a) = lb.start(RequestInfo::new(true, true), t1);
+            let on_a = matches!(a, Action::Forward { backend, .. } if backend == ids[0]);
+            if on_a {
+                let _ = lb.handle_outcome(&mut st, Outcome::ConnectRefused, t1);
+            }
+            lb.abandon(st, t1);
+            if on_a {
+                break;
+            }
+        }
+        lb.handle_timeout(t1);
+        assert!(lb.backends(t1)[0].ejected_until.is_some(), "a is ejected");
+        // The group in use has 1 of 2 eligible, not below 50 %: b only.
+        assert_eq!(
+            picked(&lb, 8, t1),
+            HashSet::from([ids[1]]),
+            "an ejected primary takes no request while its group is not in panic"
+        );
+    }
+
     #[test]
     fn probes_flip_after_thresholds_with_events() {
         let (lb, ids, t0) = two(Config::default());
