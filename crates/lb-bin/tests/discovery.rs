@@ -945,3 +945,41 @@ fn an_srv_entrys_lowest_priority_is_used_beside_a_static_backend() {
         "the SRV's lowest priority present shares the traffic: {got:?}"
     );
 }
+
+/// Review13b: an https SRV answer with a target a certificate cannot be verified for (a
+/// last label all digits) must not take the name's other targets, or lb, down with it:
+/// lb starts and serves the good target, and later changes (the admin API's, DNS's) apply.
+#[test]
+fn an_https_srv_target_no_certificate_can_name_does_not_poison_the_set() {
+    use common::tls::{toml_path, HttpsBackend, Pki};
+    let dns = Dns::start();
+    let pki = Pki::new("disc-https-bad");
+    let backend = HttpsBackend::start("S", &pki.leaf("backend", &["secure.test"], 11));
+    let port = backend.addr.port();
+    let name = "_https._tcp.sec.test";
+    dns.set_srv(
+        name,
+        &[
+            (1, 1, port, "secure.test", lo(1)),
+            (1, 1, port, "node.1", lo(2)),
+        ],
+    );
+    let c = Backend::start("C");
+    let r = start_lb(
+        "disc-https-bad",
+        &dns,
+        &format!(
+            "admin_token = \"t0ken\"\n[tls]\nupstream_ca = {}",
+            toml_path(&pki.ca_pem)
+        ),
+        &format!("[[backend]]\nsrv = \"{name}\"\nscheme = \"https\"\n"),
+    );
+    until(&r, |code, body| code == 200 && body == "S").expect("the good target serves");
+    let (code, body) = admin_call(
+        r.admin,
+        "POST",
+        "/backends",
+        &format!(r#"{{"url": "http://{}", "weight": 1}}"#, c.addr),
+    );
+    assert_eq!(code, 201, "an admin change still applies: {body}");
+}
