@@ -296,11 +296,19 @@ impl Control {
             }
             let urls: Vec<&str> = found.iter().map(|f| f.url.as_str()).collect();
             tracing::info!(target: "lb::discovery", name = %name.written, backends = %urls.join(","), "DNS answer changed");
-            r.discovered.insert(name.written.clone(), found);
-            r.backends.clone()
+            let before = r.discovered.insert(name.written.clone(), found);
+            (r.backends.clone(), before)
         };
+        let (backends, before) = backends;
         if let Err(e) = self.apply(backends).await {
-            tracing::warn!(target: "lb::discovery", name = %name.written, error = %e, "cannot apply DNS answer");
+            tracing::warn!(target: "lb::discovery", name = %name.written, error = %e, "cannot apply DNS answer: keeping the last known addresses");
+            // The set in force stays the one the routes have: an answer they refuse must
+            // not make every later admin change, answer or reload fail with it.
+            let mut r = self.running();
+            match before {
+                Some(b) => r.discovered.insert(name.written.clone(), b),
+                None => r.discovered.remove(&name.written),
+            };
         }
     }
 

@@ -239,6 +239,13 @@ async fn resolve_inner(resolver: &TokioResolver, spec: &NameSpec) -> Answer {
                     .to_ascii()
                     .trim_end_matches('.')
                     .to_ascii_lowercase();
+                // An https target is verified for its name: one no certificate can name
+                // (a last label of digits, say) gives no backend, and must not make the
+                // routes of the whole set (at start-up, lb itself) fail.
+                if https && rustls::pki_types::ServerName::try_from(target.clone()).is_err() {
+                    tracing::warn!(target: "lb::discovery", name = %spec.written, target = %target, "SRV target is not a name a certificate can be verified for: skipped");
+                    continue;
+                }
                 let mut ips: Vec<IpAddr> = additional
                     .iter()
                     .filter(|(t, _)| *t == target)
