@@ -144,6 +144,14 @@ async fn addresses(
     resolver: &TokioResolver,
     fqdn: &str,
 ) -> Result<Option<(Vec<IpAddr>, Duration)>, String> {
+    // A name the hosts file has (the system resolver only) is the file's, both families,
+    // as for every other program: DNS is not asked the family the file lacks, so DNS
+    // being unreachable does not make such a name fail.
+    if resolver.options().use_hosts_file != ResolveHosts::Never {
+        if let Some(found) = from_hosts_file(fqdn) {
+            return Ok(Some(found));
+        }
+    }
     let (v4, v6) = tokio::join!(resolver.ipv4_lookup(fqdn), resolver.ipv6_lookup(fqdn));
     let mut ips = Vec::new();
     let mut ttl: Option<Duration> = None;
@@ -165,6 +173,27 @@ async fn addresses(
         Err(e) => return Err(format!("AAAA: {e}")),
     }
     Ok(ttl.filter(|_| !ips.is_empty()).map(|t| (ips, t)))
+}
+
+/// `fqdn`'s addresses in the system hosts file (read each time: an edit applies at the
+/// next refresh), if it has the name.
+fn from_hosts_file(fqdn: &str) -> Option<(Vec<IpAddr>, Duration)> {
+    use hickory_resolver::proto::op::Query;
+    use hickory_resolver::proto::rr::{Name, RecordType};
+    let hosts = hickory_resolver::Hosts::from_system().ok()?;
+    let name = Name::from_ascii(fqdn).ok()?;
+    let mut ips = Vec::new();
+    for t in [RecordType::A, RecordType::AAAA] {
+        if let Some(l) = hosts.lookup_static_host(&Query::query(name.clone(), t)) {
+            ips.extend(l.iter().filter_map(|r| match r {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            }));
+        }
+    }
+    // No TTL: `refresh` decides when to read it again.
+    (!ips.is_empty()).then_some((ips, Duration::MAX))
 }
 
 /// Looks `spec` up once.
@@ -400,6 +429,21 @@ mod tests {
             srv_groups(&[(1, 65535), (2, 0)]),
             [(0, w(10000)), (1, w(1))]
         );
+    }
+
+    /// A name the hosts file has is answered from it, both families, without DNS.
+    #[test]
+    fn a_hosts_file_name_is_the_files() {
+        let text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        let has = text.lines().any(|l| {
+            let mut w = l.split('#').next().unwrap_or("").split_whitespace();
+            w.next() == Some("127.0.0.1") && w.any(|n| n == "localhost")
+        });
+        if has {
+            let (ips, _) = from_hosts_file("localhost.").expect("in the hosts file");
+            assert!(ips.contains(&IpAddr::from([127, 0, 0, 1])), "{ips:?}");
+        }
+        assert_eq!(from_hosts_file("no-such-name.invalid."), None);
     }
 
     #[test]
