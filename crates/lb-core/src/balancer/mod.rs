@@ -881,12 +881,10 @@ mod tests {
     }
 
     /// Review13b: standby priority groups that are down by probes put the group in use in
-    /// panic mode. Two of two primaries up and three standbys down is 40 % eligible, below
-    /// the 50 % threshold: panic is on although the group in use is whole, so an ejected
-    /// primary keeps taking requests. Not fixed (the panic share per group in use is a
-    /// design change in `pool`): run with `--ignored`.
+    /// panic mode. Two of two primaries up and three standbys down was 40 % eligible, below
+    /// the 50 % threshold: panic was on although the group in use was whole, so an ejected
+    /// primary kept taking requests. Panic mode is now judged on the group in use.
     #[test]
-    #[ignore = "review13b: panic mode counts standby priority groups (not fixed)"]
     fn down_standby_groups_do_not_put_the_group_in_use_in_panic() {
         let mut config = Config::default();
         config.passive.consecutive_failures = 1;

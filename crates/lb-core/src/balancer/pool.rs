@@ -171,11 +171,10 @@ impl Control {
     /// Turns panic mode on or off from the counts and reports what it does. Returns true if
     /// and only if it turned on or off (then every flag needs publishing again).
     pub(super) fn update_panic(&mut self, threshold_percent: u32) -> bool {
-        let total = self.members.len();
-        let eligible = self.eligible();
+        let (total, eligible, up, up_ejected) = self.panic_counts();
         let panic = total > 0 && eligible * 100 < threshold_percent as usize * total;
         // What panic mode changes is exactly the ejected backends probes still call up.
-        let ignored = if panic { self.up_ejected } else { 0 };
+        let ignored = if panic { up_ejected } else { 0 };
         let toggled = panic != self.panic;
         if toggled || ignored != self.ignored {
             self.panic = panic;
@@ -186,12 +185,47 @@ impl Control {
                     on: panic,
                     eligible,
                     total,
-                    down: total - self.up,
+                    down: total - up,
                     ignored,
                 },
             );
         }
         toggled
+    }
+
+    /// What panic mode is judged on: (members, eligible, up by probes, up but ejected) of the
+    /// priority group that would be in use without it (the lowest with an eligible member,
+    /// else the lowest present). Standby groups do not count: two healthy primaries with
+    /// three standbys down are a whole group in use, not 40 % of a pool. With one group
+    /// (every member of priority 0, the common case) these are the pool's own counts, kept
+    /// exact in O(1); with several, a scan (membership, probe and ejection changes only).
+    fn panic_counts(&self) -> (usize, usize, usize, usize) {
+        let lowest = self.members.iter().map(|m| m.priority).min();
+        if self.members.iter().all(|m| Some(m.priority) == lowest) {
+            return (
+                self.members.len(),
+                self.eligible(),
+                self.up,
+                self.up_ejected,
+            );
+        }
+        let group = self
+            .members
+            .iter()
+            .filter(|m| m.is_eligible(false))
+            .map(|m| m.priority)
+            .min()
+            .or(lowest);
+        let mut counts = (0, 0, 0, 0);
+        for m in self.members.iter().filter(|m| Some(m.priority) == group) {
+            let up = m.health.is_up();
+            let ejected = m.ejected_until.is_some();
+            counts.0 += 1;
+            counts.1 += usize::from(up && !ejected);
+            counts.2 += usize::from(up);
+            counts.3 += usize::from(up && ejected);
+        }
+        counts
     }
 
     /// Recomputes the group in use; true if and only if it changed.
