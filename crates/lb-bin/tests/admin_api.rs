@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
@@ -14,44 +13,10 @@ use serde_json::Value;
 
 const TOKEN: &str = "t0ken-for-tests";
 
-/// One request over a fresh connection: (status, head, body); status 0 if no answer.
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new(), String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let _ = s.write_all(req.as_bytes());
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_owned(), body.to_owned())
-}
-
 /// An admin request with the right token.
 fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let auth = format!("Bearer {TOKEN}");
-    let (status, _, body) = http(addr, method, path, &[("Authorization", &auth)], body);
+    let (status, _, body) = http_request(addr, method, path, &[("Authorization", &auth)], body);
     (status, body)
 }
 
@@ -114,7 +79,7 @@ fn without_a_token_the_mutating_endpoints_answer_403_and_get_stays_open() {
     let r = start("admin-off", "", &[(a.url(), 1)]);
     let body = r#"{"url": "http://127.0.0.1:1"}"#;
     assert_eq!(admin(r.admin, "POST", "/backends", body).0, 403);
-    let (code, _, _) = http(r.admin, "POST", "/backends", &[], body);
+    let (code, _, _) = http_request(r.admin, "POST", "/backends", &[], body);
     assert_eq!(code, 403, "no token configured: 403 even without a header");
     assert_eq!(
         admin(r.admin, "DELETE", &format!("/backends/{}", a.addr), "").0,
@@ -131,14 +96,14 @@ fn tokens_post_duplicates_bad_bodies_and_traffic_to_an_added_backend() {
     let r = start("admin-post", &with_token("round-robin"), &[(a.url(), 1)]);
     let body = format!(r#"{{"url": "{}", "weight": 1}}"#, b.url());
 
-    let (code, head, _) = http(r.admin, "POST", "/backends", &[], &body);
+    let (code, head, _) = http_request(r.admin, "POST", "/backends", &[], &body);
     assert_eq!(code, 401);
     assert!(
         head.to_ascii_lowercase()
             .contains("www-authenticate: bearer"),
         "{head}"
     );
-    let (code, _, _) = http(
+    let (code, _, _) = http_request(
         r.admin,
         "POST",
         "/backends",
@@ -146,7 +111,7 @@ fn tokens_post_duplicates_bad_bodies_and_traffic_to_an_added_backend() {
         &body,
     );
     assert_eq!(code, 403);
-    let (code, _, _) = http(
+    let (code, _, _) = http_request(
         r.admin,
         "POST",
         "/backends",
@@ -382,7 +347,7 @@ fn consistent_hash_keys_move_off_a_drained_backend() {
     let r = start("admin-hash", &top, &list);
     let place = |k: usize| {
         let user = format!("user-{k}");
-        let (code, _, body) = http(r.listen, "GET", "/", &[("x-user", &user)], "");
+        let (code, _, body) = http_request(r.listen, "GET", "/", &[("x-user", &user)], "");
         assert_eq!(code, 200);
         body
     };
@@ -511,7 +476,7 @@ fn help_lists_the_token_flag_and_token_file_errors_exit_1_naming_the_file() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let body = r#"{"url": "http://127.0.0.1:1"}"#;
-    let (other, _, _) = http(
+    let (other, _, _) = http_request(
         admin_addr,
         "POST",
         "/backends",

@@ -21,34 +21,10 @@ fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port()))
 }
 
-/// One request over a fresh connection: (status, body); 0 if no answer.
+/// One request over a fresh connection, with `auth` as its `Authorization`: (status, body).
 fn http(to: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(to) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(a) = auth {
-        req.push_str(&format!("Authorization: {a}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let _ = s.write_all(req.as_bytes());
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    let (code, _, body) = http_request(to, method, path, &headers, body);
     (code, body)
 }
 
